@@ -1,0 +1,34 @@
+# Every target creates .venv if missing; `make test` and `make demo` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: test test-slow demo lint venv clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check jdeq tests benchmarks
+	$(PY) -m pytest -n 2 -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m slow
+
+demo: $(STAMP)
+	$(VENV)/bin/jdeq demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check jdeq tests benchmarks
+	$(PY) -m ruff format --check jdeq tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

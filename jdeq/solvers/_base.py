@@ -1,0 +1,222 @@
+"""The solver protocol, solver statistics and the one driver loop every solver runs in.
+
+Solvers work on a flat vector ``x`` (the raveled pytree ``z``) and the map ``fn(x) = ravel(f(z))``.
+Each iteration evaluates ``fn`` once (Broyden's optional line search may add a few evaluations,
+counted in ``Stats.num_evals``). The driver keeps every array at a fixed shape across steps, so the
+loop compiles to one ``lax.while_loop`` with no host synchronisation and no allocation growth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+FlatMap = Callable[[Array], Array]
+
+
+class Result:
+    """Integer result codes stored in :attr:`Stats.result`.
+
+    ``CONVERGED``: the residual met the tolerance. ``MAX_STEPS``: the step budget ran out first.
+    ``DIVERGED``: the residual grew past ``divergence`` times its initial value.
+    ``NONFINITE``: an input or an iterate held NaN or inf.
+    """
+
+    CONVERGED = 0
+    MAX_STEPS = 1
+    DIVERGED = 2
+    NONFINITE = 3
+    RUNNING = -1
+    NAMES = {0: "converged", 1: "max_steps", 2: "diverged", 3: "nonfinite", -1: "running"}
+
+    @classmethod
+    def name(cls, code) -> str:
+        """The name of an integer result code (a Python int or a scalar array)."""
+        return cls.NAMES[int(code)]
+
+
+class Stats(NamedTuple):
+    """What a solve did, returned as data (batched like the solve under ``jax.vmap``).
+
+    Attributes:
+      num_steps: iterations taken (int32).
+      num_evals: evaluations of the map, the initial one included (int32).
+      residual: relative residual ``‖f(z) − z‖ / ‖f(z)‖`` of the returned ``z``.
+      abs_residual: absolute residual ``‖f(z) − z‖`` of the returned ``z``.
+      converged: ``result == Result.CONVERGED``.
+      result: a :class:`Result` code.
+      trace: relative residual at steps ``0..max_steps`` (NaN after the last step) when the solver
+        was built with ``trace=True``, else ``None``.
+    """
+
+    num_steps: Array
+    num_evals: Array
+    residual: Array
+    abs_residual: Array
+    converged: Array
+    result: Array
+    trace: Optional[Array] = None
+
+
+def norm(v: Array) -> Array:
+    """Euclidean norm accumulated in at least float32 (safe for bfloat16/float16 iterates)."""
+    dtype = jnp.promote_types(v.dtype, jnp.float32)
+    return jnp.sqrt(jnp.sum(jnp.square(v.astype(dtype))))
+
+
+def relative(abs_res: Array, scale: Array) -> Array:
+    """``abs_res / scale`` with 0/0 = 0 and r/0 = inf."""
+    safe = jnp.where(scale > 0, scale, 1.0)
+    return jnp.where(scale > 0, abs_res / safe, jnp.where(abs_res > 0, jnp.inf, 0.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Solver:
+    """Fields shared by every root-finder; subclasses add their own and implement ``init``/``step``.
+
+    Attributes:
+      tol: relative tolerance: stop when ``‖f(z) − z‖ <= max(atol, tol·‖f(z)‖)``.
+      atol: absolute tolerance (0 disables it; use it when the solution may be exactly zero).
+      max_steps: iteration budget.
+      divergence: stop with ``Result.DIVERGED`` once the residual exceeds this multiple of the
+        initial residual (``inf`` disables it).
+      return_best: when not converged, return the iterate with the lowest absolute residual seen.
+      trace: record the relative residual of every step in ``Stats.trace``.
+    """
+
+    tol: float = 1e-5
+    atol: float = 0.0
+    max_steps: int = 50
+    divergence: float = 1e6
+    return_best: bool = False
+    trace: bool = False
+
+    def __post_init__(self):
+        _check(self.tol > 0, f"tol must be > 0, got {self.tol}")
+        _check(self.atol >= 0, f"atol must be >= 0, got {self.atol}")
+        _check(
+            isinstance(self.max_steps, int) and self.max_steps >= 1,
+            f"max_steps must be an int >= 1, got {self.max_steps!r}",
+        )
+        _check(self.divergence > 1, f"divergence must be > 1, got {self.divergence}")
+
+    def init(self, x: Array, fx: Array) -> Any:
+        """The solver's own state (a pytree of fixed shapes) for iterate ``x`` with ``fx = fn(x)``."""
+        raise NotImplementedError
+
+    def step(self, fn: FlatMap, x: Array, fx: Array, state: Any) -> tuple[Array, Array, Any, Array]:
+        """One iteration: returns ``(x_new, fn(x_new), state_new, evals_used)``."""
+        raise NotImplementedError
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+class _Carry(NamedTuple):
+    step: Array
+    evals: Array
+    x: Array
+    fx: Array
+    abs_res: Array
+    rel_res: Array
+    res0: Array
+    best_x: Array
+    best_abs: Array
+    best_rel: Array
+    trace: Optional[Array]
+    result: Array
+    state: Any
+
+
+def settle(code, tol, atol, abs_res, fx_norm) -> Array:
+    """Override ``code`` with CONVERGED when ``abs_res <= max(atol, tol·‖f‖)``, NONFINITE on NaN/inf."""
+    code = jnp.where(abs_res <= jnp.maximum(atol, tol * fx_norm), Result.CONVERGED, code)
+    return jnp.where(jnp.isfinite(abs_res) & jnp.isfinite(fx_norm), code, Result.NONFINITE).astype(jnp.int32)
+
+
+def residuals(x: Array, fx: Array) -> tuple[Array, Array, Array]:
+    """``(‖f − x‖, ‖f − x‖/‖f‖, ‖f‖)`` in at least float32."""
+    abs_res, fx_norm = norm(fx - x), norm(fx)
+    return abs_res, relative(abs_res, fx_norm), fx_norm
+
+
+def _measure(solver: Solver, step, x, fx, res0):
+    """Residuals of ``x`` and the result code after ``step`` iterations (RUNNING to go on)."""
+    abs_res, rel_res, fx_norm = residuals(x, fx)
+    code = jnp.where(step >= solver.max_steps, Result.MAX_STEPS, Result.RUNNING)
+    code = jnp.where(abs_res > solver.divergence * res0, Result.DIVERGED, code)
+    return abs_res, rel_res, settle(code, solver.tol, solver.atol, abs_res, fx_norm)
+
+
+def run(solver: Solver, fn: FlatMap, x0: Array) -> tuple[Array, Stats]:
+    """Iterate ``solver`` on ``fn`` from ``x0`` inside one ``lax.while_loop``; return ``(x, stats)``."""
+    fx0 = fn(x0)
+    zero = jnp.zeros((), jnp.int32)
+    abs0, rel0, code0 = _measure(solver, zero, x0, fx0, jnp.inf)
+    trace = None
+    if solver.trace:
+        trace = jnp.full((solver.max_steps + 1,), jnp.nan, rel0.dtype).at[0].set(rel0)
+    carry = _Carry(
+        step=zero,
+        evals=jnp.ones((), jnp.int32),
+        x=x0,
+        fx=fx0,
+        abs_res=abs0,
+        rel_res=rel0,
+        res0=jnp.where(abs0 > 0, abs0, jnp.inf),
+        best_x=x0 if solver.return_best else None,
+        best_abs=jnp.where(jnp.isfinite(abs0), abs0, jnp.inf),
+        best_rel=rel0,
+        trace=trace,
+        result=code0,
+        state=solver.init(x0, fx0),
+    )
+
+    def body(c: _Carry) -> _Carry:
+        x, fx, state, used = solver.step(fn, c.x, c.fx, c.state)
+        step = c.step + 1
+        abs_res, rel_res, code = _measure(solver, step, x, fx, c.res0)
+        better = abs_res < c.best_abs
+        return _Carry(
+            step=step,
+            evals=c.evals + used,
+            x=x,
+            fx=fx,
+            abs_res=abs_res,
+            rel_res=rel_res,
+            res0=c.res0,
+            best_x=jnp.where(better, x, c.best_x) if solver.return_best else c.best_x,
+            best_abs=jnp.where(better, abs_res, c.best_abs),
+            best_rel=jnp.where(better, rel_res, c.best_rel),
+            trace=None if c.trace is None else c.trace.at[step].set(rel_res),
+            result=code,
+            state=state,
+        )
+
+    c = lax.while_loop(lambda c: c.result == Result.RUNNING, body, carry)
+    converged = c.result == Result.CONVERGED
+    if solver.return_best:
+        use_best = ~converged & jnp.isfinite(c.best_abs)
+        x = jnp.where(use_best, c.best_x, c.x)
+        abs_res = jnp.where(use_best, c.best_abs, c.abs_res)
+        rel_res = jnp.where(use_best, c.best_rel, c.rel_res)
+    else:
+        x, abs_res, rel_res = c.x, c.abs_res, c.rel_res
+    stats = Stats(
+        num_steps=c.step,
+        num_evals=c.evals,
+        residual=rel_res,
+        abs_residual=abs_res,
+        converged=converged,
+        result=c.result,
+        trace=c.trace,
+    )
+    return x, stats

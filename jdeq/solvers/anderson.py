@@ -1,0 +1,84 @@
+"""Anderson acceleration (type II) with a ring-buffer memory and an incremental Gram matrix."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ._base import Solver, _check
+
+
+class AndersonState(NamedTuple):
+    xs: jax.Array  # (m, n) past iterates
+    fs: jax.Array  # (m, n) their images f(x)
+    gram: jax.Array  # (m, m) Gram matrix of residuals g_i = f_i − x_i, float32 or wider
+    count: jax.Array  # number of (x, f) pairs stored so far
+
+
+@dataclasses.dataclass(frozen=True)
+class Anderson(Solver):
+    """Anderson acceleration (Walker & Ni 2011; as used for DEQs by Bai et al., arXiv 1909.01377).
+
+    With the last ``m`` iterates ``x_i`` and residuals ``g_i = f(x_i) − x_i``, solve
+    ``α = argmin ‖Σ α_i g_i‖² + λ‖α‖²`` subject to ``Σ α_i = 1`` and step to
+    ``x_{k+1} = β Σ α_i f(x_i) + (1 − β) Σ α_i x_i``.
+
+    The Gram matrix ``G Gᵀ`` is updated one row per step (O(m·n) work, no O(m²·n) rebuild) and the
+    small system is solved in at least float32. Safeguard: when the regularised system is so
+    ill-conditioned that the coefficients are non-finite or ``Σ|α_i| > max_coef``, the step falls
+    back to the damped iteration ``x + β g`` for that step.
+
+    Attributes:
+      m: memory (number of past iterates), >= 1.
+      beta: mixing parameter in ``(0, 1]``.
+      ridge: ridge regularisation λ, relative to the mean squared residual norm in memory.
+      max_coef: safeguard bound on ``Σ|α_i|``.
+    """
+
+    m: int = 5
+    beta: float = 1.0
+    ridge: float = 1e-4
+    max_coef: float = 1e4
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(isinstance(self.m, int) and self.m >= 1, f"m must be an int >= 1, got {self.m!r}")
+        _check(0.0 < self.beta <= 1.0, f"beta must be in (0, 1], got {self.beta}")
+        _check(self.ridge >= 0, f"ridge must be >= 0, got {self.ridge}")
+        _check(self.max_coef > 1, f"max_coef must be > 1, got {self.max_coef}")
+
+    def init(self, x, fx):
+        (n,) = x.shape
+        wide = jnp.promote_types(x.dtype, jnp.float32)
+        zeros = jnp.zeros((self.m, n), x.dtype)
+        return AndersonState(zeros, zeros, jnp.zeros((self.m, self.m), wide), jnp.zeros((), jnp.int32))
+
+    def step(self, fn, x, fx, state):
+        slot = state.count % self.m
+        xs = state.xs.at[slot].set(x)
+        fs = state.fs.at[slot].set(fx)
+        wide = state.gram.dtype
+        g_new = (fx - x).astype(wide)
+        row = (fs - xs).astype(wide) @ g_new
+        gram = state.gram.at[slot, :].set(row).at[:, slot].set(row)
+        count = state.count + 1
+        alpha = self.coefficients(gram, count)
+        ok = jnp.all(jnp.isfinite(alpha)) & (jnp.sum(jnp.abs(alpha)) <= self.max_coef)
+        alpha = jnp.where(ok, alpha, 0.0).astype(x.dtype)
+        x_acc = self.beta * (alpha @ fs) + (1 - self.beta) * (alpha @ xs)
+        x_plain = x + self.beta * (fx - x)
+        x_new = jnp.where(ok, x_acc, x_plain)
+        return x_new, fn(x_new), AndersonState(xs, fs, gram, count), jnp.ones((), jnp.int32)
+
+    def coefficients(self, gram, count):
+        """Solve the constrained least squares for α over the filled slots of the memory."""
+        valid = jnp.arange(self.m) < count
+        both = valid[:, None] & valid[None, :]
+        scale = jnp.sum(jnp.where(valid, jnp.diag(gram), 0.0)) / jnp.maximum(count.astype(gram.dtype), 1)
+        lam = self.ridge * scale + jnp.finfo(gram.dtype).tiny
+        system = jnp.where(both, gram, 0.0) + jnp.diag(jnp.where(valid, lam, 1.0))
+        weights = jnp.linalg.solve(system, valid.astype(gram.dtype))
+        return weights / jnp.sum(weights)

@@ -1,0 +1,60 @@
+"""Shared fixtures: float64 everywhere (exactness claims), and the solver / gradient-mode grids."""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import jdeq  # noqa: E402
+
+TOL = 1e-11
+
+SOLVERS = {
+    "fixed_point": jdeq.FixedPoint(tol=TOL, max_steps=500),
+    "fixed_point_damped": jdeq.FixedPoint(tol=TOL, max_steps=1000, damping=0.3),
+    "anderson": jdeq.Anderson(tol=TOL, max_steps=300, m=5),
+    "anderson_m1": jdeq.Anderson(tol=TOL, max_steps=500, m=1),
+    "broyden": jdeq.Broyden(tol=TOL, max_steps=300, m=30),
+    "broyden_ls": jdeq.Broyden(tol=TOL, max_steps=300, m=30, line_search=True),
+}
+
+ADJOINTS = {
+    "same_as_forward": jdeq.Implicit(),
+    "fixed_point": jdeq.Implicit(jdeq.FixedPoint(tol=TOL, max_steps=500)),
+    "anderson": jdeq.Implicit(jdeq.Anderson(tol=TOL, max_steps=300)),
+    "broyden": jdeq.Implicit(jdeq.Broyden(tol=TOL, max_steps=300, m=30)),
+    "gmres": jdeq.Implicit(jdeq.GMRES(tol=TOL, max_steps=20, restart=20)),
+    "bicgstab": jdeq.Implicit(jdeq.BiCGStab(tol=TOL, max_steps=200)),
+}
+
+
+@pytest.fixture(params=list(SOLVERS), ids=list(SOLVERS))
+def solver(request):
+    return SOLVERS[request.param]
+
+
+@pytest.fixture(params=list(ADJOINTS), ids=list(ADJOINTS))
+def adjoint(request):
+    return ADJOINTS[request.param]
+
+
+def random_matrix(seed: int, n: int, norm: float) -> jnp.ndarray:
+    """A random n×n matrix with spectral norm ``norm``."""
+    a = np.random.default_rng(seed).standard_normal((n, n))
+    return jnp.asarray(a * norm / np.linalg.norm(a, 2))
+
+
+def true_relative_residual(f, z, *args) -> float:
+    fz = f(z, *args)
+    return float(jnp.linalg.norm(fz - z) / jnp.linalg.norm(fz))
+
+
+def tanh_map(z, x, w):
+    return jnp.tanh(w @ z + x)
+
+
+def linear_map(z, a, b):
+    return a @ z + b
