@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
+LINT_PATHS := $(wildcard jdeq tests benchmarks)
 
 .PHONY: test test-slow demo lint venv clean
 
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml | $(PY)
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check jdeq tests benchmarks
+	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m pytest -n 2 -q
 
 test-slow: $(STAMP)
@@ -27,8 +28,8 @@ demo: $(STAMP)
 	$(VENV)/bin/jdeq demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check jdeq tests benchmarks
-	$(PY) -m ruff format --check jdeq tests benchmarks
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
