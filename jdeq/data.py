@@ -100,7 +100,9 @@ def _download(url: str, target: Path) -> None:
             out.write(response.read())
     except (urllib.error.URLError, OSError) as err:
         partial.unlink(missing_ok=True)
-        raise ConnectionError(f"could not download {url} ({err}); place {target.name} in {target.parent} by hand") from err
+        raise ConnectionError(
+            f"could not download {url} ({err}); place {target.name} in {target.parent} by hand"
+        ) from err
     partial.rename(target)
 
 
@@ -135,9 +137,7 @@ def load_mnist(directory: str | Path, download: bool = False, flatten: bool = Fa
     directory = Path(directory)
     arrays = {key: read_idx(_mnist_file(directory, stem, download)) for key, stem in MNIST_FILES.items()}
     images = {key: arrays[key][..., None] / 255.0 for key in ("x_train", "x_test")}
-    return _finish(
-        "mnist", images["x_train"], arrays["y_train"], images["x_test"], arrays["y_test"], 10, flatten
-    )
+    return _finish("mnist", images["x_train"], arrays["y_train"], images["x_test"], arrays["y_test"], 10, flatten)
 
 
 def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -72,9 +72,7 @@ def solve_cell(
         )
     probe = None if backward_stats is None else jnp.sum(backward_stats.reshape(-1, backward_stats.shape[-1]), axis=0)
     coupled = jax.vmap(cell, in_axes=(None, 0, 0))
-    return fixed_point(
-        lambda z, u, p: coupled(p, z, u), z0, u, params, solver=solver, grad=grad, backward_stats=probe
-    )
+    return fixed_point(lambda z, u, p: coupled(p, z, u), z0, u, params, solver=solver, grad=grad, backward_stats=probe)
 
 
 class DEQ(linen.Module):

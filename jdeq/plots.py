@@ -1,13 +1,10 @@
-"""Figures of a training run (matplotlib, headless ``Agg`` backend)."""
+"""Figures of a training run (matplotlib's object API: no pyplot state, works with any backend)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
 def plot_history(history: list[dict], path: str | Path, title: str = "") -> Path:
@@ -26,7 +23,8 @@ def plot_history(history: list[dict], path: str | Path, title: str = "") -> Path
             "linear",
         ),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), constrained_layout=True)
+    fig = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(panels))
     for ax, (label, curves, scale) in zip(axes, panels):
         for name, key in curves:
             ax.plot(epochs, [row[key] for row in history], marker="o", markersize=3, label=name)
@@ -37,5 +35,4 @@ def plot_history(history: list[dict], path: str | Path, title: str = "") -> Path
         fig.suptitle(title)
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -136,7 +136,9 @@ def test_bad_inputs_are_named():
         layer.apply(params, batch((8,)))
     with pytest.raises(ValueError, match=r"a batch of inputs \(batch, \.\.\.\), got shape \(7,\)"):
         layer.apply(params, x[0])
-    with pytest.raises(ValueError, match=r"MLPCell takes inputs of shape \(batch, features\); got per-sample shape \(2, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"MLPCell takes inputs of shape \(batch, features\); got per-sample shape \(2, 3\)"
+    ):
         linen_layer(cell).init(jax.random.PRNGKey(0), batch((2, 3)))
     with pytest.raises(ValueError, match=r"ConvCell takes inputs of shape \(batch, height, width, channels\)"):
         solve_cell(CELLS["conv"][0], {}, batch((9,)), solver=TIGHT, grad=None)

@@ -29,9 +29,7 @@ def small_model():
 
 
 def run(data, epochs, **kwargs):
-    return train.fit(
-        small_model(), optax.adam(1e-2), data, epochs=epochs, batch_size=50, progress=False, **kwargs
-    )
+    return train.fit(small_model(), optax.adam(1e-2), data, epochs=epochs, batch_size=50, progress=False, **kwargs)
 
 
 def leaves_equal(a, b) -> bool:
@@ -94,7 +92,9 @@ def test_damaged_checkpoint_is_a_clear_error_and_the_previous_one_is_kept(small_
     reference = run(small_digits, epochs=2, checkpoint_dir=tmp_path)
     one_epoch = run(small_digits, epochs=1)
     damage_latest(tmp_path, how)
-    with pytest.raises(train.CheckpointError, match=r"checkpoint 2 .* corrupt or partial.*earlier checkpoints kept: \[1\]"):
+    with pytest.raises(
+        train.CheckpointError, match=r"checkpoint 2 .* corrupt or partial.*earlier checkpoints kept: \[1\]"
+    ):
         run(small_digits, epochs=2, checkpoint_dir=tmp_path)
     template = reference.state
     state, history = train.restore_checkpoint(train.checkpoint_manager(tmp_path), template, epoch=1)
