@@ -64,33 +64,45 @@ def _most_common_failure(results) -> str:
     return "-" if failed.size == 0 else Result.name(np.bincount(failed).argmax())
 
 
-def print_table(rows: list[dict]) -> None:
-    header = f"{'radius':>6}  {'solver':<14} {'mean steps':>10} {'max steps':>9} {'evals':>6} {'max resid':>10} {'converged':>9} {'failure':>9} {'ms':>8}"
+SOLVER_COLUMNS = [
+    ("radius", "radius", ">6.2f"),
+    ("solver", "solver", "<14"),
+    ("mean steps", "mean_steps", ">10.1f"),
+    ("max steps", "max_steps", ">9d"),
+    ("evals", "mean_evals", ">6.1f"),
+    ("max resid", "max_residual", ">10.2e"),
+    ("converged", "converged", ">9.1%"),
+    ("failure", "nonconverged_result", ">9"),
+    ("ms", "ms", ">8.1f"),
+]
+HISTORY_COLUMNS = [
+    ("epoch", "epoch", ">5d"),
+    ("loss", "loss", ">7.4f"),
+    ("train acc", "accuracy", ">9.2%"),
+    ("test acc", "test_accuracy", ">8.2%"),
+    ("fwd mean", "fwd_steps_mean", ">8.1f"),
+    ("fwd max", "fwd_steps_max", ">7.0f"),
+    ("bwd mean", "bwd_steps_mean", ">8.1f"),
+    ("bwd max", "bwd_steps_max", ">7.0f"),
+    ("fwd resid max", "fwd_residual_max", ">13.2e"),
+]
+
+
+def print_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> None:
+    """Print ``rows`` under ``columns`` given as ``(title, key, format spec)``."""
+    widths = [max(len(title), len(format(rows[0][key], spec))) for title, key, spec in columns]
+    header = " ".join(f"{title:>{width}}" for (title, _, _), width in zip(columns, widths))
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(
-            f"{r['radius']:>6.2f}  {r['solver']:<14} {r['mean_steps']:>10.1f} {r['max_steps']:>9d} {r['mean_evals']:>6.1f} "
-            f"{r['max_residual']:>10.2e} {r['converged']:>8.1%} {r['nonconverged_result']:>9} {r['ms']:>8.1f}"
-        )
+        print(" ".join(f"{format(r[key], spec):>{width}}" for (_, key, spec), width in zip(columns, widths)))
 
 
 def _solvers_command(args) -> None:
     print(
         f"jdeq solvers: batch {args.batch} × width {args.width}, f(z) = tanh(W z + x), per-sample solves, {jax.default_backend()}"
     )
-    print_table(solver_table(args.batch, args.width, args.radii, args.seed))
-
-
-def print_history(history: list[dict]) -> None:
-    header = f"{'epoch':>5} {'loss':>7} {'train acc':>9} {'test acc':>8} {'fwd mean':>8} {'fwd max':>7} {'bwd mean':>8} {'bwd max':>7} {'fwd resid max':>13}"
-    print(header)
-    print("-" * len(header))
-    for r in history:
-        print(
-            f"{r['epoch']:>5d} {r['loss']:>7.4f} {r['accuracy']:>9.2%} {r['test_accuracy']:>8.2%} {r['fwd_steps_mean']:>8.1f} "
-            f"{r['fwd_steps_max']:>7.0f} {r['bwd_steps_mean']:>8.1f} {r['bwd_steps_max']:>7.0f} {r['fwd_residual_max']:>13.2e}"
-        )
+    print_table(SOLVER_COLUMNS, solver_table(args.batch, args.width, args.radii, args.seed))
 
 
 def _demo_command(args) -> None:
@@ -99,13 +111,13 @@ def _demo_command(args) -> None:
     from .data import load_digits
     from .implicit import Implicit
     from .models import MLPCell
-    from .nn import DEQClassifier
+    from .nn import DEQ, DEQClassifier
     from .plots import plot_history
     from .train import fit
 
     data = load_digits(seed=args.seed)
     solver = Anderson(m=5, tol=args.tol, max_steps=args.max_steps)
-    model = DEQClassifier(MLPCell(args.width), data.num_classes, solver=solver, grad=Implicit(solver))
+    model = DEQClassifier(DEQ(MLPCell(args.width), solver=solver, grad=Implicit(solver)), data.num_classes)
     steps = args.epochs * (len(data.x_train) // args.batch_size)
     optimizer = optax.adamw(optax.cosine_decay_schedule(args.lr, steps), weight_decay=args.weight_decay)
     print(
@@ -113,7 +125,7 @@ def _demo_command(args) -> None:
         f"({len(data.x_train)} train / {len(data.x_test)} test), {args.epochs} epochs, {jax.default_backend()}"
     )
     result = fit(model, optimizer, data, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-    print_history(result.history)
+    print_table(HISTORY_COLUMNS, result.history)
     last = result.history[-1]
     metrics = {
         "test_accuracy": last["test_accuracy"],

@@ -75,6 +75,19 @@ def solve_cell(
     return fixed_point(lambda z, u, p: coupled(p, z, u), z0, u, params, solver=solver, grad=grad, backward_stats=probe)
 
 
+def _solve_layer(layer: Any, params: Any, x: jax.Array, backward_stats: Optional[jax.Array]) -> Solution:
+    """:func:`solve_cell` with a layer's ``cell``, ``solver``, ``grad`` and ``per_sample``."""
+    return solve_cell(
+        layer.cell,
+        params,
+        x,
+        solver=layer.solver,
+        grad=layer.grad,
+        per_sample=layer.per_sample,
+        backward_stats=backward_stats,
+    )
+
+
 class DEQ(linen.Module):
     """A linen DEQ layer: ``z* = cell(params, z*, inject(params, x))`` for a batch ``x``.
 
@@ -98,31 +111,21 @@ class DEQ(linen.Module):
         if self.has_variable("params", "cell"):  # name a misfit input before flax's own shape check does
             check_input(self.cell, self.get_variable("params", "cell"), x)
         params = self.param("cell", lambda key: self.cell.init(key, jnp.shape(x)[1:]))
-        sol = solve_cell(
-            self.cell,
-            params,
-            x,
-            solver=self.solver,
-            grad=self.grad,
-            per_sample=self.per_sample,
-            backward_stats=backward_stats,
-        )
+        sol = _solve_layer(self, params, x, backward_stats)
         self.sow(STATS_COLLECTION, "forward", sol.stats)
         return sol.value
 
 
 class DEQClassifier(linen.Module):
-    """``logits = Dense(pool(DEQ(cell)(x)))``: a DEQ layer, global average pooling over spatial axes, a linear head."""
+    """``logits = Dense(pool(deq(x)))``: a :class:`DEQ` layer, global average pooling over spatial axes, a
+    linear head. The cell's parameters live under ``params["deq"]["cell"]``."""
 
-    cell: Any
+    deq: DEQ
     num_classes: int
-    solver: Solver = DEFAULT_SOLVER
-    grad: Optional[Implicit] = None
-    per_sample: bool = True
 
     @linen.compact
     def __call__(self, x: jax.Array, backward_stats: Optional[jax.Array] = None) -> jax.Array:
-        z = DEQ(self.cell, self.solver, self.grad, self.per_sample)(x, backward_stats)
+        z = self.deq(x, backward_stats)
         pooled = jnp.mean(z, axis=tuple(range(1, z.ndim - 1)))
         return linen.Dense(self.num_classes)(pooled)
 
@@ -150,12 +153,4 @@ class NNXDEQ(nnx.Module):
 
     def __call__(self, x: jax.Array, backward_stats: Optional[jax.Array] = None) -> Solution:
         params = jax.tree_util.tree_map(lambda v: v[...], self.params, is_leaf=lambda v: isinstance(v, nnx.Variable))
-        return solve_cell(
-            self.cell,
-            params,
-            x,
-            solver=self.solver,
-            grad=self.grad,
-            per_sample=self.per_sample,
-            backward_stats=backward_stats,
-        )
+        return _solve_layer(self, params, x, backward_stats)

@@ -12,7 +12,7 @@ import jdeq.train as train
 from jdeq import Anderson, Implicit, cli
 from jdeq.data import Dataset, load_digits
 from jdeq.models import MLPCell
-from jdeq.nn import DEQClassifier
+from jdeq.nn import DEQ, DEQClassifier
 
 SOLVER = Anderson(m=4, tol=1e-4, max_steps=30)
 
@@ -25,7 +25,7 @@ def small_digits():
 
 
 def small_model():
-    return DEQClassifier(MLPCell(16), 10, solver=SOLVER, grad=Implicit(SOLVER))
+    return DEQClassifier(DEQ(MLPCell(16), solver=SOLVER, grad=Implicit(SOLVER)), 10)
 
 
 def run(data, epochs, **kwargs):
