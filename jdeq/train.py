@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .data import Dataset, check_dataset
 from .implicit import read_backward_stats, stats_probe
