@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
-LINT_PATHS := $(wildcard jdeq tests benchmarks)
+LINT_PATHS := $(wildcard jdeq tests benchmarks notebooks)
 
 .PHONY: test test-slow demo lint venv clean
 

@@ -1,0 +1,173 @@
+"""Datasets as numpy arrays: scikit-learn's bundled digits (real, offline) and loaders for the standard
+MNIST (idx files, gzipped or not) and CIFAR-10 (python pickle batches) formats from a local directory.
+
+Images are float32 in ``[0, 1]`` shaped ``(N, H, W, C)`` (``flatten=True``: ``(N, H·W·C)``); labels int32.
+Downloads happen only with ``download=True``; a missing directory or file is a ``FileNotFoundError``
+naming what is missing, an unreachable server a ``ConnectionError``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+MNIST_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_DIR = "cifar-10-batches-py"
+CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST = "test_batch"
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4")}
+
+
+class Dataset(NamedTuple):
+    """A train/test split: inputs ``x_*`` (float32), integer labels ``y_*`` in ``[0, num_classes)``."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+
+def check_dataset(data: Dataset) -> Dataset:
+    """Return ``data`` unchanged, or raise ValueError naming what is wrong with it."""
+    for split in ("train", "test"):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        if len(x) == 0:
+            raise ValueError(f"dataset {data.name!r}: the {split} split is empty")
+        if len(x) != len(y):
+            raise ValueError(f"dataset {data.name!r}: {len(x)} {split} inputs but {len(y)} labels")
+        if not np.issubdtype(np.asarray(y).dtype, np.integer):
+            raise ValueError(f"dataset {data.name!r}: {split} labels must be integers, got dtype {np.asarray(y).dtype}")
+        bad = (y < 0) | (y >= data.num_classes)
+        if np.any(bad):
+            raise ValueError(
+                f"dataset {data.name!r}: {int(bad.sum())} {split} label(s) outside [0, {data.num_classes}), "
+                f"e.g. {int(y[bad][0])} at index {int(np.flatnonzero(bad)[0])}"
+            )
+        if np.asarray(x).shape[1:] != np.asarray(data.x_train).shape[1:]:
+            raise ValueError(f"dataset {data.name!r}: train and test inputs differ in shape")
+    return data
+
+
+def _finish(name: str, x_train, y_train, x_test, y_test, num_classes: int, flatten: bool) -> Dataset:
+    def inputs(x):
+        x = np.asarray(x, np.float32)
+        return x.reshape(len(x), -1) if flatten else x
+
+    labels = [np.asarray(y, np.int32) for y in (y_train, y_test)]
+    return check_dataset(Dataset(name, inputs(x_train), labels[0], inputs(x_test), labels[1], num_classes))
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0, flatten: bool = True) -> Dataset:
+    """scikit-learn's bundled 8×8 handwritten digits (1797 images, 10 classes), split at random by ``seed``."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    digits = sklearn_digits()
+    x = digits.images[..., None] / 16.0
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(round(test_fraction * len(x)))
+    test, train = order[:n_test], order[n_test:]
+    return _finish("digits", x[train], digits.target[train], x[test], digits.target[test], 10, flatten)
+
+
+def _missing(directory: Path, wanted: str, what: str) -> FileNotFoundError:
+    where = "does not exist" if not directory.is_dir() else f"has no {wanted}"
+    return FileNotFoundError(f"{what}: directory {directory} {where}; pass download=True to fetch it, or put it there")
+
+
+def _download(url: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
+            out.write(response.read())
+    except (urllib.error.URLError, OSError) as err:
+        partial.unlink(missing_ok=True)
+        raise ConnectionError(
+            f"could not download {url} ({err}); place {target.name} in {target.parent} by hand"
+        ) from err
+    partial.rename(target)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an idx file (the MNIST format; gzipped when the name ends in ``.gz``)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise ValueError(f"{path} is not an idx file (bad magic number {raw[:4].hex()})")
+    dtype, ndim = np.dtype(IDX_DTYPES[raw[2]]), raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
+    expected = 4 + 4 * ndim + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes) but the file has {len(raw)} bytes")
+    return np.frombuffer(raw, dtype, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _mnist_file(directory: Path, stem: str, download: bool) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    if not download:
+        raise _missing(directory, f"{stem}[.gz]", "MNIST")
+    _download(MNIST_URL + stem + ".gz", directory / (stem + ".gz"))
+    return directory / (stem + ".gz")
+
+
+def load_mnist(directory: str | Path, download: bool = False, flatten: bool = False) -> Dataset:
+    """MNIST from the four idx files (``train-images-idx3-ubyte[.gz]``, ...) in ``directory``."""
+    directory = Path(directory)
+    arrays = {key: read_idx(_mnist_file(directory, stem, download)) for key, stem in MNIST_FILES.items()}
+    images = {key: arrays[key][..., None] / 255.0 for key in ("x_train", "x_test")}
+    return _finish("mnist", images["x_train"], arrays["y_train"], images["x_test"], arrays["y_test"], 10, flatten)
+
+
+def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch: ``(images uint8 (N, 32, 32, 3), labels (N,))``."""
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    try:
+        data, labels = np.asarray(batch[b"data"], np.uint8), np.asarray(batch[b"labels"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch (needs b'data' and b'labels')") from err
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
+        raise ValueError(f"{path}: data of shape {data.shape} with {len(labels)} labels is not a CIFAR-10 batch")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def load_cifar10(directory: str | Path, download: bool = False, flatten: bool = False) -> Dataset:
+    """CIFAR-10 from the python batches in ``directory/cifar-10-batches-py`` (or ``directory`` itself)."""
+    directory = Path(directory)
+    root = directory / CIFAR10_DIR if (directory / CIFAR10_DIR).is_dir() else directory
+    names = (*CIFAR10_TRAIN, CIFAR10_TEST)
+    if not all((root / name).is_file() for name in names):
+        if not download:
+            raise _missing(directory, f"{CIFAR10_DIR}/{{data_batch_1..5, test_batch}}", "CIFAR-10")
+        archive = directory / Path(CIFAR10_URL).name
+        _download(CIFAR10_URL, archive)
+        with tarfile.open(archive) as tar:
+            tar.extractall(directory, filter="data")
+        root = directory / CIFAR10_DIR
+    train = [read_cifar_batch(root / name) for name in CIFAR10_TRAIN]
+    x_test, y_test = read_cifar_batch(root / CIFAR10_TEST)
+    x_train = np.concatenate([x for x, _ in train]) / 255.0
+    y_train = np.concatenate([y for _, y in train])
+    return _finish("cifar10", x_train, y_train, x_test / 255.0, y_test, 10, flatten)

@@ -1,0 +1,228 @@
+"""Training DEQ classifiers with optax: jitted train/eval steps, solver metrics, progress, orbax checkpoints.
+
+A run is a pure function of its seed: parameters come from ``PRNGKey(seed)`` and the batch order of
+epoch ``e`` from ``numpy.random.default_rng((seed, e))``. Checkpoints are written at the end of each
+epoch, so a run resumed from its last checkpoint replays exactly the steps an uninterrupted run takes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from .data import Dataset, check_dataset
+from .implicit import read_backward_stats, stats_probe
+from .nn import STATS_COLLECTION
+
+CHECKPOINTS_KEPT = 3
+
+
+class TrainState(NamedTuple):
+    """What a step updates: ``params`` (the model's ``"params"`` collection) and the optimizer state."""
+
+    params: Any
+    opt_state: Any
+
+
+class FitResult(NamedTuple):
+    """``state`` after the last epoch, one ``history`` row (a dict of floats) per epoch, and the wall time."""
+
+    state: TrainState
+    history: list[dict]
+    wall_time_s: float
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read (corrupt or partial); earlier checkpoints are left in place."""
+
+
+def forward_metrics(stats_tree: Any) -> dict:
+    """Mean/max forward steps and residuals over every sample of every DEQ layer sown in ``stats_tree``."""
+    stats = jax.tree_util.tree_leaves(stats_tree, is_leaf=lambda s: hasattr(s, "num_steps"))
+    steps = jnp.concatenate([jnp.ravel(s.num_steps) for s in stats]).astype(jnp.float32)
+    residual = jnp.concatenate([jnp.ravel(s.residual) for s in stats])
+    converged = jnp.concatenate([jnp.ravel(s.converged) for s in stats])
+    return {
+        "fwd_steps_mean": jnp.mean(steps),
+        "fwd_steps_max": jnp.max(steps),
+        "fwd_residual_mean": jnp.mean(residual),
+        "fwd_residual_max": jnp.max(residual),
+        "fwd_converged": jnp.mean(converged),
+    }
+
+
+def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Callable:
+    """``step(state, x, y) -> (state, metrics)``, jitted: cross-entropy, implicit gradients, one optax update.
+
+    ``model`` is a linen module called as ``model.apply(variables, x, backward_stats=probe)`` that sows
+    :class:`jdeq.Stats` into ``"deq_stats"`` (e.g. :class:`jdeq.nn.DEQClassifier`).
+    """
+
+    def loss_fn(params, probe, x, y):
+        logits, sown = model.apply({"params": params}, x, backward_stats=probe, mutable=[STATS_COLLECTION])
+        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+        return loss, (logits, sown[STATS_COLLECTION])
+
+    @jax.jit
+    def step(state: TrainState, x, y):
+        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+        (loss, (logits, stats)), (grads, probe_grad) = grad_fn(state.params, stats_probe(x.shape[:1]), x, y)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        backward = read_backward_stats(probe_grad)
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+            **forward_metrics(stats),
+            "bwd_steps_mean": jnp.mean(backward.num_steps.astype(jnp.float32)),
+            "bwd_steps_max": jnp.max(backward.num_steps).astype(jnp.float32),
+            "bwd_residual_max": jnp.max(backward.residual),
+        }
+        return TrainState(optax.apply_updates(state.params, updates), opt_state), metrics
+
+    return step
+
+
+def make_eval_step(model: Any) -> Callable:
+    """``evaluate(params, x, y, weight) -> sums``, jitted; ``weight`` (0/1) masks padding in the last batch."""
+
+    @jax.jit
+    def evaluate(params, x, y, weight):
+        logits, sown = model.apply({"params": params}, x, mutable=[STATS_COLLECTION])
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        stats = jax.tree_util.tree_leaves(sown[STATS_COLLECTION], is_leaf=lambda s: hasattr(s, "num_steps"))
+        steps = jnp.stack([s.num_steps for s in stats]).astype(jnp.float32)
+        return {
+            "count": jnp.sum(weight),
+            "loss": jnp.sum(weight * losses),
+            "correct": jnp.sum(weight * (jnp.argmax(logits, -1) == y)),
+            "fwd_steps": jnp.sum(weight * jnp.mean(steps, axis=0)),
+            "fwd_steps_max": jnp.max(jnp.where(weight > 0, jnp.max(steps, axis=0), 0.0)),
+        }
+
+    return evaluate
+
+
+def evaluate(eval_step: Callable, params: Any, x: np.ndarray, y: np.ndarray, batch_size: int) -> dict:
+    """Loss, accuracy and forward steps over all of ``(x, y)`` in fixed-size (padded) batches."""
+    totals: dict = {}
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        pad = batch_size - len(xb)
+        weight = np.concatenate([np.ones(len(xb), np.float32), np.zeros(pad, np.float32)])
+        xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
+        yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
+        sums = jax.device_get(eval_step(params, xb, yb, weight))
+        for key, value in sums.items():
+            totals[key] = max(totals.get(key, 0.0), value) if key.endswith("max") else totals.get(key, 0.0) + value
+    n = totals["count"]
+    return {
+        "loss": float(totals["loss"] / n),
+        "accuracy": float(totals["correct"] / n),
+        "fwd_steps_mean": float(totals["fwd_steps"] / n),
+        "fwd_steps_max": float(totals["fwd_steps_max"]),
+    }
+
+
+def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> Iterator[np.ndarray]:
+    """Index arrays of the full batches of epoch ``epoch``: a permutation drawn from ``(seed, epoch)``."""
+    order = np.random.default_rng((seed, epoch)).permutation(n)
+    for start in range(0, n - batch_size + 1, batch_size):
+        yield order[start : start + batch_size]
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Average the per-step metrics of an epoch (maxima for ``*_max`` keys)."""
+    return {
+        key: float(np.max([r[key] for r in rows]) if key.endswith("max") else np.mean([r[key] for r in rows]))
+        for key in rows[0]
+    }
+
+
+def checkpoint_manager(directory: str | Path) -> ocp.CheckpointManager:
+    """A synchronous orbax manager keeping the last :data:`CHECKPOINTS_KEPT` epochs (older ones deleted
+    only after a newer one is complete: orbax writes to a temporary directory and renames it)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=CHECKPOINTS_KEPT, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, epoch: int, state: TrainState, history: list[dict]) -> None:
+    """Save ``state`` and ``history`` as checkpoint ``epoch``."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history))
+    manager.save(epoch, args=args)
+    manager.wait_until_finished()
+
+
+def restore_checkpoint(
+    manager: ocp.CheckpointManager, template: TrainState, epoch: Optional[int] = None
+) -> tuple[TrainState, list[dict]]:
+    """``(state, history)`` of checkpoint ``epoch`` (default: the latest); CheckpointError if unreadable."""
+    epoch = manager.latest_step() if epoch is None else epoch
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(template), history=ocp.args.JsonRestore())
+    try:
+        restored = manager.restore(epoch, args=args)
+    except Exception as err:  # orbax/tensorstore raise many types for damaged files
+        earlier = [s for s in manager.all_steps() if s != epoch]
+        raise CheckpointError(
+            f"checkpoint {epoch} in {manager.directory} is corrupt or partial ({type(err).__name__}: {err}); "
+            f"earlier checkpoints kept: {earlier or 'none'}. Delete {manager.directory / str(epoch)} to resume "
+            "from the previous one."
+        ) from err
+    return TrainState(*restored["state"]), list(restored["history"])
+
+
+def fit(
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    eval_batch_size: int = 512,
+    seed: int = 0,
+    checkpoint_dir: Optional[str | Path] = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``model`` (a linen classifier, see :func:`make_train_step`) on ``data`` for ``epochs`` epochs.
+
+    Each history row holds the epoch's mean training metrics (``loss``, ``accuracy``, forward/backward
+    steps and residuals) and ``test_*`` metrics. With ``checkpoint_dir``, the run resumes from the
+    latest checkpoint there and saves one per epoch.
+    """
+    check_dataset(data)
+    n = len(data.x_train)
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in [1, {n}] (the training set size), got {batch_size}")
+    params = model.init(jax.random.PRNGKey(seed), data.x_train[:1])["params"]
+    state = TrainState(params, optimizer.init(params))
+    history: list[dict] = []
+    manager = None if checkpoint_dir is None else checkpoint_manager(checkpoint_dir)
+    if manager is not None and manager.latest_step() is not None:
+        state, history = restore_checkpoint(manager, state)
+    train_step, eval_step = make_train_step(model, optimizer), make_eval_step(model)
+    steps_per_epoch = n // batch_size
+    start = time.perf_counter()
+    with tqdm(
+        total=epochs * steps_per_epoch, initial=len(history) * steps_per_epoch, disable=not progress, unit="step"
+    ) as bar:
+        for epoch in range(len(history), epochs):
+            bar.set_description(f"epoch {epoch + 1}/{epochs}")
+            rows = []
+            for index in epoch_batches(seed, epoch, n, batch_size):
+                state, metrics = train_step(state, data.x_train[index], data.y_train[index])
+                rows.append(jax.device_get(metrics))
+                bar.update()
+                bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", fwd=f"{rows[-1]['fwd_steps_mean']:.1f}", refresh=False)
+            test = evaluate(eval_step, state.params, data.x_test, data.y_test, eval_batch_size)
+            history.append({"epoch": epoch + 1, **summarize(rows), **{f"test_{k}": v for k, v in test.items()}})
+            if manager is not None:
+                save_checkpoint(manager, epoch + 1, state, history)
+    return FitResult(state, history, time.perf_counter() - start)

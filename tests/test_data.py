@@ -1,0 +1,110 @@
+"""Datasets: bundled digits, MNIST idx and CIFAR-10 pickle loaders on small files written in those formats."""
+
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+
+from jdeq import data
+
+
+def write_idx(path, array):
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture
+def mnist_arrays():
+    rng = np.random.default_rng(0)
+    return {
+        "x_train": rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
+        "y_train": rng.integers(0, 10, 6).astype(np.uint8),
+        "x_test": rng.integers(0, 256, (4, 28, 28), dtype=np.uint8),
+        "y_test": rng.integers(0, 10, 4).astype(np.uint8),
+    }
+
+
+def test_digits_are_real_split_deterministically_and_scaled():
+    d = data.load_digits(seed=0)
+    assert d.x_train.shape == (1438, 64) and d.x_test.shape == (359, 64) and d.num_classes == 10
+    assert d.x_train.dtype == np.float32 and d.y_train.dtype == np.int32
+    assert 0.0 == d.x_train.min() and d.x_train.max() == 1.0
+    assert set(np.unique(d.y_train)) == set(range(10))
+    again, other = data.load_digits(seed=0), data.load_digits(seed=1)
+    np.testing.assert_array_equal(d.x_test, again.x_test)
+    assert not np.array_equal(d.y_test, other.y_test)
+    train_rows = {row.tobytes() for row in d.x_train}
+    assert sum(row.tobytes() in train_rows for row in d.x_test) < 10  # a few duplicate images exist in digits
+    assert data.load_digits(flatten=False).x_train.shape == (1438, 8, 8, 1)
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_mnist_reads_idx_files(tmp_path, mnist_arrays, suffix):
+    for key, stem in data.MNIST_FILES.items():
+        write_idx(tmp_path / (stem + suffix), mnist_arrays[key])
+    d = data.load_mnist(tmp_path)
+    assert d.x_train.shape == (6, 28, 28, 1) and d.x_test.shape == (4, 28, 28, 1)
+    np.testing.assert_allclose(d.x_train[..., 0], mnist_arrays["x_train"] / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(d.y_test, mnist_arrays["y_test"])
+    assert data.load_mnist(tmp_path, flatten=True).x_train.shape == (6, 784)
+
+
+def test_idx_reader_rejects_bad_files(tmp_path):
+    write_idx(tmp_path / "ok", np.arange(12, dtype=">i4").reshape(3, 4))
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "ok"), np.arange(12).reshape(3, 4))
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04rest")
+    with pytest.raises(ValueError, match="not an idx file"):
+        data.read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes((tmp_path / "ok").read_bytes()[:-4])
+    with pytest.raises(ValueError, match=r"header says shape \(3, 4\) \(60 bytes\) but the file has 56 bytes"):
+        data.read_idx(tmp_path / "short")
+
+
+def test_cifar10_reads_python_batches(tmp_path):
+    root = tmp_path / data.CIFAR10_DIR
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    batches = {}
+    for name in (*data.CIFAR10_TRAIN, data.CIFAR10_TEST):
+        images = rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)  # stored channel-major, row-major
+        batches[name] = images
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": images.reshape(2, -1), b"labels": [3, 9]}, f)
+    d = data.load_cifar10(tmp_path)
+    assert d.x_train.shape == (10, 32, 32, 3) and d.x_test.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(d.x_train[2], batches["data_batch_2"][0].transpose(1, 2, 0) / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(d.y_train, [3, 9] * 5)
+    with open(root / "data_batch_3", "wb") as f:
+        pickle.dump({b"pixels": []}, f)
+    with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
+        data.load_cifar10(tmp_path)
+
+
+def test_missing_directory_and_unreachable_download_are_named(tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=f"MNIST: directory {missing} does not exist; pass download=True"):
+        data.load_mnist(missing)
+    with pytest.raises(FileNotFoundError, match=r"CIFAR-10: directory .* has no cifar-10-batches-py"):
+        data.load_cifar10(tmp_path)
+    monkeypatch.setattr(data, "MNIST_URL", "http://127.0.0.1:9/")  # the discard port: connection refused
+    with pytest.raises(ConnectionError, match=r"could not download http://127.0.0.1:9/train-images-idx3-ubyte.gz"):
+        data.load_mnist(missing, download=True)
+    assert not any(missing.iterdir())  # no partial file left behind
+
+
+def test_check_dataset_names_the_problem():
+    x, y = np.zeros((4, 3), np.float32), np.array([0, 1, 2, 1])
+    ok = data.Dataset("toy", x, y, x, y, 3)
+    assert data.check_dataset(ok) is ok
+    with pytest.raises(ValueError, match="test split is empty"):
+        data.check_dataset(ok._replace(x_test=x[:0], y_test=y[:0]))
+    with pytest.raises(ValueError, match="4 train inputs but 3 labels"):
+        data.check_dataset(ok._replace(y_train=y[:3]))
+    with pytest.raises(ValueError, match=r"1 test label\(s\) outside \[0, 3\), e.g. -1 at index 2"):
+        data.check_dataset(ok._replace(y_test=np.array([0, 1, -1, 2])))
+    with pytest.raises(ValueError, match="labels must be integers"):
+        data.check_dataset(ok._replace(y_train=y.astype(float)))

@@ -1,0 +1,148 @@
+"""Cells and Flax shells: outputs are fixed points, linen and NNX agree, gradients match unrolled autodiff."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.test_util import check_grads
+
+import jdeq
+from jdeq.models import ConvCell, MLPCell
+from jdeq.nn import DEQ, NNXDEQ, STATS_COLLECTION, solve_cell
+
+TIGHT = jdeq.Anderson(m=5, tol=1e-10, max_steps=200)
+CELLS = {
+    "mlp": (MLPCell(12), (7,)),
+    "mlp_normalized": (MLPCell(12, normalize=True), (7,)),
+    "conv": (ConvCell(4, groups=2), (5, 5, 2)),
+}
+
+
+@pytest.fixture(params=list(CELLS), ids=list(CELLS))
+def cell_and_shape(request):
+    return CELLS[request.param]
+
+
+def batch(shape, n=3, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((n, *shape)))
+
+
+def linen_layer(cell, **kwargs):
+    return DEQ(cell, solver=TIGHT, grad=jdeq.Implicit(TIGHT), **kwargs)
+
+
+def test_output_is_a_fixed_point_of_the_cell_with_per_sample_stats(cell_and_shape):
+    cell, shape = cell_and_shape
+    x = batch(shape)
+    layer = linen_layer(cell)
+    variables = {"params": layer.init(jax.random.PRNGKey(0), x)["params"]}
+    z, sown = layer.apply(variables, x, mutable=[STATS_COLLECTION])
+    params = variables["params"]["cell"]
+    for i in range(len(x)):
+        u = cell.inject(params, x[i])
+        assert z[i].shape == u.shape
+        assert float(jnp.linalg.norm(cell(params, z[i], u) - z[i])) < 1e-8 * float(jnp.linalg.norm(z[i]))
+    (stats,) = sown[STATS_COLLECTION]["forward"]
+    assert stats.num_steps.shape == (len(x),) and bool(jnp.all(stats.converged))
+    coupled = linen_layer(cell, per_sample=False).apply(variables, x)  # the batch as one problem
+    np.testing.assert_allclose(coupled, z, atol=1e-8)
+
+
+def test_parameter_gradients_match_finite_differences(cell_and_shape):
+    cell, shape = cell_and_shape
+    x = batch(shape, n=2, seed=1)
+    layer = linen_layer(cell)
+    params = layer.init(jax.random.PRNGKey(2), x)["params"]
+
+    def loss(params):
+        return jnp.sum(jnp.sin(layer.apply({"params": params}, x)))
+
+    _, sown = layer.apply({"params": params}, x, mutable=[STATS_COLLECTION])
+    assert bool(jnp.all(sown[STATS_COLLECTION]["forward"][0].converged))  # else finite differences are noise
+    check_grads(loss, (params,), order=1, modes=["rev"], eps=1e-5)
+
+
+def unrolled_loss(cell, params, x, steps=200):
+    """Backpropagation through ``steps`` Picard iterations (a reference for contractive cells)."""
+    u = jax.vmap(cell.inject, in_axes=(None, 0))(params, x)
+    z = jax.lax.fori_loop(0, steps, lambda _, z: jax.vmap(cell, in_axes=(None, 0, 0))(params, z, u), jnp.zeros_like(u))
+    return jnp.sum(jnp.sin(z))
+
+
+def test_mlp_gradients_match_unrolled_autodiff():
+    cell, shape = CELLS["mlp"]
+    x = batch(shape, n=2, seed=1)
+    layer = linen_layer(cell)
+    params = layer.init(jax.random.PRNGKey(2), x)["params"]
+    got = jax.grad(lambda p: jnp.sum(jnp.sin(layer.apply({"params": p}, x))))(params)["cell"]
+    want = jax.grad(lambda p: unrolled_loss(cell, p, x))(params["cell"])
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-9)
+
+
+def test_backward_stats_reach_the_probe_per_sample():
+    cell, shape = CELLS["mlp"]
+    x = batch(shape, n=4)
+    layer = linen_layer(cell)
+    params = layer.init(jax.random.PRNGKey(0), x)["params"]
+
+    def loss(params, probe):
+        return jnp.sum(layer.apply({"params": params}, x, backward_stats=probe) ** 2)
+
+    _, probe_grad = jax.grad(loss, argnums=(0, 1))(params, jdeq.stats_probe((4,)))
+    backward = jdeq.read_backward_stats(probe_grad)
+    assert backward.num_steps.shape == (4,) and bool(jnp.all(backward.num_steps >= 1))
+    assert bool(jnp.all(backward.converged)) and float(jnp.max(backward.residual)) <= TIGHT.tol
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv"])
+def test_nnx_layer_matches_linen_and_trains_with_nnx_grad(name):
+    cell, shape = CELLS[name]
+    x = batch(shape)
+    nnx_layer = NNXDEQ(cell, shape, rngs=nnx.Rngs(0), solver=TIGHT, grad=jdeq.Implicit(TIGHT))
+    params = jax.tree_util.tree_map(lambda v: v[...], nnx_layer.params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    sol = nnx_layer(x)
+    assert isinstance(sol, jdeq.Solution) and bool(jnp.all(sol.stats.converged))
+    np.testing.assert_allclose(sol.value, linen_layer(cell).apply({"params": {"cell": params}}, x), atol=1e-12)
+
+    grads = nnx.grad(lambda layer: jnp.sum(jnp.sin(layer(x).value)))(nnx_layer)
+    linen_loss = lambda p: jnp.sum(jnp.sin(linen_layer(cell).apply({"params": {"cell": p}}, x)))  # noqa: E731
+    want = jax.grad(linen_loss)(params)
+    got = jax.tree_util.tree_map(lambda v: v[...], grads, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-9)
+
+
+def test_jitted_layer_does_not_recompile_on_a_second_call():
+    cell, shape = CELLS["mlp"]
+    layer = linen_layer(cell)
+    x = batch(shape)
+    params = layer.init(jax.random.PRNGKey(0), x)
+    apply = jax.jit(layer.apply)
+    apply(params, x)
+    apply(params, x + 1.0)
+    assert apply._cache_size() == 1
+
+
+def test_bad_inputs_are_named():
+    cell, shape = CELLS["mlp"]
+    layer = linen_layer(cell)
+    x = batch(shape)
+    params = layer.init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match=r"floating-point inputs, got dtype int32"):
+        layer.apply(params, x.astype(jnp.int32))
+    with pytest.raises(ValueError, match=r"per-sample shape \(8,\), which do not fit its parameters"):
+        layer.apply(params, batch((8,)))
+    with pytest.raises(ValueError, match=r"a batch of inputs \(batch, \.\.\.\), got shape \(7,\)"):
+        layer.apply(params, x[0])
+    with pytest.raises(
+        ValueError, match=r"MLPCell takes inputs of shape \(batch, features\); got per-sample shape \(2, 3\)"
+    ):
+        linen_layer(cell).init(jax.random.PRNGKey(0), batch((2, 3)))
+    with pytest.raises(ValueError, match=r"ConvCell takes inputs of shape \(batch, height, width, channels\)"):
+        solve_cell(CELLS["conv"][0], {}, batch((9,)), solver=TIGHT, grad=None)
+    with pytest.raises(ValueError, match="multiple of groups"):
+        ConvCell(6, groups=4)
+    with pytest.raises(ValueError, match="features"):
+        MLPCell(0)

@@ -1,0 +1,134 @@
+"""Training loop: metrics, determinism, interrupt/resume exactness, checkpoint damage, bad data, the demo command."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jdeq.train as train
+from jdeq import Anderson, Implicit, cli
+from jdeq.data import Dataset, load_digits
+from jdeq.models import MLPCell
+from jdeq.nn import DEQ, DEQClassifier
+
+SOLVER = Anderson(m=4, tol=1e-4, max_steps=30)
+
+
+@pytest.fixture(scope="module")
+def small_digits():
+    """300 training and 100 test digits: real data, small enough for several runs per test."""
+    d = load_digits(seed=1)
+    return Dataset("digits-small", d.x_train[:300], d.y_train[:300], d.x_test[:100], d.y_test[:100], 10)
+
+
+def small_model():
+    return DEQClassifier(DEQ(MLPCell(16), solver=SOLVER, grad=Implicit(SOLVER)), 10)
+
+
+def run(data, epochs, **kwargs):
+    return train.fit(small_model(), optax.adam(1e-2), data, epochs=epochs, batch_size=50, progress=False, **kwargs)
+
+
+def leaves_equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def test_training_learns_and_reports_solver_metrics(small_digits):
+    result = run(small_digits, epochs=3)
+    first, last = result.history[0], result.history[-1]
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert last["loss"] < first["loss"]
+    assert last["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    for row in result.history:
+        assert 1 <= row["fwd_steps_mean"] <= row["fwd_steps_max"] <= SOLVER.max_steps
+        assert 1 <= row["bwd_steps_mean"] <= row["bwd_steps_max"] <= SOLVER.max_steps
+        assert 0 <= row["fwd_residual_mean"] <= row["fwd_residual_max"]
+        assert 0 <= row["fwd_converged"] <= 1
+        assert row["test_fwd_steps_mean"] <= row["test_fwd_steps_max"]
+
+
+def test_same_seed_same_parameters_other_seed_differs(small_digits):
+    a, b, c = run(small_digits, 1, seed=3), run(small_digits, 1, seed=3), run(small_digits, 1, seed=4)
+    assert leaves_equal(a.state.params, b.state.params)
+    assert not leaves_equal(a.state.params, c.state.params)
+
+
+def test_interrupted_run_resumes_to_exactly_the_uninterrupted_parameters(small_digits, tmp_path, monkeypatch):
+    uninterrupted = run(small_digits, epochs=3)
+    original = train.epoch_batches
+
+    def interrupt_in_third_epoch(seed, epoch, n, batch_size):
+        for i, index in enumerate(original(seed, epoch, n, batch_size)):
+            if epoch == 2 and i == 2:
+                raise KeyboardInterrupt
+            yield index
+
+    monkeypatch.setattr(train, "epoch_batches", interrupt_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(small_digits, epochs=3, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(train, "epoch_batches", original)
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [1, 2]
+    resumed = run(small_digits, epochs=3, checkpoint_dir=tmp_path)
+    assert leaves_equal(resumed.state.params, uninterrupted.state.params)
+    assert leaves_equal(resumed.state.opt_state, uninterrupted.state.opt_state)
+    assert resumed.history == uninterrupted.history
+
+
+def damage_latest(directory, how):
+    files = sorted(p for p in (directory / "2").rglob("*") if p.is_file() and p.stat().st_size > 0)
+    assert files, "the checkpoint has files to damage"
+    for path in files:
+        if how == "corrupt":
+            path.write_bytes(b"\x00garbage" * 3)
+        else:
+            path.unlink()
+
+
+@pytest.mark.parametrize("how", ["corrupt", "partial"])
+def test_damaged_checkpoint_is_a_clear_error_and_the_previous_one_is_kept(small_digits, tmp_path, how):
+    reference = run(small_digits, epochs=2, checkpoint_dir=tmp_path)
+    one_epoch = run(small_digits, epochs=1)
+    damage_latest(tmp_path, how)
+    with pytest.raises(
+        train.CheckpointError, match=r"checkpoint 2 .* corrupt or partial.*earlier checkpoints kept: \[1\]"
+    ):
+        run(small_digits, epochs=2, checkpoint_dir=tmp_path)
+    template = reference.state
+    state, history = train.restore_checkpoint(train.checkpoint_manager(tmp_path), template, epoch=1)
+    assert leaves_equal(state.params, one_epoch.state.params) and len(history) == 1
+    shutil.rmtree(tmp_path / "2")
+    resumed = run(small_digits, epochs=2, checkpoint_dir=tmp_path)
+    assert leaves_equal(resumed.state.params, reference.state.params)
+
+
+def test_bad_data_and_arguments_are_named(small_digits):
+    labels = small_digits.y_train.copy()
+    labels[7] = 10
+    with pytest.raises(ValueError, match=r"1 train label\(s\) outside \[0, 10\), e.g. 10 at index 7"):
+        run(small_digits._replace(y_train=labels), 1)
+    empty = small_digits._replace(x_train=small_digits.x_train[:0], y_train=small_digits.y_train[:0])
+    with pytest.raises(ValueError, match="train split is empty"):
+        run(empty, 1)
+    with pytest.raises(ValueError, match=r"batch_size must be in \[1, 300\]"):
+        train.fit(small_model(), optax.sgd(0.1), small_digits, epochs=1, batch_size=301, progress=False)
+
+
+def test_any_gradient_transformation_trains(small_digits):
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.3, momentum=0.9))
+    result = train.fit(small_model(), optimizer, small_digits, epochs=2, batch_size=50, progress=False)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_demo_command_writes_metrics_and_figure(tmp_path, capsys):
+    out = tmp_path / "demo"
+    cli.main(["demo", "--epochs", "2", "--width", "16", "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["test_accuracy"] <= 1 and metrics["wall_time_s"] > 0
+    assert metrics["test_accuracy"] == metrics["history"][-1]["test_accuracy"]
+    assert metrics["train_backward_steps_mean"] >= 1 and metrics["test_forward_steps_max"] >= 1
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "test acc" in printed and f"{metrics['test_accuracy']:.2%}" in printed
