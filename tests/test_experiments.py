@@ -19,13 +19,12 @@ def test_kawaguchi_gap_to_global_optimum_falls_below_1e6_and_equilibrium_matches
         kawaguchi2021.QUICK,
         digits_train=120,
         digits_widths=(3,),
-        synthetic_samples=80,
-        synthetic_widths=(3,),
-        steps=400,
+        synthetic_widths=(),  # the quick run covers synthetic data; two runs keep this test short
+        steps=1000,
     )
     claims, measurements, curves = kawaguchi2021.convergence(cfg)
     gaps = {key: abs(curve[-1]) for key, curve in curves.items()}
-    assert len(gaps) == 4 and all(gap < 1e-6 for gap in gaps.values()), gaps
+    assert len(gaps) == 2 and all(gap < 1e-6 for gap in gaps.values()), gaps
     assert all(0 < m["fitted_rate_per_step"] < 1 for m in measurements.values())
     assert all(m["equilibrium_vs_dense"] < 1e-9 for m in measurements.values())
     assert all(c.holds for c in claims)
@@ -43,7 +42,7 @@ def test_gao_equilibrium_stays_well_posed_and_wide_nets_converge():
     cfg = dataclasses.replace(gao2022.QUICK, samples=8, width_ratios=(2.0,), seeds=2, steps=300)
     results = gao2022.run(cfg)
     for name in ("digits", "synthetic"):
-        assert results.measurements[name]["max_gamma_norm_A"] < 1
+        assert results.measurements[name]["max_gamma_norm_A"][0] < 1
         assert results.measurements[name]["fraction_converged"] == [1.0]
     assert results.all_hold
 

@@ -32,6 +32,8 @@ def xy_plot(x, series: dict[str, np.ndarray], xlabel: str, ylabel: str, logx=Fal
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     if logx:
         ax.set_xscale("log")
+        ax.set_xticks(list(x), [f"{v:g}" for v in x])
+        ax.minorticks_off()
     if logy:
         ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
