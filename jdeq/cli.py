@@ -1,4 +1,5 @@
-"""The ``jdeq`` command: ``jdeq demo`` trains a DEQ on bundled real data; ``jdeq solvers`` compares solvers."""
+"""The ``jdeq`` command: ``jdeq demo`` trains a DEQ on bundled real data; ``jdeq solvers`` compares solvers;
+``jdeq reproduce`` runs the paper reproductions."""
 
 from __future__ import annotations
 
@@ -151,6 +152,22 @@ def _demo_command(args) -> None:
     )
 
 
+def _reproduce_command(args) -> None:
+    from .experiments import EXPERIMENTS, save_results
+
+    names = list(EXPERIMENTS) if args.paper == "all" else [args.paper]
+    failed = []
+    for name in names:
+        module = EXPERIMENTS[name]
+        results = module.run(module.QUICK if args.quick else module.FULL)
+        folder = save_results(results, args.out)
+        print(results.summary())
+        print(f"  -> {folder / 'results.json'}")
+        failed += [f"{name}: {c.claim}" for c in results.claims if not c.holds]
+    if failed:
+        print(f"{len(failed)} claim(s) did not hold as measured (reported with holds=false in results.json).")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="jdeq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +188,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     solvers.add_argument("--radii", type=float, nargs="+", default=[0.9, 1.5])
     solvers.add_argument("--seed", type=int, default=0)
     solvers.set_defaults(run=_solvers_command)
+    p = sub.add_parser("reproduce", help="reproduce the measured claims of the global-convergence papers")
+    p.add_argument("paper", choices=["kawaguchi2021", "gao2022", "ling2023", "all"])
+    p.add_argument("--quick", action="store_true", help="small sizes (all three in a few minutes on a CPU)")
+    p.add_argument("--out", default="runs/reproduce", help="results go to OUT/<paper>/ (default: runs/reproduce)")
+    p.set_defaults(run=_reproduce_command)
     args = parser.parse_args(argv)
     args.run(args)
 

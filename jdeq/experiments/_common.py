@@ -1,0 +1,174 @@
+"""What every reproduction shares: claims, a results object, the gradient-descent driver, saving."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax import lax
+from tqdm.auto import tqdm
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A checkable statement: ``holds`` is ``measured <= threshold`` (or ``>=`` when ``at_least``)."""
+
+    claim: str
+    measured: float
+    threshold: float
+    at_least: bool = False
+
+    @property
+    def holds(self) -> bool:
+        if not np.isfinite(self.measured):
+            return False
+        return self.measured >= self.threshold if self.at_least else self.measured <= self.threshold
+
+    def as_dict(self) -> dict:
+        return {
+            "claim": self.claim,
+            "measured": float(self.measured),
+            "threshold": float(self.threshold),
+            "comparison": ">=" if self.at_least else "<=",
+            "holds": bool(self.holds),
+        }
+
+
+@dataclasses.dataclass
+class Results:
+    """A reproduction's outcome: claims, scalar measurements, curves for figures, the config, figures."""
+
+    name: str
+    claims: list[Claim]
+    measurements: dict[str, Any]
+    curves: dict[str, Any]
+    config: dict[str, Any]
+    figures: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def all_hold(self) -> bool:
+        return all(c.holds for c in self.claims)
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.name}: {sum(c.holds for c in self.claims)}/{len(self.claims)} claims hold ({self.seconds:.0f} s)"
+        ]
+        for c in self.claims:
+            d = c.as_dict()
+            mark = "holds" if d["holds"] else "DOES NOT HOLD"
+            lines.append(
+                f"  [{mark}] {d['claim']}: measured {d['measured']:.3g} {d['comparison']} {d['threshold']:.3g}"
+            )
+        return "\n".join(lines)
+
+
+def save_results(results: Results, out_dir: str | Path) -> Path:
+    """Write ``out_dir/<name>/results.json`` and one PNG per figure; return that folder."""
+    folder = Path(out_dir) / results.name
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "name": results.name,
+        "claims": [c.as_dict() for c in results.claims],
+        "measurements": _jsonable(results.measurements),
+        "config": _jsonable(results.config),
+        "seconds": results.seconds,
+        "backend": jax.default_backend(),
+        "figures": [f"{name}.png" for name in results.figures],
+    }
+    (folder / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    for name, figure in results.figures.items():
+        figure.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
+    return folder
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.ndarray, jax.Array)):
+        return _jsonable(np.asarray(value).tolist())
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    return value
+
+
+def timed(run: Callable[..., Results]) -> Callable[..., Results]:
+    """Record the wall-clock seconds of an experiment in ``Results.seconds``."""
+
+    @functools.wraps(run)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        results = run(*args, **kwargs)
+        results.seconds = time.perf_counter() - start
+        return results
+
+    return wrapper
+
+
+@functools.cache
+def _gd_chunk(loss: Callable, length: int):
+    """A jitted ``length``-step scan of ``θ ← θ − η ∇L(θ)`` recording ``L`` and its aux metrics before each step."""
+    value_and_grad = jax.value_and_grad(loss, has_aux=True)
+
+    def step(carry, _):
+        params, data, lr = carry
+        (value, aux), grads = value_and_grad(params, data)
+        params = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads)
+        return (params, data, lr), {"loss": value, **aux}
+
+    @jax.jit
+    def chunk(params, data, lr):
+        (params, _, _), metrics = lax.scan(step, (params, data, lr), length=length)
+        return params, metrics
+
+    return chunk
+
+
+def gradient_descent(
+    loss: Callable,
+    params,
+    data,
+    lr: float,
+    steps: int,
+    desc: str | None = None,
+    chunk: int = 100,
+    snapshot: Callable | None = None,
+) -> tuple[Any, dict[str, np.ndarray]]:
+    """Gradient descent ``θ_{t+1} = θ_t − η ∇L(θ_t)`` for ``steps`` steps, in jitted chunks.
+
+    ``loss(params, data) -> (value, aux)`` must be a module-level function (the compiled chunk is cached
+    on it). Returns the final parameters and the metrics ``{"loss": ..., **aux}`` at ``t = 0..steps``
+    (``steps + 1`` entries). ``snapshot(params)`` (jitted by the caller), for quantities too costly to
+    record every step, is evaluated at ``t = 0, chunk, 2·chunk, ..., steps`` into ``metrics["snapshot"]``
+    (steps in ``metrics["snapshot_step"]``). ``desc`` shows a progress bar.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    records, snapshots, done = [], [], 0
+    with tqdm(total=steps, desc=desc, disable=desc is None, leave=False) as bar:
+        while True:
+            if snapshot is not None:
+                snapshots.append((done, jax.device_get(snapshot(params))))
+            if done == steps:
+                break
+            length = min(chunk, steps - done)
+            params, metrics = _gd_chunk(loss, length)(params, data, lr)
+            records.append(jax.device_get(metrics))
+            done += length
+            bar.update(length)
+    value, aux = jax.jit(loss)(params, data)
+    records.append(jax.device_get({"loss": value[None], **{k: v[None] for k, v in aux.items()}}))
+    metrics = {k: np.concatenate([np.asarray(r[k]) for r in records]) for k in records[0]}
+    if snapshot is not None:
+        metrics["snapshot_step"] = np.array([t for t, _ in snapshots])
+        metrics["snapshot"] = np.array([v for _, v in snapshots])
+    return params, metrics

@@ -1,0 +1,33 @@
+"""The ReLU equilibrium shared by the Gao & Gao and Ling et al. models: ``Z = ReLU(M Z + V)``.
+
+``Z`` is the ``m × n`` matrix of the samples' hidden states. ReLU is 1-Lipschitz, so ``‖M‖₂ < 1`` makes
+the map a contraction with a unique fixed point (well-posedness).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..implicit import fixed_point
+from ..solvers import FixedPoint, Solver
+
+DEFAULT_SOLVER = FixedPoint(tol=1e-12, max_steps=500)  # the maps are contractions (‖M‖₂ < 1): plain iteration suffices
+
+
+def relu_map(z: jax.Array, mixing: jax.Array, injection: jax.Array) -> jax.Array:
+    """``Z ↦ ReLU(M Z + V)``."""
+    return jax.nn.relu(mixing @ z + injection)
+
+
+def relu_equilibrium(
+    mixing: jax.Array, injection: jax.Array, solver: Solver = DEFAULT_SOLVER, z0: jax.Array | None = None
+) -> jax.Array:
+    """``Z* = ReLU(M Z* + V)`` by :func:`jdeq.fixed_point` from ``z0`` (default zeros); implicit gradients."""
+    z0 = jnp.zeros_like(injection) if z0 is None else z0
+    return fixed_point(relu_map, z0, mixing, injection, solver=solver).value
+
+
+def gaussian(key: jax.Array, shape: tuple[int, ...], variance: float, dtype) -> jax.Array:
+    """Entries i.i.d. ``N(0, variance)``."""
+    return jnp.sqrt(variance) * jax.random.normal(key, shape, dtype)

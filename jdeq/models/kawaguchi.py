@@ -1,0 +1,73 @@
+"""Deep equilibrium linear model (Kawaguchi 2021, arXiv 2102.07346).
+
+The hidden state of all ``n`` samples is the ``m × n`` matrix ``Z`` solving
+
+    Z = γ σ(A) Z + Φ,        f_θ(X) = B Z* = B (I − γ σ(A))⁻¹ Φ,
+
+with ``Φ = φ(X)`` the ``m × n`` matrix of fixed features, ``σ`` the column-wise softmax (so ``σ(A)`` is
+column-stochastic, ``‖γσ(A)‖₁ = γ < 1`` and the map is a contraction) and ``θ = (A, B)``, ``A`` of shape
+``m × m``, ``B`` of shape ``m_y × m``. The model is linear in ``Φ``: its function-space weight is
+``W(θ) = B (I − γσ(A))⁻¹`` (shape ``m_y × m``), which :func:`function_weight` computes with a fixed-point
+solve as well.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..implicit import fixed_point
+from ..solvers import Anderson, Solver
+
+DEFAULT_SOLVER = Anderson(tol=1e-12, max_steps=200, m=5)
+
+
+def column_softmax(a: jax.Array) -> jax.Array:
+    """``σ(A)``: softmax over each column, so every column is a probability vector."""
+    return jax.nn.softmax(a, axis=0)
+
+
+def equilibrium_map(z: jax.Array, phi: jax.Array, a: jax.Array, gamma: float) -> jax.Array:
+    """``Z ↦ γ σ(A) Z + Φ`` (one problem for the whole batch: the map is linear and shared)."""
+    return gamma * column_softmax(a) @ z + phi
+
+
+def equilibrium(params: dict, phi: jax.Array, gamma: float, solver: Solver = DEFAULT_SOLVER) -> jax.Array:
+    """``Z* = (I − γσ(A))⁻¹ Φ`` by :func:`jdeq.fixed_point` (implicit gradients in ``A`` and ``Φ``)."""
+    return fixed_point(equilibrium_map, jnp.zeros_like(phi), phi, params["A"], gamma, solver=solver).value
+
+
+def predict(params: dict, phi: jax.Array, gamma: float, solver: Solver = DEFAULT_SOLVER) -> jax.Array:
+    """``f_θ(X) = B Z*``, shape ``m_y × n``."""
+    return params["B"] @ equilibrium(params, phi, gamma, solver)
+
+
+def function_weight(params: dict, gamma: float, solver: Solver = DEFAULT_SOLVER) -> jax.Array:
+    """``W(θ) = B (I − γσ(A))⁻¹``: the equilibrium with ``Φ = I``, multiplied by ``B``."""
+    m = params["A"].shape[0]
+    return predict(params, jnp.eye(m, dtype=params["A"].dtype), gamma, solver)
+
+
+def dense_predict(params: dict, phi: jax.Array, gamma: float) -> jax.Array:
+    """Reference ``B (I − γσ(A))⁻¹ Φ`` by a dense linear solve (for checks, not for training)."""
+    m = params["A"].shape[0]
+    return params["B"] @ jnp.linalg.solve(jnp.eye(m, dtype=phi.dtype) - gamma * column_softmax(params["A"]), phi)
+
+
+def init(key: jax.Array, width: int, out_dim: int, scale: float = 1.0, dtype=jnp.float64) -> dict:
+    """``A ~ N(0, scale²)`` (``m × m``), ``B ~ N(0, scale²/m)`` (``m_y × m``)."""
+    ka, kb = jax.random.split(key)
+    return {
+        "A": scale * jax.random.normal(ka, (width, width), dtype),
+        "B": scale * jax.random.normal(kb, (out_dim, width), dtype) / jnp.sqrt(width),
+    }
+
+
+def square_loss(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """``L = (1/2n) Σᵢ ‖f(xᵢ) − yᵢ‖²`` with samples as columns (``m_y × n``)."""
+    return 0.5 * jnp.sum(jnp.square(outputs - targets)) / targets.shape[1]
+
+
+def logistic_loss(outputs: jax.Array, labels: jax.Array) -> jax.Array:
+    """Cross-entropy of the softmax over the ``m_y`` outputs; ``labels`` one-hot, ``m_y × n``."""
+    return -jnp.sum(labels * jax.nn.log_softmax(outputs, axis=0)) / labels.shape[1]

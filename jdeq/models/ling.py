@@ -1,0 +1,51 @@
+"""Over-parameterised deep equilibrium model (Ling, Xie, Wang, Zhang & Lin 2023, arXiv 2205.13814).
+
+    Z = ReLU(W Z + U X),        ŷ = aᵀ Z*,        Φ(θ) = ½ ‖ŷ − y‖²,
+
+with ``X`` the ``d × n`` inputs, ``W`` of shape ``m × m``, ``U`` of shape ``m × d``, ``a`` of length ``m``.
+Gaussian initialisation with the paper's scalings, kept configurable: ``W ~ N(0, 2σ_w²/m)`` with a small
+``σ_w`` (default 0.1, so ``‖W₀‖₂ ≈ 2√2·σ_w ≈ 0.28``), ``U ~ N(0, 2/d)`` and ``a ~ N(0, 1/m)``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..solvers import Solver
+from ._relu import DEFAULT_SOLVER, gaussian, relu_equilibrium
+
+DEFAULT_SIGMA_W = 0.1
+
+
+def init(
+    key: jax.Array,
+    width: int,
+    in_dim: int,
+    sigma_w: float = DEFAULT_SIGMA_W,
+    u_variance: float = 2.0,
+    out_variance: float = 1.0,
+    dtype=jnp.float64,
+) -> dict:
+    """``W ~ N(0, 2σ_w²/m)``, ``U ~ N(0, u_variance/d)``, ``a ~ N(0, out_variance/m)``."""
+    kw, ku, ka = jax.random.split(key, 3)
+    return {
+        "W": gaussian(kw, (width, width), 2 * sigma_w**2 / width, dtype),
+        "U": gaussian(ku, (width, in_dim), u_variance / in_dim, dtype),
+        "a": gaussian(ka, (width,), out_variance / width, dtype),
+    }
+
+
+def equilibrium(params: dict, x: jax.Array, solver: Solver = DEFAULT_SOLVER, z0=None) -> jax.Array:
+    """``Z* = ReLU(W Z* + U X)`` (``m × n``) by :func:`jdeq.fixed_point` from ``z0`` (default zeros)."""
+    return relu_equilibrium(params["W"], params["U"] @ x, solver, z0)
+
+
+def predict(params: dict, x: jax.Array, solver: Solver = DEFAULT_SOLVER) -> jax.Array:
+    """``ŷ = aᵀ Z*`` (length ``n``)."""
+    return params["a"] @ equilibrium(params, x, solver)
+
+
+def quadratic_loss(params: dict, x: jax.Array, y: jax.Array, solver: Solver = DEFAULT_SOLVER) -> jax.Array:
+    """``Φ(θ) = ½ ‖ŷ − y‖²`` (a sum over samples, as in the paper's bound)."""
+    return 0.5 * jnp.sum(jnp.square(predict(params, x, solver) - y))

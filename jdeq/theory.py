@@ -1,0 +1,141 @@
+"""Quantities of the global-convergence theory of implicit networks, as small pure functions.
+
+* Optimal values of the convex problems that the deep equilibrium linear model (Kawaguchi 2021,
+  arXiv 2102.07346) can represent: ``L* = min_W L(W Φ)``; square loss in closed form, logistic loss by
+  L-BFGS on the convex problem in ``W``.
+* The trust-region Newton step on the shallow model ``W Φ`` that Kawaguchi relates the DEQ's dynamics to.
+* Gram-matrix eigenvalues ``λ₀`` (Ling et al. 2023, arXiv 2205.13814) and the loss bound
+  ``Φ(t) ≤ (1 − ηλ₀/2)ᵗ Φ(0)``; the neural tangent kernel used to pick step sizes.
+* Well-posedness ``γ‖A‖₂ < 1`` (Gao & Gao 2022, arXiv 2205.07463) and fitted linear rates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+
+class Optimum(NamedTuple):
+    """A convex problem's minimiser ``W*`` and value ``L*`` (``grad_norm``: ‖∇L(W*)‖, 0 when exact)."""
+
+    weight: jax.Array
+    value: jax.Array
+    grad_norm: jax.Array
+
+
+def least_squares_optimum(phi: jax.Array, targets: jax.Array) -> Optimum:
+    """``min_W (1/2n)‖W Φ − Y‖²_F`` in closed form (``W* = Y Φ⁺``); ``Φ`` is ``m × n``, ``Y`` is ``m_y × n``."""
+    weight = jnp.linalg.lstsq(phi.T, targets.T)[0].T
+    value = 0.5 * jnp.sum(jnp.square(weight @ phi - targets)) / targets.shape[1]
+    return Optimum(weight, value, jnp.zeros((), phi.dtype))
+
+
+def logistic_optimum(phi: jax.Array, labels: jax.Array, max_steps: int = 5000, gtol: float = 1e-12) -> Optimum:
+    """``min_W`` of the softmax cross-entropy of ``W Φ`` (labels one-hot, ``m_y × n``) by L-BFGS (optax).
+
+    The problem is convex in ``W``; L-BFGS runs until ``‖∇L‖ <= gtol`` or ``max_steps``. When the data
+    are linearly separable the infimum 0 is not attained and ``grad_norm`` stays away from 0.
+    """
+
+    def loss(w):
+        return -jnp.sum(labels * jax.nn.log_softmax(w @ phi, axis=0)) / labels.shape[1]
+
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss)
+    w0 = jnp.zeros((labels.shape[0], phi.shape[0]), phi.dtype)
+
+    def step(carry):
+        w, state, _, k = carry
+        value, grad = value_and_grad(w, state=state)
+        updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=loss)
+        return optax.apply_updates(w, updates), state, optax.tree.norm(grad), k + 1
+
+    def running(carry):
+        return (carry[2] > gtol) & (carry[3] < max_steps)
+
+    w, _, _, _ = lax.while_loop(running, step, (w0, opt.init(w0), jnp.asarray(jnp.inf, phi.dtype), 0))
+    return Optimum(w, loss(w), optax.tree.norm(jax.grad(loss)(w)))
+
+
+def trust_region_step(grad: jax.Array, hess: jax.Array, radius: jax.Array, bisections: int = 200) -> jax.Array:
+    """Solve ``min_v gᵀv + ½ vᵀHv`` subject to ``‖v‖ <= Δ`` for a symmetric PSD ``H`` (flat ``g``, ``v``).
+
+    The Newton step ``−H⁻¹g`` when it lies in the region, else ``v(λ) = −(H + λI)⁻¹ g`` with
+    ``‖v(λ)‖ = Δ`` (Moré & Sorensen 1983), ``λ`` found by bisection on ``log λ`` in the eigenbasis of ``H``.
+    """
+    evals, evecs = jnp.linalg.eigh(hess)
+    g = evecs.T @ grad
+    tiny = jnp.finfo(grad.dtype).tiny
+
+    def step_norm(lam):
+        return jnp.linalg.norm(g / jnp.maximum(evals + lam, tiny))
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = jnp.sqrt(lo * hi)
+        return jnp.where(step_norm(mid) > radius, mid, lo), jnp.where(step_norm(mid) > radius, hi, mid)
+
+    lam_hi = jnp.linalg.norm(grad) / jnp.maximum(radius, tiny) + jnp.abs(evals).max()
+    lam_lo = jnp.maximum(lam_hi * 1e-16, tiny)
+    _, lam = lax.fori_loop(0, bisections, bisect, (lam_lo, lam_hi))
+    newton_inside = (evals.min() > 0) & (step_norm(0.0) <= radius)
+    lam = jnp.where(newton_inside, 0.0, lam)
+    return -evecs @ (g / jnp.maximum(evals + lam, tiny))
+
+
+def spectral_norm(matrix: jax.Array) -> jax.Array:
+    """``‖M‖₂``, the largest singular value (singular values only: much cheaper than ``norm(M, 2)`` on CPU)."""
+    return jnp.linalg.svd(matrix, compute_uv=False)[0]
+
+
+def gram_min_eigenvalue(z: jax.Array) -> jax.Array:
+    """``λ₀ = λ_min(Zᵀ Z)`` for the ``m × n`` matrix ``Z`` of the samples' equilibria (Ling et al. 2023)."""
+    return jnp.linalg.eigvalsh(z.T @ z)[0]
+
+
+def ntk(predict: Callable, params) -> jax.Array:
+    """Empirical neural tangent kernel ``K = J Jᵀ`` (``n × n``) of ``predict(params)`` (length ``n``)."""
+    jac = jax.jacrev(predict)(params)
+    flat = jnp.concatenate([j.reshape(j.shape[0], -1) for j in jax.tree_util.tree_leaves(jac)], axis=1)
+    return flat @ flat.T
+
+
+def ling_loss_bound(loss0: float, eta: float, lam0: float, steps: int) -> np.ndarray:
+    """``(1 − ηλ₀/2)ᵗ Φ(0)`` for ``t = 0..steps`` (Ling et al. 2023, arXiv 2205.13814)."""
+    return loss0 * (1.0 - 0.5 * eta * lam0) ** np.arange(steps + 1)
+
+
+class LinearFit(NamedTuple):
+    """``log v_t ≈ log c + t log ρ``: ``rate`` is ``ρ`` (per step), ``r2`` the fit's coefficient of determination."""
+
+    rate: float
+    intercept: float
+    r2: float
+
+
+def fit_linear_rate(values: np.ndarray, floor: float = 0.0) -> LinearFit:
+    """Least-squares fit of ``log values`` against the step index, over the entries above ``floor``.
+
+    ``floor`` excludes the round-off plateau (e.g. ``1e-13`` of the initial value in float64).
+    """
+    values = np.asarray(values, np.float64)
+    steps = np.flatnonzero(values > floor)
+    if steps.size < 3:
+        raise ValueError(f"need at least 3 values above floor={floor} to fit a rate, got {steps.size}")
+    logs = np.log(values[steps])
+    slope, intercept = np.polyfit(steps, logs, 1)
+    residual = logs - (slope * steps + intercept)
+    r2 = 1.0 - residual.var() / max(logs.var(), np.finfo(np.float64).tiny)
+    return LinearFit(float(np.exp(slope)), float(intercept), float(r2))
+
+
+def power_law_exponent(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Fit ``y ≈ c · xᵅ``; returns ``(α, c)``."""
+    alpha, log_c = np.polyfit(np.log(x), np.log(y), 1)
+    return float(alpha), float(np.exp(log_c))
