@@ -11,6 +11,7 @@ from .implicit import (
     root,
     stats_probe,
 )
+from .precision import Precision
 from .solvers import GMRES, Anderson, BiCGStab, Broyden, FixedPoint, Result, Solver, Stats
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "Broyden",
     "FixedPoint",
     "Implicit",
+    "Precision",
     "Result",
     "Solution",
     "SolveError",
