@@ -12,7 +12,7 @@ from .implicit import (
     stats_probe,
 )
 from .precision import Precision
-from .solvers import GMRES, Anderson, BiCGStab, Broyden, FixedPoint, Result, Solver, Stats
+from .solvers import GMRES, Anderson, BiCGStab, Broyden, Fallback, FixedPoint, Result, Solver, Stats
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ __all__ = [
     "BackwardStats",
     "BiCGStab",
     "Broyden",
+    "Fallback",
     "FixedPoint",
     "Implicit",
     "Precision",
