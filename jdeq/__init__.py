@@ -11,7 +11,8 @@ from .implicit import (
     root,
     stats_probe,
 )
-from .solvers import GMRES, Anderson, BiCGStab, Broyden, FixedPoint, Result, Solver, Stats
+from .precision import Precision
+from .solvers import GMRES, Anderson, BiCGStab, Broyden, Fallback, FixedPoint, Result, Solver, Stats
 
 __version__ = "0.1.0"
 
@@ -21,8 +22,10 @@ __all__ = [
     "BackwardStats",
     "BiCGStab",
     "Broyden",
+    "Fallback",
     "FixedPoint",
     "Implicit",
+    "Precision",
     "Result",
     "Solution",
     "SolveError",

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 
@@ -17,9 +18,18 @@ def describe(tree: Any) -> str:
 
 
 def check_same_structure(f: Callable, z0: Any, args: tuple) -> None:
-    """Raise ValueError unless ``f(z0, *args)`` has exactly the structure, shapes and dtypes of ``z0``."""
+    """Raise ValueError unless ``z0`` is real floating point and ``f(z0, *args)`` matches its structure, shapes and dtypes.
+
+    Complex states are rejected: the solvers' norms and inner products are real (``Σ v²`` of a complex
+    ``v`` can vanish for ``v ≠ 0``), so split them into real and imaginary parts.
+    """
+    z_spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), z0)
+    if not all(jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in jax.tree_util.tree_leaves(z_spec)):
+        raise ValueError(
+            f"z0 must hold real floating-point arrays (cast integers; split complex into real and imaginary "
+            f"parts), got {describe(z_spec)}"
+        )
     out = jax.eval_shape(f, z0, *args)
-    z_spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), z0)
     same_tree = jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(z_spec)
     same_leaves = same_tree and all(
         (a.shape, a.dtype) == (b.shape, b.dtype)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from ._errors import raise_unless_converged
 from ._tree import check_same_structure, flat_map
+from .precision import Precision
 from .solvers import Anderson, Solver, Stats, run
 from .solvers.krylov import _Krylov
 
@@ -138,6 +139,7 @@ def fixed_point(
     grad: Optional[GradientMode] = None,
     throw: bool = False,
     backward_stats: Optional[jax.Array] = None,
+    precision: Optional[Precision] = None,
 ) -> Solution:
     """Solve ``z = f(z, *args)`` from ``z0``; differentiable in every array of ``args``.
 
@@ -154,6 +156,8 @@ def fixed_point(
       throw: raise :class:`SolveError` at run time when the solve did not converge (a
         ``jax.debug.callback``; under ``jit`` it surfaces as ``JaxRuntimeError``).
       backward_stats: a :func:`stats_probe` whose gradient receives the backward solve's statistics.
+      precision: a :class:`Precision` policy (e.g. f in bfloat16, solver state in float32); ``value``
+        then has the policy's state dtype.
 
     Returns:
       :class:`Solution` with ``value`` (z*) and ``stats``. One problem per call: use ``jax.vmap`` or
@@ -163,6 +167,8 @@ def fixed_point(
     grad = Implicit() if grad is None else grad
     if not isinstance(solver, Solver):
         raise ValueError(f"solver must be a jdeq Solver (FixedPoint, Anderson, Broyden, ...), got {solver!r}")
+    if precision is not None:
+        f, z0 = precision.wrap(f), precision.cast_state(z0)
     check_same_structure(f, z0, args)
     closed, consts = jax.closure_convert(f, z0, *args)
 

@@ -93,7 +93,7 @@ class Broyden(Solver):
         def halve(c):
             alpha, _, _, k = c
             alpha = alpha / 2
-            x_try = x + alpha * direction
+            x_try = x + alpha.astype(x.dtype) * direction  # alpha is float32: keep x's dtype
             return alpha, x_try, fn(x_try), k + 1
 
         start = (jnp.ones((), g_norm.dtype), x_new, fx_new, one)
