@@ -21,6 +21,7 @@ from jdeq import Result
 EXAMPLES = int(os.environ.get("JDEQ_FUZZ_EXAMPLES", "12"))
 PHASES = (Phase.explicit, Phase.generate) + ((Phase.shrink,) if "JDEQ_FUZZ_EXAMPLES" in os.environ else ())
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, print_blob=True, phases=PHASES)
+GRAD_FUZZ = settings(FUZZ, max_examples=max(1, EXAMPLES // 2))  # each example compiles a backward pass too
 DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32, "float64": jnp.float64}
 
 
@@ -135,7 +136,7 @@ def test_every_solve_returns_a_valid_code_and_never_converges_falsely(problem, s
     check_stats_are_honest(name, batch, a, b, solver, sol)
 
 
-@FUZZ
+@GRAD_FUZZ
 @given(problem=problems(), solver=solvers())
 def test_gradients_are_finite_when_the_solve_converged_on_a_contraction(problem, solver):
     name, batch, z0, a, b = problem
