@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +9,6 @@ import pytest
 from jdeq import cli
 from jdeq.experiments import gao2022, kawaguchi2021, ling2023, save_results
 from jdeq.experiments._common import Claim
-
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def test_kawaguchi_gap_to_global_optimum_falls_below_1e6_and_equilibrium_matches_dense():
@@ -72,14 +69,3 @@ def test_claim_reports_failure_and_save_results_writes_json_and_figures(tmp_path
 def test_cli_rejects_unknown_paper():
     with pytest.raises(SystemExit):
         cli.main(["reproduce", "nobody2099"])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("notebook", ["02_kawaguchi2021.ipynb", "03_gao2022.ipynb", "04_ling2023.ipynb"])
-def test_notebook_runs_at_small_size(notebook, monkeypatch, tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("JDEQ_NOTEBOOK_SMALL", "1")
-    monkeypatch.chdir(tmp_path)
-    nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3").execute()

@@ -7,6 +7,8 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+# figures each notebook must draw; the quickstart's are its training curves, residual traces and step histogram
+FIGURES = {"01_quickstart.ipynb": 3}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -23,4 +25,5 @@ def test_notebook_executes_at_small_size(path, tmp_path, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     images = [o for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 3  # training curves, residual traces, forward-step histogram
+    expected = FIGURES.get(path.name)
+    assert len(images) == expected if expected else len(images) >= 1, f"{path.name} drew {len(images)} figures"
