@@ -81,7 +81,7 @@ def targets(result) -> str:
             plain = _one(result, w, library="jdeq", method="fixedpoint", mode=mode)
             for name in ("anderson", "broyden"):
                 acc = _one(result, w, library="jdeq", method=name, mode=mode)
-                if not (acc and plain) or "ms_per_nfe_over_f" not in acc:
+                if not (acc and plain) or acc.get("ms_per_nfe_over_f") is None:
                     continue
                 lines.append(
                     f"| {w} | {name} ({mode}) vs fixed point: NFE {acc['nfe']} vs {plain['nfe']}"
