@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 LINT_PATHS := $(wildcard jdeq tests benchmarks notebooks)
 
-.PHONY: test test-slow demo lint venv clean
+.PHONY: test test-slow demo bench lint venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/jdeq demo
+
+# Peers (jaxopt, optimistix, torchdeq, torch) go into .venv via the `bench` extra; BENCH_ARGS adds options,
+# e.g. `make bench BENCH_ARGS="--workloads mlp_hard --libraries jdeq,torchdeq"` (see docs/benchmarks.md).
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): pyproject.toml | $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)

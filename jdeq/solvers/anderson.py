@@ -12,10 +12,32 @@ from ._base import Solver, _check
 
 
 class AndersonState(NamedTuple):
-    xs: jax.Array  # (m, n) past iterates
-    fs: jax.Array  # (m, n) their images f(x)
-    gram: jax.Array  # (m, m) Gram matrix of residuals g_i = f_i − x_i, float32 or wider
-    count: jax.Array  # number of (x, f) pairs stored so far
+    gs: jax.Array  # (m, n) past residuals g_i = f(x_i) − x_i
+    fs: jax.Array  # (m, n) past images f(x_i)
+    gram: jax.Array  # (m, m) Gram matrix of the residuals, float32 or wider
+    count: jax.Array  # number of (g, f) pairs stored so far
+
+
+def cholesky_solve(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a⁻¹ b`` for a small symmetric positive-definite ``a``, by an unrolled Cholesky factorisation.
+
+    Written in elementwise operations so that, batched under ``jax.vmap`` or inside a GPU loop, it
+    fuses into a few kernels instead of one LAPACK/cuSOLVER call per tiny matrix. A non-positive
+    pivot yields NaN, which the caller's safeguard catches.
+    """
+    (k,) = b.shape
+    index = jnp.arange(k)
+    chol = jnp.zeros_like(a)
+    for j in range(k):  # column j of L from a[:, j] − L Lᵀ[:, j]
+        v = a[:, j] - chol @ chol[j, :]
+        chol = chol.at[:, j].set(jnp.where(index >= j, v / jnp.sqrt(v[j]), 0.0))
+    y = jnp.zeros_like(b)
+    for i in range(k):  # L y = b
+        y = y.at[i].set((b[i] - chol[i, :] @ y) / chol[i, i])
+    x = jnp.zeros_like(b)
+    for i in reversed(range(k)):  # Lᵀ x = y
+        x = x.at[i].set((y[i] - chol[:, i] @ x) / chol[i, i])
+    return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +48,9 @@ class Anderson(Solver):
     ``α = argmin ‖Σ α_i g_i‖² + λ‖α‖²`` subject to ``Σ α_i = 1`` and step to
     ``x_{k+1} = β Σ α_i f(x_i) + (1 − β) Σ α_i x_i``.
 
-    The Gram matrix ``G Gᵀ`` is updated one row per step (O(m·n) work, no O(m²·n) rebuild) and the
-    small system is solved in at least float32. Safeguard: when the regularised system is so
+    The memory holds residuals and images, so ``x_{k+1} = Σ α_i f_i − (1 − β) Σ α_i g_i`` needs no
+    extra pass. The Gram matrix ``G Gᵀ`` is updated one row per step (O(m·n) work, no O(m²·n)
+    rebuild) and the small system is solved by an unrolled Cholesky factorisation in at least float32. Safeguard: when the regularised system is so
     ill-conditioned that the coefficients are non-finite or ``Σ|α_i| > max_coef``, the step falls
     back to the damped iteration ``x + β g`` for that step.
 
@@ -58,20 +81,21 @@ class Anderson(Solver):
 
     def step(self, fn, x, fx, state):
         slot = state.count % self.m
-        xs = state.xs.at[slot].set(x)
+        g = fx - x
+        gs = state.gs.at[slot].set(g)
         fs = state.fs.at[slot].set(fx)
         wide = state.gram.dtype
-        g_new = (fx - x).astype(wide)
-        row = (fs - xs).astype(wide) @ g_new
+        row = gs.astype(wide) @ g.astype(wide)
         gram = state.gram.at[slot, :].set(row).at[:, slot].set(row)
         count = state.count + 1
         alpha = self.coefficients(gram, count)
         ok = jnp.all(jnp.isfinite(alpha)) & (jnp.sum(jnp.abs(alpha)) <= self.max_coef)
         alpha = jnp.where(ok, alpha, 0.0).astype(x.dtype)
-        x_acc = self.beta * (alpha @ fs) + (1 - self.beta) * (alpha @ xs)
-        x_plain = x + self.beta * (fx - x)
-        x_new = jnp.where(ok, x_acc, x_plain)
-        return x_new, fn(x_new), AndersonState(xs, fs, gram, count), jnp.ones((), jnp.int32)
+        x_acc = alpha @ fs
+        if self.beta != 1:
+            x_acc = x_acc - (1 - self.beta) * (alpha @ gs)
+        x_new = jnp.where(ok, x_acc, x + self.beta * g)
+        return x_new, fn(x_new), AndersonState(gs, fs, gram, count), jnp.ones((), jnp.int32)
 
     def coefficients(self, gram, count):
         """Solve the constrained least squares for α over the filled slots of the memory."""
@@ -80,5 +104,5 @@ class Anderson(Solver):
         scale = jnp.sum(jnp.where(valid, jnp.diag(gram), 0.0)) / jnp.maximum(count.astype(gram.dtype), 1)
         lam = self.ridge * scale + jnp.finfo(gram.dtype).tiny
         system = jnp.where(both, gram, 0.0) + jnp.diag(jnp.where(valid, lam, 1.0))
-        weights = jnp.linalg.solve(system, valid.astype(gram.dtype))
+        weights = cholesky_solve(system, valid.astype(gram.dtype))
         return weights / jnp.sum(weights)
