@@ -1,15 +1,25 @@
 """jdeq: a functional JAX toolkit for deep equilibrium models (implicit layers)."""
 
 from ._errors import SolveError
+from .gradients import Implicit, ImplicitJVP, Phantom, Shine, Unrolled
 from .implicit import (
     BackwardStats,
-    Implicit,
     Solution,
     fixed_point,
     fixed_point_batch,
     read_backward_stats,
     root,
     stats_probe,
+)
+from .linalg import Neumann, power_iteration, spectral_norm, spectral_radius
+from .regularize import (
+    WeightNorm,
+    correction_loss,
+    correction_states,
+    jacobian_penalty,
+    spectral_normalize,
+    weight_norm_apply,
+    weight_norm_init,
 )
 from .solvers import GMRES, Anderson, BiCGStab, Broyden, FixedPoint, Result, Solver, Stats
 
@@ -23,14 +33,29 @@ __all__ = [
     "Broyden",
     "FixedPoint",
     "Implicit",
+    "ImplicitJVP",
+    "Neumann",
+    "Phantom",
     "Result",
     "Solution",
+    "Shine",
     "SolveError",
     "Solver",
     "Stats",
+    "Unrolled",
+    "WeightNorm",
+    "correction_loss",
+    "correction_states",
     "fixed_point",
     "fixed_point_batch",
+    "jacobian_penalty",
+    "power_iteration",
     "read_backward_stats",
     "root",
+    "spectral_norm",
+    "spectral_normalize",
+    "spectral_radius",
     "stats_probe",
+    "weight_norm_apply",
+    "weight_norm_init",
 ]
