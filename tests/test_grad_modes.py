@@ -91,6 +91,7 @@ def test_forward_mode_matches_closed_form(solver, mode):
 def test_implicit_jvp_passes_fwd_and_rev_finite_differences():
     w, x = random_matrix(2, 5, 0.7), jnp.cos(jnp.arange(5.0))
 
+    @jax.jit
     def solve(x, w):
         mode = jdeq.ImplicitJVP(jdeq.GMRES(tol=1e-12, max_steps=20))
         return jdeq.fixed_point(tanh_map, jnp.zeros(5), x, w, solver=SOLVERS["anderson"], grad=mode).value
@@ -163,6 +164,16 @@ def test_shine_warm_start_needs_fewer_adjoint_steps(forward):
     assert bool(cold.converged) and bool(warm.converged)
     assert int(warm.num_steps) < int(cold.num_steps)
     assert rel_err(warm_grad, cold_grad) < RTOL
+
+
+def test_shine_warm_starts_krylov_and_neumann_refinements():
+    w, x = random_matrix(6, 12, 0.9), jnp.sin(jnp.arange(12.0))
+    exact, _ = backward_stats(jdeq.Implicit(jdeq.GMRES(tol=1e-12)), SOLVERS["anderson"], w, x)
+    gmres, _ = backward_stats(jdeq.Shine(refine=jdeq.GMRES(tol=1e-12)), SOLVERS["anderson"], w, x)
+    assert rel_err(gmres, exact) < RTOL
+    cold, _ = backward_stats(jdeq.Implicit(jdeq.Neumann(8)), SOLVERS["anderson"], w, x)
+    warm, _ = backward_stats(jdeq.Shine(refine=jdeq.Neumann(8)), SOLVERS["anderson"], w, x)
+    assert rel_err(warm, exact) < 0.5 * rel_err(cold, exact)
 
 
 def test_shine_with_spanning_anderson_memory_is_exact_on_a_linear_map():

@@ -74,6 +74,11 @@ class DEQCell(nn.Module):
         return jnp.tanh(nn.Dense(self.width, use_bias=False, name="w")(z) + nn.Dense(self.width, name="u")(x))
 
 
+def float64_params(seed, x):
+    params = DEQCell().init(jax.random.PRNGKey(seed), jnp.zeros(6), x)["params"]  # Flax initialises in float32
+    return jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params)
+
+
 def flax_deq_loss(params, x):
     cell = DEQCell()
     z = jdeq.fixed_point(lambda z, p: cell.apply({"params": p}, z, x), jnp.zeros(6), params).value
@@ -82,8 +87,7 @@ def flax_deq_loss(params, x):
 
 def test_spectral_normalize_flax_params():
     x = jnp.linspace(-1.0, 1.0, 3)
-    params = DEQCell().init(jax.random.PRNGKey(0), jnp.zeros(6), x)["params"]
-    params = jax.tree_util.tree_map(lambda p: 3.0 * p, params)  # far from contractive
+    params = jax.tree_util.tree_map(lambda p: 3.0 * p, float64_params(0, x))  # far from contractive
     normed = jdeq.spectral_normalize(params, bound=0.9, num_iters=100)
     for name in ("w", "u"):
         assert abs(np.linalg.norm(np.asarray(normed[name]["kernel"]), 2) - 0.9) < 1e-8
@@ -94,7 +98,7 @@ def test_spectral_normalize_flax_params():
 
 def test_weight_norm_round_trip_and_gradients():
     x = jnp.linspace(-1.0, 1.0, 3)
-    params = DEQCell().init(jax.random.PRNGKey(1), jnp.zeros(6), x)["params"]
+    params = float64_params(1, x)
     wn = jdeq.weight_norm_init(params)
     assert isinstance(wn["w"]["kernel"], jdeq.WeightNorm) and not isinstance(wn["u"]["bias"], jdeq.WeightNorm)
     restored = jdeq.weight_norm_apply(wn)
@@ -126,21 +130,26 @@ def test_correction_states_follow_the_fixed_point_trajectory():
 
 def test_correction_loss_weights_and_gradient():
     _, x, w = tanh_equilibrium(seed=3, n=6)
+    solver = jdeq.Anderson(tol=1e-12, max_steps=100)
 
-    def loss(w, weights=None):
-        states = jdeq.correction_states(tanh_map, jnp.zeros(6), x, w, steps=(3, 6, 40))
-        return jdeq.correction_loss(lambda z: jnp.sum(z**2), states, gamma=0.5, weights=weights)
+    def states(w):
+        return jdeq.correction_states(tanh_map, jnp.zeros(6), x, w, steps=(3, 6, 100), solver=solver)
 
-    def last_only(w):
-        sol = jdeq.fixed_point(tanh_map, jnp.zeros(6), x, w, solver=jdeq.Anderson(max_steps=50))
-        return jnp.sum(sol.value**2)
+    def squared(z):
+        return jnp.sum(z**2)
 
-    parts = [float(loss(w, weights=[1.0 * (i == j) for i in range(3)])) for j in range(3)]
-    assert abs(float(loss(w)) - (0.25 * parts[0] + 0.5 * parts[1] + parts[2])) < 1e-12
-    assert abs(parts[2] - float(last_only(w))) < 1e-8
-    grad = jax.grad(loss)(w)
+    sols = states(w)
+    parts = [float(jdeq.correction_loss(squared, sols, weights=[1.0 * (i == j) for i in range(3)])) for j in range(3)]
+    assert (
+        abs(float(jdeq.correction_loss(squared, sols, gamma=0.5)) - (0.25 * parts[0] + 0.5 * parts[1] + parts[2]))
+        < 1e-12
+    )
+    z_star = jdeq.fixed_point(tanh_map, jnp.zeros(6), x, w, solver=solver).value
+    assert abs(parts[2] - float(squared(z_star))) < 1e-10  # the last state is the equilibrium
+    assert parts[0] != parts[2]
+    grad = jax.grad(lambda w: jdeq.correction_loss(squared, states(w)))(w)
     assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.linalg.norm(grad)) > 0
     with pytest.raises(ValueError, match="weights"):
-        loss(w, weights=[1.0])
+        jdeq.correction_loss(squared, sols, weights=[1.0])
     with pytest.raises(ValueError, match="strictly increasing"):
         jdeq.correction_states(tanh_map, jnp.zeros(6), x, w, steps=(5, 3))
