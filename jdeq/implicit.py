@@ -2,26 +2,23 @@
 
 The implicit function theorem gives, at ``z* = f(z*, θ)``, the vector–Jacobian product
 ``ḡ_θ = (∂f/∂θ)ᵀ u`` with ``u`` the solution of the adjoint fixed point ``u = (∂f/∂z)ᵀ u + ḡ_z``
-(Bai, Kolter & Koltun 2019, arXiv 1909.01377). ``Implicit`` solves that adjoint system with any
-jdeq solver or with GMRES/BiCGStab, so memory does not grow with the number of forward steps.
+(Bai, Kolter & Koltun 2019, arXiv 1909.01377). The gradient modes (``Implicit`` and the others) live
+in :mod:`jdeq.gradients`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from ._errors import raise_unless_converged
 from ._tree import check_same_structure, flat_map
+from .gradients import BACKWARD_STATS_FIELDS, GRADIENT_MODES, GradientMode, Implicit
 from .precision import Precision
-from .solvers import Anderson, Solver, Stats, run
-from .solvers.krylov import _Krylov
-
-BACKWARD_STATS_FIELDS = ("num_steps", "residual", "converged", "result")
+from .solvers import Anderson, Solver, Stats
 
 
 class Solution(NamedTuple):
@@ -61,76 +58,6 @@ def read_backward_stats(probe_grad: jax.Array) -> BackwardStats:
     return BackwardStats(num_steps.astype(jnp.int32), residual, converged > 0.5, result.astype(jnp.int32))
 
 
-def _encode(stats: Stats) -> jax.Array:
-    return jnp.stack([getattr(stats, name).astype(jnp.float32) for name in BACKWARD_STATS_FIELDS])
-
-
-def _zeros_cotangent(tree):
-    """Zero cotangents for ``tree`` (float0 for integer and boolean leaves)."""
-
-    def zero(leaf):
-        leaf = jnp.asarray(leaf)
-        if jnp.issubdtype(leaf.dtype, jnp.inexact):
-            return jnp.zeros_like(leaf)
-        return jnp.zeros(leaf.shape, jax.dtypes.float0)
-
-    return jax.tree_util.tree_map(zero, tree)
-
-
-@dataclasses.dataclass(frozen=True)
-class Implicit:
-    """Implicit differentiation: solve ``u = (∂f/∂z)ᵀ u + ḡ`` at z*, then ``ḡ_θ = (∂f/∂θ)ᵀ u``.
-
-    Attributes:
-      solver: the adjoint solver: any jdeq :class:`Solver` (applied to the affine map
-        ``u ↦ (∂f/∂z)ᵀ u + ḡ``) or a Krylov solver (:class:`GMRES`, :class:`BiCGStab`) applied to
-        ``(I − (∂f/∂z)ᵀ) u = ḡ``. ``None`` reuses the forward solver.
-
-    The backward solve's statistics are returned through a :func:`stats_probe`.
-    """
-
-    solver: Optional[Union[Solver, _Krylov]] = None
-
-    def __post_init__(self):
-        if self.solver is not None and not isinstance(self.solver, (Solver, _Krylov)):
-            raise ValueError(f"Implicit(solver=...) takes a jdeq solver or GMRES/BiCGStab, got {self.solver!r}")
-
-    def adjoint(self, forward_solver: Solver, vjp_z: Callable, g: jax.Array) -> tuple[jax.Array, Stats]:
-        """Solve ``u = vjp_z(u) + g``; return ``(u, stats)``."""
-        solver = forward_solver if self.solver is None else self.solver
-
-        def affine(u):
-            return vjp_z(u) + g
-
-        if isinstance(solver, _Krylov):
-            return solver.solve_fixed_point(affine, g)
-        return run(solver, affine, jnp.zeros_like(g))
-
-    def solve(self, solver: Solver, fn: Callable, x0: jax.Array, args: tuple, probe: jax.Array):
-        """The forward solve, made differentiable in ``args`` (and ``probe``) by the implicit rule."""
-
-        @jax.custom_vjp
-        def solve(x0, args, probe):
-            return run(solver, lambda x: fn(x, args), x0)
-
-        def forward(x0, args, probe):
-            x, stats = run(solver, lambda x: fn(x, args), x0)
-            return (x, stats), (x, x0, args, probe)
-
-        def backward(saved, cotangents):
-            x, x0, args, probe = saved
-            g = cotangents[0]
-            _, vjp = jax.vjp(fn, x, args)
-            u, stats = self.adjoint(solver, lambda u: vjp(u)[0], g)
-            return _zeros_cotangent(x0), vjp(u)[1], _encode(stats).astype(probe.dtype)
-
-        solve.defvjp(forward, backward)
-        return solve(x0, args, probe)
-
-
-GradientMode = Implicit
-
-
 def fixed_point(
     f: Callable,
     z0: Any,
@@ -152,7 +79,8 @@ def fixed_point(
         ``f`` captures from an enclosing ``jax.grad``/``jit`` trace are hoisted by
         ``jax.closure_convert`` and differentiated too.
       solver: a :class:`Solver` (default ``Anderson()``).
-      grad: the gradient mode (default ``Implicit()``).
+      grad: the gradient mode (default ``Implicit()``): :class:`Implicit`, :class:`ImplicitJVP`
+        (forward mode), :class:`Shine`, :class:`Phantom` or :class:`Unrolled`.
       throw: raise :class:`SolveError` at run time when the solve did not converge (a
         ``jax.debug.callback``; under ``jit`` it surfaces as ``JaxRuntimeError``).
       backward_stats: a :func:`stats_probe` whose gradient receives the backward solve's statistics.
@@ -167,6 +95,10 @@ def fixed_point(
     grad = Implicit() if grad is None else grad
     if not isinstance(solver, Solver):
         raise ValueError(f"solver must be a jdeq Solver (FixedPoint, Anderson, Broyden, ...), got {solver!r}")
+    if not isinstance(grad, GRADIENT_MODES):
+        raise ValueError(
+            f"grad must be a gradient mode (Implicit, ImplicitJVP, Shine, Phantom, Unrolled), got {grad!r}"
+        )
     if precision is not None:
         f, z0 = precision.wrap(f), precision.cast_state(z0)
     check_same_structure(f, z0, args)

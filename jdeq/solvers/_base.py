@@ -149,15 +149,21 @@ def residuals(x: Array, fx: Array) -> tuple[Array, Array, Array]:
 
 
 def _measure(solver: Solver, step, x, fx, res0):
-    """Residuals of ``x`` and the result code after ``step`` iterations (RUNNING to go on)."""
-    abs_res, rel_res, fx_norm = residuals(x, fx)
+    """Residuals of ``x`` and the result code after ``step`` iterations (RUNNING to go on); not differentiated."""
+    abs_res, rel_res, fx_norm = residuals(*lax.stop_gradient((x, fx)))
     code = jnp.where(step >= solver.max_steps, Result.MAX_STEPS, Result.RUNNING)
     code = jnp.where(abs_res > solver.divergence * res0, Result.DIVERGED, code)
     return abs_res, rel_res, settle(code, solver.tol, solver.atol, abs_res, fx_norm)
 
 
-def run(solver: Solver, fn: FlatMap, x0: Array) -> tuple[Array, Stats]:
-    """Iterate ``solver`` on ``fn`` from ``x0`` inside one ``lax.while_loop``; return ``(x, stats)``."""
+def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, keep_state: bool = False):
+    """Iterate ``solver`` on ``fn`` from ``x0`` inside one ``lax.while_loop``; return ``(x, stats)``.
+
+    ``unroll=True`` runs the same body as a ``lax.scan`` over ``max_steps`` (steps after the stop are
+    skipped by ``lax.cond``) so that reverse-mode autodiff can go through the iterations; memory then
+    grows with ``max_steps``. ``keep_state=True`` returns ``(x, stats, state)`` with the solver's final
+    state (e.g. Broyden's inverse-Jacobian estimate).
+    """
     fx0 = fn(x0)
     zero = jnp.zeros((), jnp.int32)
     abs0, rel0, code0 = _measure(solver, zero, x0, fx0, jnp.inf)
@@ -201,7 +207,13 @@ def run(solver: Solver, fn: FlatMap, x0: Array) -> tuple[Array, Stats]:
             state=state,
         )
 
-    c = lax.while_loop(lambda c: c.result == Result.RUNNING, body, carry)
+    def running(c: _Carry) -> Array:
+        return c.result == Result.RUNNING
+
+    if unroll:
+        c, _ = lax.scan(lambda c, _: (lax.cond(running(c), body, lambda c: c, c), None), carry, length=solver.max_steps)
+    else:
+        c = lax.while_loop(running, body, carry)
     converged = c.result == Result.CONVERGED
     if solver.return_best:
         use_best = ~converged & jnp.isfinite(c.best_abs)
@@ -219,4 +231,4 @@ def run(solver: Solver, fn: FlatMap, x0: Array) -> tuple[Array, Stats]:
         result=c.result,
         trace=c.trace,
     )
-    return x, stats
+    return (x, stats, c.state) if keep_state else (x, stats)
