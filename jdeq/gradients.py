@@ -34,8 +34,13 @@ AdjointSolver = Union[Solver, _Krylov, Neumann]
 
 
 def encode_stats(stats: Stats) -> jax.Array:
-    """Pack the backward stats into the vector a stats probe's gradient carries."""
-    return jnp.stack([getattr(stats, name).astype(jnp.float32) for name in BACKWARD_STATS_FIELDS])
+    """Pack the backward stats into the vector a stats probe's gradient carries.
+
+    The result code is stored shifted by one, so that a zero gradient (a mode with no backward solve)
+    decodes to ``Result.RUNNING`` (-1, "no solve") rather than to "converged".
+    """
+    shift = {"result": 1}
+    return jnp.stack([getattr(stats, name).astype(jnp.float32) + shift.get(name, 0) for name in BACKWARD_STATS_FIELDS])
 
 
 def zero_tangents(tree):

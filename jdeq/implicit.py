@@ -53,9 +53,13 @@ def stats_probe(batch_shape: tuple[int, ...] = ()) -> jax.Array:
 
 
 def read_backward_stats(probe_grad: jax.Array) -> BackwardStats:
-    """Decode the gradient of a :func:`stats_probe` into :class:`BackwardStats`."""
+    """Decode the gradient of a :func:`stats_probe` into :class:`BackwardStats`.
+
+    ``result == Result.RUNNING`` (-1, named "no solve") means no backward solve reported statistics:
+    the gradient mode has none (``Phantom``, ``Unrolled``, ``ImplicitJVP``) or the probe was not used.
+    """
     num_steps, residual, converged, result = jnp.moveaxis(probe_grad, -1, 0)
-    return BackwardStats(num_steps.astype(jnp.int32), residual, converged > 0.5, result.astype(jnp.int32))
+    return BackwardStats(num_steps.astype(jnp.int32), residual, converged > 0.5, result.astype(jnp.int32) - 1)
 
 
 def fixed_point(

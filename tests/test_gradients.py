@@ -183,3 +183,14 @@ def test_property_random_contractive_maps(seed, n, contraction, solver_name):
     # 60 unrolled steps at contraction <= 0.9 leave an error below 0.9^60 ≈ 2e-3 · scale; compare loosely here,
     # the exact comparison is the non-property test above.
     assert rel_err(grad, want) < 5e-3
+
+
+def test_modes_without_backward_solve_decode_as_no_solve():
+    w, x = random_matrix(11, 5, 0.5), jnp.ones(5)
+
+    def loss(w, probe):
+        return jdeq.fixed_point(tanh_map, jnp.zeros(5), x, w, grad=jdeq.Phantom(k=2), backward_stats=probe).value.sum()
+
+    stats = jdeq.read_backward_stats(jax.grad(loss, argnums=1)(w, jdeq.stats_probe()))
+    assert int(stats.result) == jdeq.Result.RUNNING and not bool(stats.converged)
+    assert jdeq.Result.name(stats.result) == "no solve"

@@ -25,7 +25,8 @@ class Result:
 
     ``CONVERGED``: the residual met the tolerance. ``MAX_STEPS``: the step budget ran out first.
     ``DIVERGED``: the residual grew past ``divergence`` times its initial value.
-    ``NONFINITE``: an input or an iterate held NaN or inf.
+    ``NONFINITE``: an input or an iterate held NaN or inf. ``RUNNING`` (-1): the driver's code while a
+    solve goes on; in backward statistics it means that no backward solve ran.
     """
 
     CONVERGED = 0
@@ -33,7 +34,7 @@ class Result:
     DIVERGED = 2
     NONFINITE = 3
     RUNNING = -1
-    NAMES = {0: "converged", 1: "max_steps", 2: "diverged", 3: "nonfinite", -1: "running"}
+    NAMES = {0: "converged", 1: "max_steps", 2: "diverged", 3: "nonfinite", -1: "no solve"}
 
     @classmethod
     def name(cls, code) -> str:
