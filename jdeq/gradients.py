@@ -153,9 +153,9 @@ def inverse_jacobian_transpose(solver: Solver, state: Any, v: jax.Array) -> jax.
         return apply_inverse_transpose(state.us, state.vs, v)
     last = (state.count - 1) % solver.m
     valid = (jnp.arange(solver.m) < state.count) & (jnp.arange(solver.m) != last)
-    dx = jnp.where(valid[:, None], state.xs - state.xs[last], 0.0)
-    gs = state.fs - state.xs
-    dg = jnp.where(valid[:, None], gs - gs[last], 0.0)
+    xs = state.fs - state.gs  # the memory holds images f_i and residuals g_i; x_i = f_i − g_i
+    dx = jnp.where(valid[:, None], xs - xs[last], 0.0)
+    dg = jnp.where(valid[:, None], state.gs - state.gs[last], 0.0)
     gram = dg @ dg.T
     lam = solver.ridge * jnp.sum(jnp.diag(gram)) / jnp.maximum(jnp.sum(valid), 1) + jnp.finfo(gram.dtype).tiny
     system = gram + jnp.diag(jnp.where(valid, lam, 1.0))

@@ -71,7 +71,7 @@ def test_map_runs_in_the_low_dtype_and_anderson_state_in_float32():
     text = str(jaxpr)
     assert "tanh" in text and "bf16[32,32]" in text  # W cast to bfloat16 for the product
     state = jdeq.Anderson().init(*(jnp.zeros(N, policy.state),) * 2)
-    assert state.xs.dtype == jnp.float32 and state.gram.dtype == jnp.float32
+    assert state.gs.dtype == state.fs.dtype == jnp.float32 and state.gram.dtype == jnp.float32
 
 
 def head_loss(w, x, solver, precision=None):
