@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo = sub.add_parser("demo", help="train a DEQ-MLP on scikit-learn's digits; writes metrics.json and a figure")
     demo.add_argument("--epochs", type=int, default=20)
     demo.add_argument("--batch-size", type=int, default=64)
-    demo.add_argument("--width", type=int, default=128)
+    demo.add_argument("--width", type=int, default=256)
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.add_argument("--weight-decay", type=float, default=1e-4)
     demo.add_argument("--tol", type=float, default=1e-4)
