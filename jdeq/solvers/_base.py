@@ -99,12 +99,7 @@ class Solver:
     trace: bool = False
 
     def __post_init__(self):
-        _check(self.tol > 0, f"tol must be > 0, got {self.tol}")
-        _check(self.atol >= 0, f"atol must be >= 0, got {self.atol}")
-        _check(
-            isinstance(self.max_steps, int) and self.max_steps >= 1,
-            f"max_steps must be an int >= 1, got {self.max_steps!r}",
-        )
+        check_stopping(self.tol, self.atol, self.max_steps)
         _check(self.divergence > 1, f"divergence must be > 1, got {self.divergence}")
 
     def init(self, x: Array, fx: Array) -> Any:
@@ -119,6 +114,13 @@ class Solver:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def check_stopping(tol: float, atol: float, max_steps: int) -> None:
+    """ValueError unless ``tol > 0``, ``atol >= 0`` and ``max_steps`` is an int >= 1."""
+    _check(tol > 0, f"tol must be > 0, got {tol}")
+    _check(atol >= 0, f"atol must be >= 0, got {atol}")
+    _check(isinstance(max_steps, int) and max_steps >= 1, f"max_steps must be an int >= 1, got {max_steps!r}")
 
 
 class _Carry(NamedTuple):

@@ -7,7 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 import jax.scipy.sparse.linalg as jsp_linalg
 
-from ._base import Result, Stats, _check, residuals, settle
+from ._base import Result, Stats, _check, check_stopping, residuals, settle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,12 +19,7 @@ class _Krylov:
     max_steps: int = 50
 
     def __post_init__(self):
-        _check(self.tol > 0, f"tol must be > 0, got {self.tol}")
-        _check(self.atol >= 0, f"atol must be >= 0, got {self.atol}")
-        _check(
-            isinstance(self.max_steps, int) and self.max_steps >= 1,
-            f"max_steps must be an int >= 1, got {self.max_steps!r}",
-        )
+        check_stopping(self.tol, self.atol, self.max_steps)
 
     def solve_fixed_point(self, fn, b):
         """Solve ``u = fn(u)`` for the affine map ``fn(u) = Jᵀu + b``, i.e. ``(I − Jᵀ) u = b``.
