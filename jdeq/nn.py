@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .implicit import Implicit, Solution, fixed_point, fixed_point_batch
+from .gradients import GradientMode
+from .implicit import Solution, fixed_point, fixed_point_batch
 from .solvers import Anderson, Solver
 
 DEFAULT_SOLVER = Anderson(m=5, tol=1e-4, max_steps=40)
@@ -47,7 +48,7 @@ def solve_cell(
     x: jax.Array,
     *,
     solver: Solver,
-    grad: Optional[Implicit],
+    grad: Optional[GradientMode],
     per_sample: bool = True,
     backward_stats: Optional[jax.Array] = None,
 ) -> Solution:
@@ -103,7 +104,7 @@ class DEQ(linen.Module):
 
     cell: Any
     solver: Solver = DEFAULT_SOLVER
-    grad: Optional[Implicit] = None
+    grad: Optional[GradientMode] = None
     per_sample: bool = True
 
     @linen.compact
@@ -145,7 +146,7 @@ class NNXDEQ(nnx.Module):
         *,
         rngs: nnx.Rngs,
         solver: Solver = DEFAULT_SOLVER,
-        grad: Optional[Implicit] = None,
+        grad: Optional[GradientMode] = None,
         per_sample: bool = True,
     ):
         self.cell, self.solver, self.grad, self.per_sample = cell, solver, grad, per_sample

@@ -20,6 +20,8 @@ import numpy as np
 import optax
 from jax import lax
 
+from .models.kawaguchi import logistic_loss, square_loss
+
 
 class Optimum(NamedTuple):
     """A convex problem's minimiser ``W*`` and value ``L*`` (``grad_norm``: ‖∇L(W*)‖, 0 when exact)."""
@@ -32,8 +34,7 @@ class Optimum(NamedTuple):
 def least_squares_optimum(phi: jax.Array, targets: jax.Array) -> Optimum:
     """``min_W (1/2n)‖W Φ − Y‖²_F`` in closed form (``W* = Y Φ⁺``); ``Φ`` is ``m × n``, ``Y`` is ``m_y × n``."""
     weight = jnp.linalg.lstsq(phi.T, targets.T)[0].T
-    value = 0.5 * jnp.sum(jnp.square(weight @ phi - targets)) / targets.shape[1]
-    return Optimum(weight, value, jnp.zeros((), phi.dtype))
+    return Optimum(weight, square_loss(weight @ phi, targets), jnp.zeros((), phi.dtype))
 
 
 def logistic_optimum(phi: jax.Array, labels: jax.Array, max_steps: int = 5000, gtol: float = 1e-12) -> Optimum:
@@ -44,7 +45,7 @@ def logistic_optimum(phi: jax.Array, labels: jax.Array, max_steps: int = 5000, g
     """
 
     def loss(w):
-        return -jnp.sum(labels * jax.nn.log_softmax(w @ phi, axis=0)) / labels.shape[1]
+        return logistic_loss(w @ phi, labels)
 
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(loss)
@@ -104,6 +105,11 @@ def ntk(predict: Callable, params) -> jax.Array:
     jac = jax.jacrev(predict)(params)
     flat = jnp.concatenate([j.reshape(j.shape[0], -1) for j in jax.tree_util.tree_leaves(jac)], axis=1)
     return flat @ flat.T
+
+
+def ntk_max_eigenvalue(predict: Callable, params) -> jax.Array:
+    """``λ_max(K)`` of the empirical neural tangent kernel of ``predict(params)``: sets gradient-descent step sizes."""
+    return jnp.linalg.eigvalsh(ntk(predict, params))[-1]
 
 
 def ling_loss_bound(loss0: float, eta: float, lam0: float, steps: int) -> np.ndarray:

@@ -45,9 +45,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be read (corrupt or partial); earlier checkpoints are left in place."""
 
 
+def sown_stats(stats_tree: Any) -> list:
+    """The :class:`jdeq.Stats` of every DEQ layer sown in ``stats_tree`` (the ``"deq_stats"`` collection)."""
+    return jax.tree_util.tree_leaves(stats_tree, is_leaf=lambda s: hasattr(s, "num_steps"))
+
+
 def forward_metrics(stats_tree: Any) -> dict:
     """Mean/max forward steps and residuals over every sample of every DEQ layer sown in ``stats_tree``."""
-    stats = jax.tree_util.tree_leaves(stats_tree, is_leaf=lambda s: hasattr(s, "num_steps"))
+    stats = sown_stats(stats_tree)
     steps = jnp.concatenate([jnp.ravel(s.num_steps) for s in stats]).astype(jnp.float32)
     residual = jnp.concatenate([jnp.ravel(s.residual) for s in stats])
     converged = jnp.concatenate([jnp.ravel(s.converged) for s in stats])
@@ -98,8 +103,7 @@ def make_eval_step(model: Any) -> Callable:
     def evaluate(params, x, y, weight):
         logits, sown = model.apply({"params": params}, x, mutable=[STATS_COLLECTION])
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        stats = jax.tree_util.tree_leaves(sown[STATS_COLLECTION], is_leaf=lambda s: hasattr(s, "num_steps"))
-        steps = jnp.stack([s.num_steps for s in stats]).astype(jnp.float32)
+        steps = jnp.stack([s.num_steps for s in sown_stats(sown[STATS_COLLECTION])]).astype(jnp.float32)
         return {
             "count": jnp.sum(weight),
             "loss": jnp.sum(weight * losses),

@@ -9,6 +9,7 @@ from jax.test_util import check_grads
 
 import jdeq
 from jdeq.models import ConvCell, MLPCell
+from jdeq.models.cells import group_norm
 from jdeq.nn import DEQ, NNXDEQ, STATS_COLLECTION, solve_cell
 
 TIGHT = jdeq.Anderson(m=5, tol=1e-10, max_steps=200)
@@ -146,3 +147,14 @@ def test_bad_inputs_are_named():
         ConvCell(6, groups=4)
     with pytest.raises(ValueError, match="features"):
         MLPCell(0)
+
+
+def test_group_norm_normalizes_each_sample_and_group_and_batches_like_vmap():
+    h = batch((4, 5, 6), n=3) * 3.0 + 1.0
+    scale, bias = jnp.full((6,), 2.0), jnp.full((6,), 0.5)
+    out = group_norm(h, scale, bias, groups=3)
+    groups = (np.asarray(out) - 0.5).reshape(3, 4, 5, 3, 2) / 2.0
+    np.testing.assert_allclose(groups.mean(axis=(1, 2, 4)), 0.0, atol=1e-10)
+    np.testing.assert_allclose(groups.var(axis=(1, 2, 4)), 1.0, rtol=1e-4)
+    per_sample = jax.vmap(lambda x: group_norm(x, scale, bias, groups=3))(h)
+    np.testing.assert_allclose(out, per_sample, rtol=1e-12, atol=1e-12)

@@ -52,14 +52,6 @@ def teacher_labels(x: np.ndarray, classes: int, noise: float, seed: int = 0) -> 
     return logits.argmax(1)
 
 
-def teacher_targets(x: np.ndarray, out_dim: int, noise: float, seed: int = 0) -> np.ndarray:
-    """Targets ``T x + noise·ε`` of a random linear teacher, shape ``(out_dim, n)``."""
-    rng = np.random.default_rng(seed)
-    return (x @ rng.standard_normal((x.shape[1], out_dim)) / np.sqrt(x.shape[1])).T + noise * rng.standard_normal(
-        (out_dim, len(x))
-    )
-
-
 def binary_digits(num: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``num`` digits as unit-norm inputs ``(d=64, n)`` with targets ``+1`` (even digit) / ``−1`` (odd)."""
     x, labels = digits(num, seed)

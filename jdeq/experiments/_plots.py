@@ -1,18 +1,15 @@
-"""Figures for the reproductions (matplotlib, Agg backend: files only, no display needed)."""
+"""Figures for the reproductions (matplotlib's object API: no pyplot state, the user's backend untouched)."""
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def log_curves(curves: dict[str, np.ndarray], xlabel: str, ylabel: str, title: str | None = None, logy: bool = True):
     """One line per entry, on a log-scale y axis unless ``logy=False`` (non-positive values are not drawn)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     for label, values in curves.items():
         values = np.abs(np.asarray(values, np.float64))
         ax.plot(np.where(values > 0, values, np.nan), label=label)
@@ -26,7 +23,8 @@ def log_curves(curves: dict[str, np.ndarray], xlabel: str, ylabel: str, title: s
 
 def xy_plot(x, series: dict[str, np.ndarray], xlabel: str, ylabel: str, logx=False, logy=False, title=None):
     """Markers-and-lines plot of several series against a shared ``x``."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     for label, y in series.items():
         ax.plot(x, y, "o-", label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)

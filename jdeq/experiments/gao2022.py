@@ -49,7 +49,7 @@ def _loss(params, data):
 
 @jax.jit
 def _ntk_max_eigenvalue(params, x, gamma):
-    return jnp.linalg.eigvalsh(theory.ntk(lambda p: gao.predict(p, x, gamma), params))[-1]
+    return theory.ntk_max_eigenvalue(lambda p: gao.predict(p, x, gamma), params)
 
 
 def _train(x, y, width: int, seed: int, cfg: Config) -> dict[str, np.ndarray]:

@@ -90,7 +90,7 @@ def _equilibrium(params, x, z0):
 
 @jax.jit
 def _ntk_max_eigenvalue(params, x):
-    return jnp.linalg.eigvalsh(theory.ntk(lambda p: ling.predict(p, x), params))[-1]
+    return theory.ntk_max_eigenvalue(lambda p: ling.predict(p, x), params)
 
 
 def training(x, y, cfg: Config) -> tuple[list[Claim], dict, dict]:

@@ -41,10 +41,11 @@ def layer_norm(h: jax.Array, eps: float = 1e-5) -> jax.Array:
 
 
 def group_norm(h: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, eps: float = 1e-5) -> jax.Array:
-    """GroupNorm of one ``(H, W, C)`` sample (Wu & He 2018, arXiv 1803.08494): statistics per channel group."""
-    height, width, channels = h.shape
-    g = h.reshape(height, width, groups, channels // groups)
-    g = (g - jnp.mean(g, axis=(0, 1, 3), keepdims=True)) * lax.rsqrt(jnp.var(g, axis=(0, 1, 3), keepdims=True) + eps)
+    """GroupNorm of ``(..., H, W, C)`` samples (Wu & He 2018, arXiv 1803.08494): statistics per sample and channel group."""
+    *lead, height, width, channels = h.shape
+    g = h.reshape(*lead, height, width, groups, channels // groups)
+    axes = (-4, -3, -1)
+    g = (g - jnp.mean(g, axis=axes, keepdims=True)) * lax.rsqrt(jnp.var(g, axis=axes, keepdims=True) + eps)
     return g.reshape(h.shape) * scale + bias
 
 
