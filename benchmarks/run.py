@@ -29,7 +29,7 @@ import jdeq
 
 from . import training
 from .jax_methods import jdeq_methods, peer_jax_methods
-from .timing import compiled_memory_mb, jax_sync, median_ms
+from .timing import compiled_memory_mb, jax_sync, median_ms, set_cpu_threads
 from .workloads import MLP_KINDS, Workload, conv_workload, mlp_workload
 
 WORKLOADS = (*MLP_KINDS, "conv", "train")
@@ -307,10 +307,7 @@ def parse_args(argv=None):
 def main(argv=None) -> Path:
     args = parse_args(argv)
     if args.device == "cpu":  # must precede JAX's first use of the CPU backend
-        flags = f"--xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'} "
-        os.environ["XLA_FLAGS"] = (
-            flags + f"intra_op_parallelism_threads={args.threads} " + os.environ.get("XLA_FLAGS", "")
-        )
+        set_cpu_threads(args.threads)
     backend = jax.default_backend()
     if (args.device == "gpu") != (backend == "gpu"):
         raise SystemExit(f"--device {args.device} but JAX's default backend is {backend!r}")

@@ -11,10 +11,11 @@ wall time: steadier on a shared machine when XLA runs single-threaded.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
+
+from .timing import set_cpu_threads
 
 
 def per_step_us(solve, x, steps: int, repeats: int, clock) -> float:
@@ -38,10 +39,7 @@ def main(argv=None):
     p.add_argument("--clock", choices=("wall", "process"), default="wall")
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads for XLA")
     args = p.parse_args(argv)
-    os.environ["XLA_FLAGS"] = (
-        f"--xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'} "
-        f"intra_op_parallelism_threads={args.threads} " + os.environ.get("XLA_FLAGS", "")
-    )
+    set_cpu_threads(args.threads)
     import jax
     import jax.numpy as jnp
 

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
 
 import jax
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Limit XLA's CPU backend to ``threads`` intra-op threads; call before JAX first uses the CPU backend."""
+    os.environ["XLA_FLAGS"] = (
+        f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
+        f"intra_op_parallelism_threads={threads} " + os.environ.get("XLA_FLAGS", "")
+    )
 
 
 def median_ms(call: Callable[[], object], sync: Callable[[object], object], repeats: int, warmup: int = 1) -> float:

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdeq.models.cells import group_norm
+
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
@@ -95,16 +97,6 @@ def mlp_workload(kind: str, batch: int, width: int, seed: int = 0) -> Workload:
     return Workload(kind, description, data, (width,), tol, max_steps, mlp_map, torch_mlp_map)
 
 
-def group_norm(h, scale, bias, groups: int, eps: float = 1e-5):
-    """GroupNorm over ``(H, W, C)`` per sample (channels last), as in ``torch.nn.GroupNorm``."""
-    *lead, hh, ww, c = h.shape
-    g = h.reshape(*lead, hh, ww, groups, c // groups)
-    mean = g.mean(axis=(-4, -3, -1), keepdims=True)
-    var = g.var(axis=(-4, -3, -1), keepdims=True)
-    g = (g - mean) * jax.lax.rsqrt(var + eps)
-    return g.reshape(h.shape) * scale + bias
-
-
 def conv(h, kernel):
     """3×3 'SAME' convolution, NHWC activations and HWIO kernels."""
     return jax.lax.conv_general_dilated(h, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -117,7 +109,9 @@ def conv_cell_map(z, params, x):
     """MDEQ-like residual cell: ``GN(relu(z + GN(x̃ + conv₂(GN(relu(conv₁ z))))))`` with ``x̃ = conv_in(x)``.
 
     The input injection ``conv_in(x)`` is recomputed in ``f`` like every other term, as TorchDEQ's
-    users write it. (To move to ``jdeq.models.cells`` once that module lands.)
+    users write it, and the map is mirrored line by line in PyTorch below. It is not
+    :class:`jdeq.models.ConvCell` (which injects once and normalises before the first ReLU); the
+    committed results were measured with this map.
     """
     y = group_norm(jax.nn.relu(conv(z, params["K1"])), params["g1"], params["b1"], GROUPS)
     inj = conv(x, params["Kx"])
