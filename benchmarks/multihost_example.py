@@ -70,7 +70,7 @@ def make_train_step(optimizer, solver):
     def train_step(params, opt_state, batch):
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, distributed.summarize_stats(stats)
+        return optax.apply_updates(params, updates), opt_state, loss, jdeq.summarize(stats)
 
     return train_step
 

@@ -1,17 +1,11 @@
 """jdeq: a functional JAX toolkit for deep equilibrium models (implicit layers)."""
 
+from importlib.metadata import version
+
 from ._errors import SolveError
-from .gradients import Implicit, ImplicitJVP, Phantom, Shine, Unrolled
-from .implicit import (
-    BackwardStats,
-    Solution,
-    fixed_point,
-    fixed_point_batch,
-    read_backward_stats,
-    root,
-    stats_probe,
-)
-from .linalg import Neumann, power_iteration, spectral_norm, spectral_radius
+from .gradients import AdjointMode, GradientMode, Implicit, ImplicitJVP, Phantom, Shine, Unrolled
+from .implicit import fixed_point, fixed_point_batch, root
+from .linalg import power_iteration, spectral_norm, spectral_radius
 from .precision import Precision
 from .regularize import (
     WeightNorm,
@@ -22,20 +16,39 @@ from .regularize import (
     weight_norm_apply,
     weight_norm_init,
 )
-from .solvers import GMRES, Anderson, BiCGStab, Broyden, Fallback, FixedPoint, Result, Solver, Stats
+from .solvers import (
+    GMRES,
+    Anderson,
+    BiCGStab,
+    Broyden,
+    Fallback,
+    FixedPoint,
+    LinearSolver,
+    Lineax,
+    Neumann,
+    Result,
+    Solution,
+    Solver,
+    Stats,
+)
+from .stats import BackwardStats, read_backward_stats, stats_probe, summarize
 
-__version__ = "0.1.0"
+__version__ = version("jdeq")
 
 __all__ = [
     "GMRES",
+    "AdjointMode",
     "Anderson",
     "BackwardStats",
     "BiCGStab",
     "Broyden",
     "Fallback",
     "FixedPoint",
+    "GradientMode",
     "Implicit",
     "ImplicitJVP",
+    "Lineax",
+    "LinearSolver",
     "Neumann",
     "Phantom",
     "Precision",
@@ -59,6 +72,7 @@ __all__ = [
     "spectral_normalize",
     "spectral_radius",
     "stats_probe",
+    "summarize",
     "weight_norm_apply",
     "weight_norm_init",
 ]

@@ -50,3 +50,30 @@ def flat_map(f: Callable, z0: Any) -> tuple[jax.Array, Callable, Callable]:
         return ravel_pytree(f(unravel(x), *args))[0]
 
     return x0, unravel, fn
+
+
+def is_float(leaf: Any) -> bool:
+    """Whether ``leaf`` is an inexact (floating or complex) array, the leaves that carry gradients."""
+    return jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)
+
+
+def zero_tangents(tree: Any) -> Any:
+    """Zero tangents/cotangents for ``tree`` (float0 for integer and boolean leaves)."""
+    return jax.tree_util.tree_map(
+        lambda a: jnp.zeros_like(a) if is_float(a) else jnp.zeros(jnp.shape(a), jax.dtypes.float0), tree
+    )
+
+
+def frozen(tree: Any) -> Any:
+    """``lax.stop_gradient`` on the float leaves of ``tree`` (integer leaves pass through)."""
+    return jax.tree_util.tree_map(lambda a: jax.lax.stop_gradient(a) if is_float(a) else a, tree)
+
+
+def cast_floats(tree: Any, dtype: Any) -> Any:
+    """``tree`` with its floating-point leaves cast to ``dtype``; other leaves pass through."""
+
+    def cast(leaf):
+        leaf = jnp.asarray(leaf)
+        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+    return jax.tree_util.tree_map(cast, tree)

@@ -6,7 +6,7 @@ partitioned by XLA (GSPMD). Per-sample solves (``jax.vmap`` / :func:`jdeq.fixed_
 their own residuals and result codes; the gradient of a mean loss over the global batch comes out
 all-reduced and replicated, so every device applies the same optimizer update.
 
-Statistics must be reduced over the *global* batch, not a device's shard: :func:`summarize_stats`
+Statistics must be reduced over the *global* batch, not a device's shard: :func:`jdeq.summarize`
 takes the per-sample :class:`jdeq.Stats` of the whole (sharded) batch inside the jitted step, and
 XLA inserts the cross-device sums and maxima. The same code runs on one device, on many devices of
 one host, and on many hosts after ``jax.distributed.initialize()`` (see docs/scaling.md).
@@ -20,8 +20,6 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
-from .solvers import Result, Stats
 
 DATA_AXIS = "data"
 
@@ -85,29 +83,3 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(
         lambda leaf: jax.make_array_from_process_local_data(sharding, jnp.asarray(leaf)), tree
     )
-
-
-def summarize_stats(stats: Stats) -> dict[str, jax.Array]:
-    """Scalar summaries of per-sample solver statistics over the whole batch, in float32.
-
-    Call it inside the jitted step on the stats of the global batch (any sharding): the means and
-    maxima are taken over every sample on every device, not over a local shard. A NaN residual
-    counts as ``inf`` in ``max_residual`` so that a failed sample cannot hide behind ``max``.
-
-    Returns:
-      ``mean_steps``, ``max_steps``, ``mean_residual``, ``max_residual``, ``converged_fraction`` and,
-      for each :class:`jdeq.Result` name ``r``, ``count_r`` (number of samples with that result).
-    """
-    steps = stats.num_steps.astype(jnp.float32)
-    residual = jnp.where(jnp.isnan(stats.residual), jnp.inf, stats.residual).astype(jnp.float32)
-    summary = {
-        "mean_steps": jnp.mean(steps),
-        "max_steps": jnp.max(steps, initial=0.0),
-        "mean_residual": jnp.mean(residual),
-        "max_residual": jnp.max(residual, initial=0.0),
-        "converged_fraction": jnp.mean(stats.converged.astype(jnp.float32)),
-    }
-    for code, name in Result.NAMES.items():
-        if code != Result.RUNNING:
-            summary[f"count_{name}"] = jnp.sum(stats.result == code).astype(jnp.float32)
-    return summary

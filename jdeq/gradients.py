@@ -1,10 +1,12 @@
 """Gradient modes: how ``fixed_point`` is differentiated (the object passed as ``grad=``).
 
-Every mode implements ``solve(solver, fn, x0, args, probe) -> (x, stats)``: the forward solve of the
-flat problem ``x = fn(x, args)``, made differentiable in ``args`` in the mode's own way.
+A gradient mode is a :class:`GradientMode`: one method, ``solve(solver, fn, x0, args, probe)``, that
+solves the flat problem ``x = fn(x, args)`` from ``x0`` with ``solver`` and returns a
+:class:`jdeq.Solution` whose ``value`` is differentiable in ``args`` in the mode's own way. A user's
+own mode is a subclass in the user's file; nothing in jdeq lists the modes.
 
 - :class:`Implicit`: implicit function theorem, adjoint ``u = (∂f/∂z)ᵀ u + ḡ`` solved at ``z*``
-  (Bai, Kolter & Koltun, arXiv 1909.01377). Reverse mode (``jax.custom_vjp``).
+  (Bai, Kolter & Koltun, arXiv 1909.01377). Reverse mode.
 - :class:`ImplicitJVP`: the same gradient as a ``jax.custom_jvp`` whose tangent solve is a
   ``lax.custom_linear_solve``; supports ``jax.jvp``/``jacfwd`` and, by JAX's transposition, ``jax.grad``.
 - :class:`Shine`: reuses the forward quasi-Newton inverse Jacobian (Ramzi et al., arXiv 2106.00553).
@@ -14,121 +16,118 @@ flat problem ``x = fn(x, args)``, made differentiable in ``args`` in the mode's 
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .linalg import Neumann, measured_stats
-from .solvers import Anderson, Broyden, Solver, Stats, run
+from ._tree import frozen, zero_tangents
+from .solvers import Solution, Solver, Stats, run
 from .solvers._base import _check
-from .solvers.broyden import apply_inverse_transpose
-from .solvers.krylov import _Krylov
+from .solvers.linear import AdjointSolver, check_adjoint_solver, measured_stats, solve_linear_fixed_point
+from .stats import encode_backward_stats
 
-BACKWARD_STATS_FIELDS = ("num_steps", "residual", "converged", "result")
-LINEAR_SOLVERS = (_Krylov, Neumann)
-AdjointSolver = Union[Solver, _Krylov, Neumann]
+FlatProblem = Callable[[jax.Array, Any], jax.Array]
 
 
-def encode_stats(stats: Stats) -> jax.Array:
-    """Pack the backward stats into the vector a stats probe's gradient carries.
+class GradientMode(abc.ABC):
+    """How a solve is differentiated: subclass it and implement :meth:`solve`.
 
-    The result code is stored shifted by one, so that a zero gradient (a mode with no backward solve)
-    decodes to ``Result.RUNNING`` (-1, "no solve") rather than to "converged".
-    """
-    shift = {"result": 1}
-    return jnp.stack([getattr(stats, name).astype(jnp.float32) + shift.get(name, 0) for name in BACKWARD_STATS_FIELDS])
+    Example (a mode that differentiates only the last step, ``z* = f(sg(z*), θ)``)::
 
-
-def zero_tangents(tree):
-    """Zero tangents/cotangents for ``tree`` (float0 for integer and boolean leaves)."""
-
-    def zero(leaf):
-        leaf = jnp.asarray(leaf)
-        if jnp.issubdtype(leaf.dtype, jnp.inexact):
-            return jnp.zeros_like(leaf)
-        return jnp.zeros(leaf.shape, jax.dtypes.float0)
-
-    return jax.tree_util.tree_map(zero, tree)
-
-
-def check_adjoint_solver(solver: Any, mode: str) -> None:
-    """Raise ValueError unless ``solver`` can solve a linear fixed point (or is None: reuse the forward solver)."""
-    if solver is not None and not isinstance(solver, (Solver, *LINEAR_SOLVERS)):
-        raise ValueError(f"{mode}(solver=...) takes a jdeq solver, GMRES/BiCGStab or Neumann, got {solver!r}")
-
-
-def solve_linear_fixed_point(
-    solver: AdjointSolver, affine: Callable, b: jax.Array, x0: Optional[jax.Array] = None
-) -> tuple[jax.Array, Stats]:
-    """Solve ``u = affine(u)`` for an affine map ``affine(u) = Mu + b``, from ``x0`` (default 0); returns ``(u, stats)``.
-
-    A jdeq :class:`Solver` iterates the map from ``x0``; GMRES/BiCGStab solve ``(I − M) u = b``;
-    :class:`Neumann` sums the series ``Σ Mⁱ b``. The last two start from ``x0`` by solving for the
-    correction ``δ = u − x0`` of ``δ = Mδ + r`` with ``r = affine(x0) − x0``.
-    """
-    if not isinstance(solver, LINEAR_SOLVERS):
-        return run(solver, affine, jnp.zeros_like(b) if x0 is None else x0)
-    if x0 is None:
-        return solver.solve_fixed_point(affine, b)
-    r = affine(x0) - x0
-    delta, stats = solver.solve_fixed_point(lambda d: affine(d) - b + r, r)
-    return x0 + delta, stats
-
-
-def frozen(tree):
-    """``lax.stop_gradient`` on the float leaves of ``tree`` (integer leaves pass through)."""
-    return jax.tree_util.tree_map(
-        lambda a: lax.stop_gradient(a) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.inexact) else a, tree
-    )
-
-
-class _AdjointMode:
-    """Shared ``custom_vjp`` of the modes that solve for the adjoint ``u`` at ``z*``.
-
-    Subclasses implement ``adjoint(forward_solver, vjp_z, g, state) -> (u, stats)``; ``state`` is the
-    forward solver's final state when the class sets ``needs_state``.
+        class LastStep(jdeq.GradientMode):
+            def solve(self, solver, fn, x0, args, probe):
+                sol = jdeq.solvers.run(solver, lambda x: fn(x, jax.lax.stop_gradient(args)), x0)
+                x = jax.lax.stop_gradient(sol.value)
+                return sol._replace(value=x + fn(x, args) - jax.lax.stop_gradient(fn(x, args)))
     """
 
-    needs_state = False
+    @abc.abstractmethod
+    def solve(self, solver: Solver, fn: FlatProblem, x0: jax.Array, args: Any, probe: jax.Array) -> Solution:
+        """Solve ``x = fn(x, args)`` from ``x0`` with ``solver``, differentiable in ``args``.
 
-    def solve(self, solver: Solver, fn: Callable, x0: jax.Array, args: tuple, probe: jax.Array):
-        """The forward solve, made differentiable in ``args`` (and ``probe``) by the implicit rule."""
+        ``probe`` is a :func:`jdeq.stats_probe`; a mode with a backward solve sets its cotangent to
+        :func:`jdeq.stats.encode_backward_stats` of that solve (a zero cotangent reads "no solve").
+        """
+
+
+def parameter_term(fn: FlatProblem, x: jax.Array, args: Any) -> jax.Array:
+    """Zero, with tangent ``(∂f/∂θ)(x, θ) θ̇``: JAX transposes it, batched or not, into ``(∂f/∂θ)ᵀ u``.
+
+    Keeping ``∂f/∂θ`` out of any custom backward rule is what makes the implicit gradient batch
+    well: under ``jax.vmap`` the parameter cotangent is one contraction over the batch, not a
+    per-sample outer product summed afterwards.
+    """
+
+    @jax.custom_jvp
+    def term(x, args):
+        return jnp.zeros_like(x)
+
+    @term.defjvp
+    def term_jvp(primals, tangents):
+        x, args = primals
+        _, tangent = jax.jvp(lambda a: fn(x, a), (args,), (tangents[1],))
+        return jnp.zeros_like(x), tangent
+
+    return term(lax.stop_gradient(x), args)
+
+
+class AdjointMode(GradientMode):
+    """Modes that differentiate z* by the implicit function theorem, with their own adjoint solve.
+
+    With ``z* = f(z*, θ)``, ``ḡ_θ = (∂f/∂θ)ᵀ u`` where ``u = (∂f/∂z)ᵀ u + ḡ``. The forward solve
+    runs without gradient; the value returned is ``A(z* + T(θ))``: ``T`` is :func:`parameter_term`
+    and ``A`` an identity whose backward rule maps ``ḡ ↦ u`` by :meth:`adjoint`. Subclasses implement
+    :meth:`adjoint` only.
+    """
+
+    def solve(self, solver, fn, x0, args, probe):
+        sol = run(solver, lambda x: fn(x, frozen(args)), lax.stop_gradient(x0))
+        x_star, state = lax.stop_gradient(sol.value), frozen(sol.state)
+        mode = self
 
         @jax.custom_vjp
-        def solve(x0, args, probe):
-            return run(solver, lambda x: fn(x, args), x0)
+        def adjoint_identity(x, x_star, args, state, probe):
+            return x
 
-        def forward(x0, args, probe):
-            out = run(solver, lambda x: fn(x, args), x0, keep_state=self.needs_state)
-            state = out[2] if self.needs_state else None
-            return out[:2], (out[0], x0, args, probe, state)
+        def forward(x, x_star, args, state, probe):
+            return x, (x_star, args, state, probe)
 
-        def backward(saved, cotangents):
-            x, x0, args, probe, state = saved
-            _, vjp = jax.vjp(fn, x, args)
-            u, stats = self.adjoint(solver, lambda u: vjp(u)[0], cotangents[0], state)
-            return zero_tangents(x0), vjp(u)[1], encode_stats(stats).astype(probe.dtype)
+        def backward(saved, g):
+            x_star, args, state, probe = saved
+            _, vjp = jax.vjp(lambda z: fn(z, args), x_star)
+            u, stats = mode.adjoint(solver, lambda u: vjp(u)[0], g, state)
+            zeros = zero_tangents((x_star, args, state))
+            return (u, *zeros, encode_backward_stats(stats, probe.dtype))
 
-        solve.defvjp(forward, backward)
-        return solve(x0, args, probe)
+        adjoint_identity.defvjp(forward, backward)
+        value = adjoint_identity(x_star + parameter_term(fn, x_star, args), x_star, args, state, probe)
+        return sol._replace(value=value, state=state)
+
+    @abc.abstractmethod
+    def adjoint(self, forward_solver: Solver, vjp_z: Callable, g: jax.Array, state: Any) -> tuple[jax.Array, Stats]:
+        """Solve ``u = vjp_z(u) + g`` (``vjp_z(u) = (∂f/∂z)ᵀ u`` at z*); return ``(u, stats)``.
+
+        ``state`` is the forward solver's final state (e.g. a quasi-Newton estimate).
+        """
 
 
 @dataclasses.dataclass(frozen=True)
-class Implicit(_AdjointMode):
+class Implicit(AdjointMode):
     """Implicit differentiation: solve ``u = (∂f/∂z)ᵀ u + ḡ`` at z*, then ``ḡ_θ = (∂f/∂θ)ᵀ u``.
 
     Attributes:
-      solver: the adjoint solver, an explicit choice among: any jdeq :class:`Solver` iterating the
-        affine map ``u ↦ (∂f/∂z)ᵀ u + ḡ``; a Krylov solver (:class:`GMRES`, :class:`BiCGStab`) on
-        ``(I − (∂f/∂z)ᵀ) u = ḡ``; :class:`Neumann` ``(k)``, a truncated series (approximate).
-        ``None`` reuses the forward solver.
+      solver: the adjoint solver: any jdeq :class:`Solver` iterating the affine map
+        ``u ↦ (∂f/∂z)ᵀ u + ḡ`` from ``u₀ = ḡ``, or a :class:`jdeq.LinearSolver` (:class:`GMRES`,
+        :class:`BiCGStab`, :class:`Neumann` — a truncated series, approximate — or any lineax solver
+        through :class:`Lineax`). ``None`` reuses the forward solver.
 
-    Reverse mode only (``jax.custom_vjp``); use :class:`ImplicitJVP` for ``jax.jvp``. The backward
-    solve's statistics are returned through a :func:`jdeq.stats_probe`.
+    Reverse mode only; use :class:`ImplicitJVP` for ``jax.jvp``. The backward solve's statistics are
+    returned through a :func:`jdeq.stats_probe`.
     """
 
     solver: Optional[AdjointSolver] = None
@@ -136,69 +135,49 @@ class Implicit(_AdjointMode):
     def __post_init__(self):
         check_adjoint_solver(self.solver, "Implicit")
 
-    def adjoint(self, forward_solver: Solver, vjp_z: Callable, g: jax.Array, state: Any = None):
-        """Solve ``u = vjp_z(u) + g``; return ``(u, stats)``."""
+    def adjoint(self, forward_solver, vjp_z, g, state):
         solver = forward_solver if self.solver is None else self.solver
         return solve_linear_fixed_point(solver, lambda u: vjp_z(u) + g, g)
 
 
-def inverse_jacobian_transpose(solver: Solver, state: Any, v: jax.Array) -> jax.Array:
-    """``Hᵀ v`` for the forward solver's estimate ``H ≈ (∂g/∂z)^{-1}`` of ``g(z) = f(z) − z``.
-
-    Broyden keeps ``H = −I + Σ u_i v_iᵀ``. Anderson (type II) is the multisecant method
-    ``H = −βI + (ΔX + βΔG)(ΔGᵀΔG + λI)^{-1}ΔGᵀ`` (Fang & Saad 2009) over the differences of its stored
-    iterates ``ΔX`` and residuals ``ΔG``, taken relative to the newest stored pair.
-    """
-    if isinstance(solver, Broyden):
-        return apply_inverse_transpose(state.us, state.vs, v)
-    last = (state.count - 1) % solver.m
-    valid = (jnp.arange(solver.m) < state.count) & (jnp.arange(solver.m) != last)
-    xs = state.fs - state.gs  # the memory holds images f_i and residuals g_i; x_i = f_i − g_i
-    dx = jnp.where(valid[:, None], xs - xs[last], 0.0)
-    dg = jnp.where(valid[:, None], state.gs - state.gs[last], 0.0)
-    gram = dg @ dg.T
-    lam = solver.ridge * jnp.sum(jnp.diag(gram)) / jnp.maximum(jnp.sum(valid), 1) + jnp.finfo(gram.dtype).tiny
-    system = gram + jnp.diag(jnp.where(valid, lam, 1.0))
-    return -solver.beta * v + dg.T @ jnp.linalg.solve(system, (dx + solver.beta * dg) @ v)
-
-
 @dataclasses.dataclass(frozen=True)
-class Shine(_AdjointMode):
+class Shine(AdjointMode):
     """SHINE: the adjoint from the forward quasi-Newton inverse Jacobian (Ramzi et al., arXiv 2106.00553).
 
-    With ``H ≈ (∂f/∂z − I)^{-1}`` kept by the forward :class:`Broyden` or :class:`Anderson` solver,
-    ``u₀ = −Hᵀ ḡ`` approximates the adjoint ``(I − (∂f/∂z)ᵀ)^{-1} ḡ`` at no extra Jacobian product.
+    With ``H ≈ (∂f/∂z − I)^{-1}`` kept by the forward solver (one whose ``has_inverse_jacobian`` is
+    true: :class:`Broyden`, :class:`Anderson`, a :class:`Fallback` with such a stage, or a user's
+    solver implementing ``inverse_jacobian_transpose``), ``u₀ = −Hᵀ ḡ`` approximates the adjoint
+    ``(I − (∂f/∂z)ᵀ)^{-1} ḡ`` at no extra Jacobian product.
 
     Attributes:
       refine: ``None`` uses ``u₀`` as the adjoint (no backward solve; the backward stats report its
         residual and ``Result.MAX_STEPS``). An adjoint solver (as in :class:`Implicit`) solves the
-        adjoint system from ``u₀`` instead of from 0 (GMRES/BiCGStab/Neumann solve for the correction
-        ``δ = u − u₀``): the exact implicit gradient, in fewer steps when ``u₀`` is good.
+        adjoint system from ``u₀`` instead of from ``ḡ``: the exact implicit gradient, in fewer steps
+        when ``u₀`` is good.
     """
 
     refine: Optional[AdjointSolver] = None
-    needs_state = True
 
     def __post_init__(self):
         check_adjoint_solver(self.refine, "Shine")
 
-    def solve(self, solver: Solver, fn: Callable, x0: jax.Array, args: tuple, probe: jax.Array):
+    def solve(self, solver, fn, x0, args, probe):
         _check(
-            isinstance(solver, (Broyden, Anderson)),
-            f"Shine reuses a quasi-Newton forward estimate: the forward solver must be Broyden or Anderson, got {solver!r}",
+            solver.has_inverse_jacobian,
+            f"Shine reuses the forward solver's inverse-Jacobian estimate; {solver!r} keeps none "
+            "(use Broyden or Anderson, or implement has_inverse_jacobian/inverse_jacobian_transpose)",
         )
         return super().solve(solver, fn, x0, args, probe)
 
-    def adjoint(self, forward_solver: Solver, vjp_z: Callable, g: jax.Array, state: Any):
-        """``u₀ = −Hᵀ g``, refined by ``refine`` from ``u₀`` when it is set; returns ``(u, stats)``."""
-        u0 = -inverse_jacobian_transpose(forward_solver, state, g)
+    def adjoint(self, forward_solver, vjp_z, g, state):
+        u0 = -forward_solver.inverse_jacobian_transpose(state, g)
         if self.refine is None:
             return u0, measured_stats(u0, vjp_z(u0) + g, 0)
         return solve_linear_fixed_point(self.refine, lambda u: vjp_z(u) + g, g, x0=u0)
 
 
 @dataclasses.dataclass(frozen=True)
-class ImplicitJVP:
+class ImplicitJVP(GradientMode):
     """The implicit gradient as a ``jax.custom_jvp``: forward mode, and reverse mode by transposition.
 
     The tangent of ``z* = f(z*, θ)`` solves ``ż = (∂f/∂z) ż + (∂f/∂θ) θ̇``; it is computed with
@@ -216,7 +195,7 @@ class ImplicitJVP:
     def __post_init__(self):
         check_adjoint_solver(self.solver, "ImplicitJVP")
 
-    def solve(self, solver: Solver, fn: Callable, x0: jax.Array, args: tuple, probe: jax.Array):
+    def solve(self, solver, fn, x0, args, probe):
         linear_solver = solver if self.solver is None else self.solver
 
         def linear_solve(matvec, b):  # solve matvec(t) = b, i.e. t = (I − matvec)(t) + b
@@ -229,17 +208,17 @@ class ImplicitJVP:
         @solve.defjvp
         def solve_jvp(primals, tangents):
             x0, args = primals
-            x, stats = solve(x0, args)
-            b = jax.jvp(lambda a: fn(x, a), (args,), (tangents[1],))[1]
-            _, jvp_z = jax.linearize(lambda z: fn(z, args), x)
+            sol = solve(x0, args)
+            b = jax.jvp(lambda a: fn(sol.value, a), (args,), (tangents[1],))[1]
+            _, jvp_z = jax.linearize(lambda z: fn(z, args), sol.value)
             tangent = lax.custom_linear_solve(lambda t: t - jvp_z(t), b, linear_solve, linear_solve)
-            return (x, stats), (tangent, zero_tangents(stats))
+            return sol, zero_tangents(sol)._replace(value=tangent)
 
         return solve(x0, args)
 
 
 @dataclasses.dataclass(frozen=True)
-class Phantom:
+class Phantom(GradientMode):
     """Phantom gradient: backprop through ``k`` damped steps ``z ← (1 − τ) z + τ f(z)`` from z*.
 
     z* is found by the forward solver and treated as a constant (Geng et al., arXiv 2111.05177); the
@@ -260,31 +239,28 @@ class Phantom:
         _check(isinstance(self.k, int) and self.k >= 1, f"Phantom k must be an int >= 1, got {self.k!r}")
         _check(0.0 < self.tau <= 1.0, f"Phantom tau must be in (0, 1], got {self.tau}")
 
-    def solve(self, solver: Solver, fn: Callable, x0: jax.Array, args: tuple, probe: jax.Array):
-        x, stats = run(solver, lambda x: fn(x, frozen(args)), lax.stop_gradient(x0))
-        x = lax.stop_gradient(x)
+    def solve(self, solver, fn, x0, args, probe):
+        sol = run(solver, lambda x: fn(x, frozen(args)), lax.stop_gradient(x0))
+        x = lax.stop_gradient(sol.value)
         z = lax.fori_loop(0, self.k, lambda _, z: (1 - self.tau) * z + self.tau * fn(z, args), x)
-        return x + (z - lax.stop_gradient(z)), stats
+        return sol._replace(value=x + (z - lax.stop_gradient(z)), state=frozen(sol.state))
 
 
 @dataclasses.dataclass(frozen=True)
-class Unrolled:
+class Unrolled(GradientMode):
     """Backprop through the forward iterations: the solver's loop runs as a ``lax.scan`` over ``max_steps``.
 
     Steps after the solve stops are skipped (``lax.cond``), so the value and stats equal the
     ``while_loop`` solve's. Reverse-mode memory grows linearly with ``max_steps`` (every step's
     intermediates are saved); use it as the reference, or for short solves. Forward mode works too.
-    Not available for ``Broyden(line_search=True)``, whose backtracking is a ``while_loop``.
+    Needs a solver whose ``unrollable`` is true (not ``Broyden(line_search=True)``, whose
+    backtracking is a ``while_loop``).
     """
 
-    def solve(self, solver: Solver, fn: Callable, x0: jax.Array, args: tuple, probe: jax.Array):
+    def solve(self, solver, fn, x0, args, probe):
         _check(
-            not getattr(solver, "line_search", False),
-            "Unrolled cannot differentiate Broyden(line_search=True): its backtracking is a while_loop; "
-            "use line_search=False",
+            solver.unrollable,
+            f"Unrolled cannot differentiate {solver!r}: its step is not reverse-differentiable "
+            "(e.g. Broyden's line search is a while_loop; use line_search=False)",
         )
         return run(solver, lambda x: fn(x, args), x0, unroll=True)
-
-
-GRADIENT_MODES = (Implicit, ImplicitJVP, Shine, Phantom, Unrolled)
-GradientMode = Union[Implicit, ImplicitJVP, Shine, Phantom, Unrolled]

@@ -9,57 +9,17 @@ in :mod:`jdeq.gradients`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 
 from ._errors import raise_unless_converged
 from ._tree import check_same_structure, flat_map
-from .gradients import BACKWARD_STATS_FIELDS, GRADIENT_MODES, GradientMode, Implicit
+from .gradients import GradientMode, Implicit
 from .precision import Precision
-from .solvers import Anderson, Solver, Stats
-
-
-class Solution(NamedTuple):
-    """A solve's result: ``value`` is z* (same pytree as ``z0``), ``stats`` a :class:`Stats`."""
-
-    value: Any
-    stats: Stats
-
-
-class BackwardStats(NamedTuple):
-    """Statistics of the backward (adjoint) solve, decoded from a stats probe's gradient."""
-
-    num_steps: jax.Array
-    residual: jax.Array
-    converged: jax.Array
-    result: jax.Array
-
-
-def stats_probe(batch_shape: tuple[int, ...] = ()) -> jax.Array:
-    """A zero array whose gradient carries the backward solve's statistics.
-
-    Pass it as ``fixed_point(..., backward_stats=probe)`` and differentiate the loss with respect to
-    it too; decode the gradient with :func:`read_backward_stats`::
-
-        grads, probe_grad = jax.grad(loss, argnums=(0, 1))(params, jdeq.stats_probe())
-        jdeq.read_backward_stats(probe_grad).num_steps
-
-    Under ``jax.vmap`` an unbatched probe sums the statistics over the batch; give it a batch dimension
-    (``stats_probe((batch,))``, mapped along axis 0) to keep them per sample.
-    """
-    return jnp.zeros((*batch_shape, len(BACKWARD_STATS_FIELDS)), jnp.float32)
-
-
-def read_backward_stats(probe_grad: jax.Array) -> BackwardStats:
-    """Decode the gradient of a :func:`stats_probe` into :class:`BackwardStats`.
-
-    ``result == Result.RUNNING`` (-1, named "no solve") means no backward solve reported statistics:
-    the gradient mode has none (``Phantom``, ``Unrolled``, ``ImplicitJVP``) or the probe was not used.
-    """
-    num_steps, residual, converged, result = jnp.moveaxis(probe_grad, -1, 0)
-    return BackwardStats(num_steps.astype(jnp.int32), residual, converged > 0.5, result.astype(jnp.int32) - 1)
+from .solvers import Anderson, Solution, Solver
+from .solvers._base import subclass_names
+from .stats import stats_probe
 
 
 def fixed_point(
@@ -83,8 +43,8 @@ def fixed_point(
         ``f`` captures from an enclosing ``jax.grad``/``jit`` trace are hoisted by
         ``jax.closure_convert`` and differentiated too.
       solver: a :class:`Solver` (default ``Anderson()``).
-      grad: the gradient mode (default ``Implicit()``): :class:`Implicit`, :class:`ImplicitJVP`
-        (forward mode), :class:`Shine`, :class:`Phantom` or :class:`Unrolled`.
+      grad: the :class:`GradientMode` (default ``Implicit()``): :class:`Implicit`, :class:`ImplicitJVP`
+        (forward mode), :class:`Shine`, :class:`Phantom`, :class:`Unrolled`, or a user's subclass.
       throw: raise :class:`SolveError` at run time when the solve did not converge (a
         ``jax.debug.callback``; under ``jit`` it surfaces as ``JaxRuntimeError``).
       backward_stats: a :func:`stats_probe` whose gradient receives the backward solve's statistics.
@@ -92,17 +52,15 @@ def fixed_point(
         then has the policy's state dtype.
 
     Returns:
-      :class:`Solution` with ``value`` (z*) and ``stats``. One problem per call: use ``jax.vmap`` or
+      :class:`Solution` with ``value`` (z*), ``stats`` and the solver's final ``state`` (no gradient). One problem per call: use ``jax.vmap`` or
       :func:`fixed_point_batch` for per-sample solves of a batch.
     """
     solver = Anderson() if solver is None else solver
     grad = Implicit() if grad is None else grad
     if not isinstance(solver, Solver):
-        raise ValueError(f"solver must be a jdeq Solver (FixedPoint, Anderson, Broyden, ...), got {solver!r}")
-    if not isinstance(grad, GRADIENT_MODES):
-        raise ValueError(
-            f"grad must be a gradient mode (Implicit, ImplicitJVP, Shine, Phantom, Unrolled), got {grad!r}"
-        )
+        raise ValueError(f"solver must be a jdeq Solver ({subclass_names(Solver)}), got {solver!r}")
+    if not isinstance(grad, GradientMode):
+        raise ValueError(f"grad must be a jdeq GradientMode ({subclass_names(GradientMode)}), got {grad!r}")
     if precision is not None:
         f, z0 = precision.wrap(f), precision.cast_state(z0)
     check_same_structure(f, z0, args)
@@ -113,10 +71,10 @@ def fixed_point(
 
     x0, unravel, fn = flat_map(f_args, z0)
     probe = stats_probe() if backward_stats is None else backward_stats
-    x, stats = grad.solve(solver, fn, x0, (args, tuple(consts)), probe)
+    sol = grad.solve(solver, fn, x0, (args, tuple(consts)), probe)
     if throw:
-        raise_unless_converged(stats)
-    return Solution(unravel(x), stats)
+        raise_unless_converged(sol.stats)
+    return sol._replace(value=unravel(sol.value))
 
 
 def root(g: Callable, z0: Any, *args: Any, **kwargs: Any) -> Solution:

@@ -1,54 +1,15 @@
-"""Linear algebra of the equilibrium: Neumann-series adjoints and power iteration for spectral quantities."""
+"""Spectral quantities of the equilibrium by power iteration: spectral radius of ∂f/∂z, spectral norm of a matrix."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from .solvers import Result, Stats
-from .solvers._base import _check, norm, residuals
-
-
-def measured_stats(u: jax.Array, fu: jax.Array, num_steps: int) -> Stats:
-    """Stats of an approximate solve of ``u = fn(u)`` that ran a fixed budget: its residual, never "converged".
-
-    The result is ``Result.MAX_STEPS``: the method ran its budget and has no tolerance to meet.
-    """
-    abs_res, rel_res, _ = residuals(u, fu)
-    steps = jnp.full((), num_steps, jnp.int32)
-    code = jnp.where(jnp.isfinite(abs_res), Result.MAX_STEPS, Result.NONFINITE).astype(jnp.int32)
-    return Stats(steps, steps + 1, rel_res, abs_res, jnp.zeros((), bool), code)
-
-
-@dataclasses.dataclass(frozen=True)
-class Neumann:
-    """Truncated Neumann series for the adjoint: ``u = Σ_{i<k} (Jᵀ)^i ḡ ≈ (I − Jᵀ)^{-1} ḡ``.
-
-    Use as the adjoint solver of :class:`jdeq.Implicit` (``Implicit(solver=Neumann(k))``). It costs
-    ``k − 1`` vector–Jacobian products (plus one to measure the residual for the backward stats) and
-    converges to the implicit gradient as ``k → ∞`` when the spectral radius of ``J = ∂f/∂z`` is below
-    one, with error ``O(ρ(J)^k)``. ``k = 1`` is the Jacobian-free gradient ``u = ḡ`` (Fung et al.,
-    arXiv 2103.12803); see Geng et al., arXiv 2111.05177 for the analysis of such approximations.
-
-    Attributes:
-      k: number of series terms, >= 1.
-    """
-
-    k: int
-
-    def __post_init__(self):
-        _check(isinstance(self.k, int) and self.k >= 1, f"Neumann k must be an int >= 1, got {self.k!r}")
-
-    def solve_fixed_point(self, fn: Callable, b: jax.Array) -> tuple[jax.Array, Stats]:
-        """``u_{i+1} = fn(u_i) = Jᵀ u_i + b`` from ``u_1 = b``, ``k − 1`` times; returns ``(u_k, stats)``."""
-        u = lax.fori_loop(1, self.k, lambda _, u: fn(u), b)
-        return u, measured_stats(u, fn(u), self.k - 1)
+from .solvers._base import _check, norm
 
 
 def power_iteration(matvec: Callable, v0: jax.Array, num_iters: int) -> tuple[jax.Array, jax.Array]:

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .gradients import GradientMode
-from .implicit import Solution, fixed_point, fixed_point_batch
-from .solvers import Anderson, Solver
+from .implicit import fixed_point, fixed_point_batch
+from .solvers import Anderson, Solution, Solver
 
 DEFAULT_SOLVER = Anderson(m=5, tol=1e-4, max_steps=40)
 STATS_COLLECTION = "deq_stats"

@@ -21,17 +21,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from ._tree import cast_floats
+
 MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
-
-
-def _cast_floats(tree: Any, dtype) -> Any:
-    """Cast the floating-point leaves of ``tree`` to ``dtype``; other leaves pass through."""
-
-    def cast(leaf):
-        leaf = jnp.asarray(leaf)
-        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
-
-    return jax.tree_util.tree_map(cast, tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +58,7 @@ class Precision:
 
     def cast_state(self, z: Any) -> Any:
         """``z`` with its floating leaves in the state dtype."""
-        return _cast_floats(z, self.state)
+        return cast_floats(z, self.state)
 
     def wrap(self, f: Callable) -> Callable:
         """``f`` evaluated under this policy; takes and returns state-dtype ``z``."""
@@ -77,7 +69,7 @@ class Precision:
                 if self.compute is None:
                     out = f(z, *args)
                 else:
-                    out = f(_cast_floats(z, self.compute), *_cast_floats(args, self.compute))
+                    out = f(cast_floats(z, self.compute), *cast_floats(args, self.compute))
             if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(z):
                 return out  # left for fixed_point's structure check to report
             return jax.tree_util.tree_map(lambda o, zi: o.astype(zi.dtype), out, z)

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from .gradients import GradientMode, Phantom
-from .implicit import Solution, fixed_point
+from .implicit import fixed_point
 from .linalg import spectral_norm
-from .solvers import Anderson, Solver
+from .solvers import Anderson, Solution, Solver
 
 
 def jacobian_penalty(f: Callable, z: Any, *args: Any, key: jax.Array, num_probes: int = 1) -> jax.Array:

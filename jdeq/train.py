@@ -20,8 +20,8 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from .data import Dataset, check_dataset
-from .implicit import read_backward_stats, stats_probe
 from .nn import STATS_COLLECTION
+from .stats import read_backward_stats, stats_probe
 
 CHECKPOINTS_KEPT = 3
 

@@ -62,7 +62,7 @@ def make_train_step(optimizer):
     def train_step(params, opt_state, batch):
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, stats, distributed.summarize_stats(stats)
+        return optax.apply_updates(params, updates), opt_state, loss, stats, jdeq.summarize(stats)
 
     return train_step
 
@@ -140,7 +140,7 @@ def test_summary_counts_a_nan_residual_as_infinite():
         converged=jnp.array([True, False]),
         result=jnp.array([jdeq.Result.CONVERGED, jdeq.Result.NONFINITE], jnp.int32),
     )
-    summary = distributed.summarize_stats(stats)
+    summary = jdeq.summarize(stats)
     assert float(summary["max_residual"]) == np.inf
     assert float(summary["count_nonfinite"]) == 1 and float(summary["count_converged"]) == 1
     assert float(summary["mean_steps"]) == 5.0 and float(summary["max_steps"]) == 7.0

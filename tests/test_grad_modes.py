@@ -24,11 +24,11 @@ def rel_err(a, b):
 
 
 def supported(mode, solver) -> bool:
-    """Shine needs a quasi-Newton forward solver; Unrolled cannot go through Broyden's line search."""
+    """Shine needs a forward inverse-Jacobian estimate; Unrolled needs a reverse-differentiable step."""
     if isinstance(mode, jdeq.Shine):
-        return isinstance(solver, (jdeq.Anderson, jdeq.Broyden))
+        return solver.has_inverse_jacobian
     if isinstance(mode, jdeq.Unrolled):
-        return not getattr(solver, "line_search", False)
+        return solver.unrollable
     return True
 
 

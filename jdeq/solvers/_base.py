@@ -16,53 +16,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ..stats import Result, Stats
+
 Array = jax.Array
 FlatMap = Callable[[Array], Array]
 
 
-class Result:
-    """Integer result codes stored in :attr:`Stats.result`.
+class Solution(NamedTuple):
+    """A solve's result: ``value`` (z*, same pytree as ``z0``), its :class:`Stats`, and the solver's final ``state``.
 
-    ``CONVERGED``: the residual met the tolerance. ``MAX_STEPS``: the step budget ran out first.
-    ``DIVERGED``: the residual grew past ``divergence`` times its initial value.
-    ``NONFINITE``: an input or an iterate held NaN or inf. ``RUNNING`` (-1): the driver's code while a
-    solve goes on; in backward statistics it means that no backward solve ran.
+    ``state`` is the solver's own pytree after the last step (e.g. Broyden's inverse-Jacobian
+    estimate); ``fixed_point`` returns it without gradient.
     """
 
-    CONVERGED = 0
-    MAX_STEPS = 1
-    DIVERGED = 2
-    NONFINITE = 3
-    RUNNING = -1
-    NAMES = {0: "converged", 1: "max_steps", 2: "diverged", 3: "nonfinite", -1: "no solve"}
-
-    @classmethod
-    def name(cls, code) -> str:
-        """The name of an integer result code (a Python int or a scalar array)."""
-        return cls.NAMES[int(code)]
-
-
-class Stats(NamedTuple):
-    """What a solve did, returned as data (batched like the solve under ``jax.vmap``).
-
-    Attributes:
-      num_steps: iterations taken (int32).
-      num_evals: evaluations of the map, the initial one included (int32).
-      residual: relative residual ``‖f(z) − z‖ / ‖f(z)‖`` of the returned ``z``.
-      abs_residual: absolute residual ``‖f(z) − z‖`` of the returned ``z``.
-      converged: ``result == Result.CONVERGED``.
-      result: a :class:`Result` code.
-      trace: relative residual at steps ``0..max_steps`` (NaN after the last step) when the solver
-        was built with ``trace=True``, else ``None``.
-    """
-
-    num_steps: Array
-    num_evals: Array
-    residual: Array
-    abs_residual: Array
-    converged: Array
-    result: Array
-    trace: Optional[Array] = None
+    value: Any
+    stats: Stats
+    state: Any = None
 
 
 def norm(v: Array) -> Array:
@@ -109,6 +78,31 @@ class Solver:
     def step(self, fn: FlatMap, x: Array, fx: Array, state: Any) -> tuple[Array, Array, Any, Array]:
         """One iteration: returns ``(x_new, fn(x_new), state_new, evals_used)``."""
         raise NotImplementedError
+
+    @property
+    def unrollable(self) -> bool:
+        """Whether ``step`` is differentiable by reverse-mode autodiff (no inner ``while_loop``): ``Unrolled`` needs it."""
+        return True
+
+    @property
+    def has_inverse_jacobian(self) -> bool:
+        """Whether the state keeps an estimate ``H ≈ (∂f/∂z − I)^{-1}`` (``Shine`` needs one)."""
+        return False
+
+    def inverse_jacobian_transpose(self, state: Any, v: Array) -> Array:
+        """``Hᵀ v`` for the estimate ``H ≈ (∂f/∂z − I)^{-1}`` kept in ``state`` (when ``has_inverse_jacobian``)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no inverse-Jacobian estimate")
+
+
+def subclass_names(base: type) -> str:
+    """Names of the public concrete subclasses of ``base`` defined so far (for error messages)."""
+    found, stack = set(), list(base.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if not cls.__name__.startswith("_") and not getattr(cls, "__abstractmethods__", None):
+            found.add(cls.__name__)
+    return ", ".join(sorted(found))
 
 
 def _check(ok: bool, message: str) -> None:
@@ -159,13 +153,12 @@ def _measure(solver: Solver, step, x, fx, res0):
     return abs_res, rel_res, settle(code, solver.tol, solver.atol, abs_res, fx_norm)
 
 
-def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, keep_state: bool = False):
-    """Iterate ``solver`` on ``fn`` from ``x0`` inside one ``lax.while_loop``; return ``(x, stats)``.
+def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False) -> Solution:
+    """Iterate ``solver`` on ``fn`` from ``x0`` inside one ``lax.while_loop``; return a :class:`Solution`.
 
     ``unroll=True`` runs the same body as a ``lax.scan`` over ``max_steps`` (steps after the stop are
     skipped by ``lax.cond``) so that reverse-mode autodiff can go through the iterations; memory then
-    grows with ``max_steps``. ``keep_state=True`` returns ``(x, stats, state)`` with the solver's final
-    state (e.g. Broyden's inverse-Jacobian estimate).
+    grows with ``max_steps``.
     """
     fx0 = fn(x0)
     zero = jnp.zeros((), jnp.int32)
@@ -234,4 +227,4 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, keep_st
         result=c.result,
         trace=c.trace,
     )
-    return (x, stats, c.state) if keep_state else (x, stats)
+    return Solution(x, stats, c.state)

@@ -97,6 +97,26 @@ class Anderson(Solver):
         x_new = jnp.where(ok, x_acc, x + self.beta * g)
         return x_new, fn(x_new), AndersonState(gs, fs, gram, count), jnp.ones((), jnp.int32)
 
+    @property
+    def has_inverse_jacobian(self) -> bool:
+        return True
+
+    def inverse_jacobian_transpose(self, state, v):
+        """``Hᵀ v`` for Anderson's (type II) multisecant inverse Jacobian of ``g(z) = f(z) − z``.
+
+        ``H = −βI + (ΔX + βΔG)(ΔGᵀΔG + λI)^{-1}ΔGᵀ`` (Fang & Saad 2009) over the differences of the
+        stored iterates ``ΔX`` and residuals ``ΔG``, taken relative to the newest stored pair.
+        """
+        last = (state.count - 1) % self.m
+        valid = (jnp.arange(self.m) < state.count) & (jnp.arange(self.m) != last)
+        xs = state.fs - state.gs  # the memory holds images f_i and residuals g_i; x_i = f_i − g_i
+        dx = jnp.where(valid[:, None], xs - xs[last], 0.0)
+        dg = jnp.where(valid[:, None], state.gs - state.gs[last], 0.0)
+        gram = dg @ dg.T
+        lam = self.ridge * jnp.sum(jnp.diag(gram)) / jnp.maximum(jnp.sum(valid), 1) + jnp.finfo(gram.dtype).tiny
+        system = gram + jnp.diag(jnp.where(valid, lam, 1.0))
+        return -self.beta * v + dg.T @ jnp.linalg.solve(system, (dx + self.beta * dg) @ v)
+
     def coefficients(self, gram, count):
         """Solve the constrained least squares for α over the filled slots of the memory."""
         valid = jnp.arange(self.m) < count

@@ -78,6 +78,17 @@ class Broyden(Solver):
         vs = jnp.where(ok, state.vs.at[slot].set(v), state.vs)
         return x_new, fx_new, BroydenState(us, vs, state.count + ok.astype(jnp.int32)), used
 
+    @property
+    def unrollable(self) -> bool:
+        return not self.line_search  # the backtracking is a while_loop
+
+    @property
+    def has_inverse_jacobian(self) -> bool:
+        return True
+
+    def inverse_jacobian_transpose(self, state, v):
+        return apply_inverse_transpose(state.us, state.vs, v)
+
     def _advance(self, fn, x, direction, g_norm):
         """Full step, or backtracking from it when ``line_search`` is on; returns ``(x⁺, f(x⁺), evals)``."""
         x_new = x + direction

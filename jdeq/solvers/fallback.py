@@ -103,6 +103,25 @@ class Fallback(Solver):
         )
         return jnp.where(give_up, best_x, x_new), jnp.where(give_up, best_fx, fx_new), new_state, used
 
+    @property
+    def unrollable(self) -> bool:
+        return all(stage.unrollable for stage in self.stages)
+
+    @property
+    def has_inverse_jacobian(self) -> bool:
+        return any(stage.has_inverse_jacobian for stage in self.stages)
+
+    def inverse_jacobian_transpose(self, state, v):
+        """The active stage's ``Hᵀ v``; ``−v`` (``H = −I``, no memory) for a stage that keeps no estimate."""
+
+        def branch(i):
+            stage = self.stages[i]
+            if stage.has_inverse_jacobian:
+                return lambda v: stage.inverse_jacobian_transpose(state.states[i], v)
+            return lambda v: -v
+
+        return lax.switch(state.stage, [branch(i) for i in range(len(self.stages))], v)
+
     def _branches(self, fn):
         """One ``lax.switch`` branch per stage: that stage's step on its own state."""
 

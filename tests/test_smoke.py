@@ -1,0 +1,40 @@
+"""A fast end-to-end check of the public API, also run against the lowest stated dependency versions (`make test-min`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import jdeq
+from jdeq import distributed
+from jdeq.models import MLPCell
+from jdeq.nn import DEQ, NNXDEQ
+
+
+def test_solve_and_implicit_gradient():
+    w = 0.5 * jnp.eye(3)
+
+    def loss(w):
+        return jnp.sum(jdeq.fixed_point(lambda z, w: jnp.tanh(w @ z + 1.0), jnp.zeros(3), w).value)
+
+    g = jax.jit(jax.grad(loss))(w)
+    assert g.shape == (3, 3) and bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_linen_and_nnx_layers_train_one_step():
+    x = jnp.ones((2, 4))
+    layer = DEQ(cell=MLPCell(6))
+    params = layer.init(jax.random.PRNGKey(0), x)["params"]
+    grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x, mutable=["deq_stats"])[0]))(params)
+    optimizer = optax.adam(1e-3)
+    optax.apply_updates(params, optimizer.update(grads, optimizer.init(params), params)[0])
+    model = NNXDEQ(MLPCell(6), (4,), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(model(x).value.shape, (2, 6))
+
+
+def test_mesh_and_x64_context():
+    mesh = distributed.data_mesh()
+    assert mesh.shape[distributed.DATA_AXIS] == len(jax.devices())
+    with jax.enable_x64(True):
+        assert jnp.zeros(1, jnp.float64).dtype == jnp.float64
