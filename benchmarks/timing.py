@@ -11,11 +11,17 @@ import jax
 
 
 def set_cpu_threads(threads: int) -> None:
-    """Limit XLA's CPU backend to ``threads`` intra-op threads; call before JAX first uses the CPU backend."""
-    os.environ["XLA_FLAGS"] = (
-        f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
-        f"intra_op_parallelism_threads={threads} " + os.environ.get("XLA_FLAGS", "")
-    )
+    """Run this process on ``threads`` CPU cores; call before JAX first uses the CPU backend.
+
+    XLA's CPU backend has no thread-count flag (``intra_op_parallelism_threads`` is not an XLA flag and
+    is ignored in ``XLA_FLAGS``): with one thread, ``--xla_cpu_multi_thread_eigen=false`` keeps its
+    Eigen kernels single-threaded; for any count the process's CPU affinity is pinned to that many
+    cores, which bounds XLA's and PyTorch's thread pools alike.
+    """
+    if threads == 1:
+        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false " + os.environ.get("XLA_FLAGS", "")
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cores[:threads])
 
 
 def median_ms(call: Callable[[], object], sync: Callable[[object], object], repeats: int, warmup: int = 1) -> float:
