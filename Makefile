@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 LINT_PATHS := $(wildcard jdeq tests benchmarks notebooks)
 
-.PHONY: test test-slow demo bench lint venv clean
+.PHONY: test test-slow test-min demo bench lint venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m slow
+
+# The smoke tests against the lowest dependency versions pyproject.toml states (a separate venv).
+MIN_VENV := .venv-min
+test-min:
+	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install --quiet $$($(PYTHON) .ci/lower_bounds.py) pytest
+	$(MIN_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(MIN_VENV)/bin/python -m pytest -q tests/test_smoke.py
 
 demo: $(STAMP)
 	$(VENV)/bin/jdeq demo
@@ -42,4 +50,4 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check $(LINT_PATHS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(MIN_VENV) runs .pytest_cache

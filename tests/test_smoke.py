@@ -33,6 +33,19 @@ def test_linen_and_nnx_layers_train_one_step():
     np.testing.assert_allclose(model(x).value.shape, (2, 6))
 
 
+def test_bundled_data_and_a_figure(tmp_path):
+    from matplotlib.figure import Figure
+
+    from jdeq.data import load_digits
+
+    data = load_digits()
+    assert data.x_train.shape[1:] == (64,) and data.num_classes == 10
+    fig = Figure()
+    fig.subplots().plot(np.arange(3))
+    fig.savefig(tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").stat().st_size > 0
+
+
 def test_mesh_and_x64_context():
     mesh = distributed.data_mesh()
     assert mesh.shape[distributed.DATA_AXIS] == len(jax.devices())
