@@ -27,7 +27,7 @@ from jax import lax
 
 from ._tree import frozen, zero_tangents
 from .solvers import Solution, Solver, Stats, run
-from .solvers._base import _check
+from .solvers._base import _check, map_rows
 from .solvers.linear import AdjointSolver, check_adjoint_solver, measured_stats, solve_linear_fixed_point
 from .stats import encode_backward_stats
 
@@ -82,11 +82,13 @@ class AdjointMode(GradientMode):
     With ``z* = f(z*, θ)``, ``ḡ_θ = (∂f/∂θ)ᵀ u`` where ``u = (∂f/∂z)ᵀ u + ḡ``. The forward solve
     runs without gradient; the value returned is ``A(z* + T(θ))``: ``T`` is :func:`parameter_term`
     and ``A`` an identity whose backward rule maps ``ḡ ↦ u`` by :meth:`adjoint`. Subclasses implement
-    :meth:`adjoint` only.
+    :meth:`adjoint` only; one that reads the forward solver's final state sets ``uses_forward_state``.
     """
 
+    uses_forward_state = False
+
     def solve(self, solver, fn, x0, args, probe):
-        sol = run(solver, lambda x: fn(x, frozen(args)), lax.stop_gradient(x0))
+        sol = run(solver, lambda x: fn(x, frozen(args)), lax.stop_gradient(x0), freeze_state=self.uses_forward_state)
         x_star, state = lax.stop_gradient(sol.value), frozen(sol.state)
         mode = self
 
@@ -102,7 +104,7 @@ class AdjointMode(GradientMode):
             _, vjp = jax.vjp(lambda z: fn(z, args), x_star)
             u, stats = mode.adjoint(solver, lambda u: vjp(u)[0], g, state)
             zeros = zero_tangents((x_star, args, state))
-            return (u, *zeros, encode_backward_stats(stats, probe.dtype))
+            return (u, *zeros, encode_backward_stats(stats, probe))
 
         adjoint_identity.defvjp(forward, backward)
         value = adjoint_identity(x_star + parameter_term(fn, x_star, args), x_star, args, state, probe)
@@ -157,6 +159,7 @@ class Shine(AdjointMode):
     """
 
     refine: Optional[AdjointSolver] = None
+    uses_forward_state = True
 
     def __post_init__(self):
         check_adjoint_solver(self.refine, "Shine")
@@ -170,7 +173,7 @@ class Shine(AdjointMode):
         return super().solve(solver, fn, x0, args, probe)
 
     def adjoint(self, forward_solver, vjp_z, g, state):
-        u0 = -forward_solver.inverse_jacobian_transpose(state, g)
+        u0 = -map_rows(forward_solver.inverse_jacobian_transpose, state, g)
         if self.refine is None:
             return u0, measured_stats(u0, vjp_z(u0) + g, 0)
         return solve_linear_fixed_point(self.refine, lambda u: vjp_z(u) + g, g, x0=u0)

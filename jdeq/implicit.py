@@ -12,9 +12,10 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 
 from ._errors import raise_unless_converged
-from ._tree import check_same_structure, flat_map
+from ._tree import check_same_structure, describe, flat_map
 from .gradients import GradientMode, Implicit
 from .precision import Precision
 from .solvers import Anderson, Solution, Solver
@@ -55,6 +56,11 @@ def fixed_point(
       :class:`Solution` with ``value`` (z*), ``stats`` and the solver's final ``state`` (no gradient). One problem per call: use ``jax.vmap`` or
       :func:`fixed_point_batch` for per-sample solves of a batch.
     """
+    return _solve(f, z0, args, None, solver, grad, throw, backward_stats, precision)
+
+
+def _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision) -> Solution:
+    """:func:`fixed_point` (``axes is None``) or :func:`fixed_point_batch` (``axes``: the args' batch axes)."""
     solver = Anderson() if solver is None else solver
     grad = Implicit() if grad is None else grad
     if not isinstance(solver, Solver):
@@ -63,18 +69,36 @@ def fixed_point(
         raise ValueError(f"grad must be a jdeq GradientMode ({subclass_names(GradientMode)}), got {grad!r}")
     if precision is not None:
         f, z0 = precision.wrap(f), precision.cast_state(z0)
-    check_same_structure(f, z0, args)
-    closed, consts = jax.closure_convert(f, z0, *args)
+    z_one, args_one = (z0, args) if axes is None else _one_sample(z0, args, axes)
+    check_same_structure(f, z_one, args_one)
+    closed, consts = jax.closure_convert(f, z_one, *args_one)
 
     def f_args(z, args, consts):
         return closed(z, *args, *consts)
 
-    x0, unravel, fn = flat_map(f_args, z0)
+    x0, unravel, fn = flat_map(f_args, z_one)
+    if axes is not None:  # the batch: rows of x are samples; f runs vmapped over them
+        x0 = jax.vmap(lambda z: flat_map(f_args, z)[0])(z0)
+        fn = jax.vmap(fn, in_axes=(0, (axes, None)))
+        unravel = jax.vmap(unravel)
     probe = stats_probe() if backward_stats is None else backward_stats
     sol = grad.solve(solver, fn, x0, (args, tuple(consts)), probe)
     if throw:
         raise_unless_converged(sol.stats)
     return sol._replace(value=unravel(sol.value))
+
+
+def _one_sample(z0: Any, args: tuple, axes: tuple) -> tuple[Any, tuple]:
+    """A zero sample shaped like one ``z`` and the shapes/dtypes of one sample's ``args`` (ValueError naming ``in_axes``)."""
+    try:
+        batched = jax.eval_shape(lambda z, *a: jax.vmap(lambda *t: t, in_axes=(0, *axes))(z, *a), z0, *args)
+    except ValueError as error:
+        raise ValueError(
+            f"fixed_point_batch: in_axes={axes} does not fit z0 (batch axis 0) and args "
+            f"({', '.join(describe(a) for a in args)}): {error}"
+        ) from None
+    one = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), batched[1:])
+    return jax.tree_util.tree_map(lambda a: jnp.zeros(jnp.shape(a)[1:], jnp.result_type(a)), z0), one
 
 
 def root(g: Callable, z0: Any, *args: Any, **kwargs: Any) -> Solution:
@@ -89,22 +113,31 @@ def root(g: Callable, z0: Any, *args: Any, **kwargs: Any) -> Solution:
     return fixed_point(f, z0, *args, **kwargs)
 
 
-def fixed_point_batch(f: Callable, z0: Any, *args: Any, in_axes: Any = None, **kwargs: Any) -> Solution:
-    """Per-sample solves of a batch: ``jax.vmap`` of :func:`fixed_point` over axis 0 of ``z0``.
+def fixed_point_batch(
+    f: Callable,
+    z0: Any,
+    *args: Any,
+    in_axes: Any = None,
+    solver: Optional[Solver] = None,
+    grad: Optional[GradientMode] = None,
+    throw: bool = False,
+    backward_stats: Optional[jax.Array] = None,
+    precision: Optional[Precision] = None,
+) -> Solution:
+    """Per-sample solves of a batch: the same values and stats as ``jax.vmap`` of :func:`fixed_point`.
 
-    ``f`` is the per-sample map. ``in_axes`` gives, like ``jax.vmap``, the batch axis of each of
-    ``args`` (a tuple, or one value for all; default ``None``: shared by every sample, e.g.
-    ``in_axes=(0, None)`` for ``f(z, x, params)``). Each sample stops on its own residual and gets
-    its own stats. For a batch-coupled ``f`` (batch statistics), call :func:`fixed_point` on the
-    whole batch instead.
+    ``f`` is the per-sample map and ``z0`` the batch of initial guesses (axis 0 of every leaf).
+    ``in_axes`` gives, like ``jax.vmap``, the batch axis of each of ``args`` (a tuple, or one value for
+    all; default ``None``: shared by every sample, e.g. ``in_axes=(0, None)`` for ``f(z, x, params)``).
+    Each sample stops on its own residual and gets its own stats; ``backward_stats`` is a probe with
+    one row per sample (``stats_probe((batch,))``) or one shared row (counts summed over the batch).
+
+    The solve runs on the batch-native driver (:func:`jdeq.solvers.run` with a ``(batch, n)`` start):
+    one loop, the solver step vmapped inside it, ``f`` evaluated once per step on the whole batch,
+    solver memory written in place. For a batch-coupled ``f`` (batch statistics), call
+    :func:`fixed_point` on the whole batch instead.
     """
     axes = tuple(in_axes) if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
     if len(axes) != len(args):
-        raise ValueError(f"in_axes has {len(axes)} entries for {len(args)} args")
-    probe = kwargs.pop("backward_stats", None)
-    probe_axis = None if probe is None or probe.ndim == 1 else 0
-
-    def one(z, probe, *a):
-        return fixed_point(f, z, *a, backward_stats=probe, **kwargs)
-
-    return jax.vmap(one, in_axes=(0, probe_axis, *axes))(z0, probe, *args)
+        raise ValueError(f"fixed_point_batch: in_axes has {len(axes)} entries for {len(args)} args")
+    return _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision)

@@ -104,10 +104,18 @@ def stats_probe(batch_shape: tuple[int, ...] = ()) -> Array:
     return jnp.zeros((*batch_shape, PROBE_SIZE), jnp.float32)
 
 
-def encode_backward_stats(stats: Stats, dtype=jnp.float32) -> Array:
-    """One backward solve's stats in the probe's additive layout: ``[one-hot result, steps, residual]``."""
-    one_hot = (jnp.asarray(Result.FINAL, jnp.int32) == stats.result).astype(dtype)
-    return jnp.concatenate([one_hot, jnp.stack([stats.num_steps.astype(dtype), stats.residual.astype(dtype)])])
+def encode_backward_stats(stats: Stats, probe: Array) -> Array:
+    """Backward stats in the probe's additive layout ``[one-hot result, steps, residual]``, shaped like ``probe``.
+
+    Per-sample stats ``(B,)`` for an unbatched probe are summed over the samples; one solve's stats
+    for a batched probe go to every row.
+    """
+    dtype = probe.dtype
+    one_hot = (jnp.asarray(Result.FINAL, jnp.int32) == stats.result[..., None]).astype(dtype)
+    rest = jnp.stack([stats.num_steps.astype(dtype), stats.residual.astype(dtype)], axis=-1)
+    encoded = jnp.concatenate([one_hot, rest], axis=-1)
+    extra = encoded.ndim - probe.ndim
+    return jnp.broadcast_to(jnp.sum(encoded, axis=tuple(range(extra))) if extra > 0 else encoded, probe.shape)
 
 
 def read_backward_stats(probe_grad: Array) -> BackwardStats:

@@ -121,7 +121,7 @@ def test_jitted_layer_does_not_recompile_on_a_second_call():
     layer = linen_layer(cell)
     x = batch(shape)
     params = layer.init(jax.random.PRNGKey(0), x)
-    apply = jax.jit(chex.assert_max_traces(layer.apply, n=1))
+    apply = jax.jit(chex.assert_max_traces(lambda p, x: layer.apply(p, x), n=1))
     apply(params, x)
     apply(params, x + 1.0)
 

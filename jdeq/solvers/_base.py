@@ -9,12 +9,14 @@ loop compiles to one ``lax.while_loop`` with no host synchronisation and no allo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_batching import custom_vmap
 
 from ..stats import Result, Stats
 
@@ -35,9 +37,9 @@ class Solution(NamedTuple):
 
 
 def norm(v: Array) -> Array:
-    """Euclidean norm accumulated in at least float32 (safe for bfloat16/float16 iterates)."""
+    """Euclidean norm over the last axis, accumulated in at least float32 (safe for bfloat16/float16 iterates)."""
     dtype = jnp.promote_types(v.dtype, jnp.float32)
-    return jnp.sqrt(jnp.sum(jnp.square(v.astype(dtype))))
+    return jnp.sqrt(jnp.sum(jnp.square(v.astype(dtype)), axis=-1))
 
 
 def relative(abs_res: Array, scale: Array) -> Array:
@@ -80,6 +82,25 @@ class Solver:
         raise NotImplementedError
 
     @property
+    def batch_axes(self) -> Any:
+        """``jax.vmap`` axes of the state in a batch solve (a pytree prefix): 0 batches a leaf, ``None`` shares it.
+
+        Shared leaves (e.g. a step counter that every sample advances together) keep memory writes at
+        one slot of the batch, in place; default: every leaf per sample.
+        """
+        return 0
+
+    def batch_step(self, fn: FlatMap, x: Array, fx: Array, state: Any, axes: Any) -> tuple[Array, Array, Any, Array]:
+        """:meth:`step` for a batch ``(B, n)`` of independent problems, ``fn`` mapping the batch row by row.
+
+        Default: ``step`` vmapped over the rows (state axes ``axes``), ``f`` evaluated once on the
+        batch per evaluation (:func:`per_row`). Override it only where vmapping ``step`` cannot work.
+        """
+        row = per_row(fn, x.shape[0], x.shape[1:], x.dtype)
+        vmapped = jax.vmap(lambda x, fx, s: self.step(row, x, fx, s), in_axes=(0, 0, axes), out_axes=(0, 0, axes, 0))
+        return vmapped(x, fx, state)
+
+    @property
     def unrollable(self) -> bool:
         """Whether ``step`` is differentiable by reverse-mode autodiff (no inner ``while_loop``): ``Unrolled`` needs it."""
         return True
@@ -117,22 +138,6 @@ def check_stopping(tol: float, atol: float, max_steps: int) -> None:
     _check(isinstance(max_steps, int) and max_steps >= 1, f"max_steps must be an int >= 1, got {max_steps!r}")
 
 
-class _Carry(NamedTuple):
-    step: Array
-    evals: Array
-    x: Array
-    fx: Array
-    abs_res: Array
-    rel_res: Array
-    res0: Array
-    best_x: Array
-    best_abs: Array
-    best_rel: Array
-    trace: Optional[Array]
-    result: Array
-    state: Any
-
-
 def settle(code, tol, atol, abs_res, fx_norm) -> Array:
     """Override ``code`` with CONVERGED when ``abs_res <= max(atol, tol·‖f‖)``, NONFINITE on NaN/inf."""
     code = jnp.where(abs_res <= jnp.maximum(atol, tol * fx_norm), Result.CONVERGED, code)
@@ -153,22 +158,91 @@ def _measure(solver: Solver, step, x, fx, res0):
     return abs_res, rel_res, settle(code, solver.tol, solver.atol, abs_res, fx_norm)
 
 
-def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False) -> Solution:
+def per_row(fn: FlatMap, size: int, shape: tuple, dtype: Any) -> FlatMap:
+    """A map on one row ``x`` of a batch that, when ``jax.vmap``-ed over the rows, calls ``fn`` on the whole batch.
+
+    ``fn`` maps a batch ``(size, n)`` to ``(size, n)`` row by row. Inside ``jax.vmap`` (the batch
+    driver's vmapped solver step, a per-row linear solve) the row map becomes one call of ``fn`` on
+    the batch (``jax.custom_batching.custom_vmap``), so solver code is written for one problem while
+    ``f`` runs batched. Called outside ``jax.vmap`` it is sample 0's map (only traced, for shapes).
+    The arrays ``fn`` closes over are passed explicitly (``jax.closure_convert``), so the row map can
+    sit in loops and differentiated programs.
+    """
+
+    closed, consts = jax.closure_convert(fn, jax.ShapeDtypeStruct((size, *shape), dtype))
+
+    @custom_vmap
+    def row(x, consts):
+        return closed(jnp.broadcast_to(x, (size, *x.shape)), *consts)[0]
+
+    @row.def_vmap
+    def row_batched(axis_size, in_batched, x, consts):
+        _check(not any(jax.tree_util.tree_leaves(in_batched[1])), "per_row: the batch map's own arrays got batched")
+        return closed(x if in_batched[0] else jnp.broadcast_to(x, (axis_size, *x.shape)), *consts), True
+
+    return lambda x: row(x, consts)
+
+
+def map_rows(f: Callable, *xs: Any) -> Any:
+    """``f(*xs)`` for one problem (1-D last argument), ``jax.vmap(f)(*xs)`` over the rows of a batch (2-D)."""
+    return jax.vmap(f)(*xs) if jnp.ndim(xs[-1]) == 2 else f(*xs)
+
+
+class _Carry(NamedTuple):
+    it: Array  # iterations of the loop (the batch's slowest sample)
+    step: Array  # per-sample iterations
+    evals: Array
+    x: Array
+    fx: Array
+    abs_res: Array
+    rel_res: Array
+    res0: Array
+    best_x: Optional[Array]
+    best_abs: Array
+    best_rel: Array
+    trace: Optional[Array]
+    result: Array
+    state: Any
+
+
+def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_state: bool = False) -> Solution:
     """Iterate ``solver`` on ``fn`` from ``x0`` inside one ``lax.while_loop``; return a :class:`Solution`.
+
+    ``x0`` is one problem's flat vector ``(n,)``, or a batch ``(B, n)`` of independent problems with
+    ``fn`` mapping the batch row by row (the batch-native driver). A batch runs one unbatched loop
+    until its slowest sample stops; the solver's step is ``jax.vmap``-ed inside it (``f`` itself runs
+    once on the batch per step, see :func:`per_row`); each sample stops on its own residual, and its
+    iterate, image and statistics freeze there, exactly as ``jax.vmap`` of single solves would give.
+    The solver state is not frozen per sample: leaves that :meth:`Solver.batch_axes` marks as shared
+    (step counters) stay unbatched, so memory writes go to one slot of the batch in place; a sample
+    that has stopped keeps stepping its own memory, unused. ``freeze_state=True`` masks the whole
+    state per sample instead (its final ``state`` is then each sample's own at its stop, as ``Shine``
+    needs).
 
     ``unroll=True`` runs the same body as a ``lax.scan`` over ``max_steps`` (steps after the stop are
     skipped by ``lax.cond``) so that reverse-mode autodiff can go through the iterations; memory then
     grows with ``max_steps``.
     """
+    batched = x0.ndim == 2
+    if batched and x0.shape[0] == 0:  # an empty batch: nothing runs; vmap gives the outputs' empty shapes
+        return jax.vmap(lambda x: run(solver, lambda y: y, x, unroll=unroll))(x0)
+    if batched:
+        axes = 0 if freeze_state else solver.batch_axes
+        init = jax.vmap(solver.init, out_axes=axes)
+        step = functools.partial(solver.batch_step, fn, axes=axes)
+    else:
+        init = solver.init
+        step = functools.partial(solver.step, fn)
     fx0 = fn(x0)
-    zero = jnp.zeros((), jnp.int32)
+    zero = jnp.zeros(x0.shape[:-1], jnp.int32)
     abs0, rel0, code0 = _measure(solver, zero, x0, fx0, jnp.inf)
     trace = None
     if solver.trace:
-        trace = jnp.full((solver.max_steps + 1,), jnp.nan, rel0.dtype).at[0].set(rel0)
+        trace = jnp.full((*x0.shape[:-1], solver.max_steps + 1), jnp.nan, rel0.dtype).at[..., 0].set(rel0)
     carry = _Carry(
+        it=jnp.zeros((), jnp.int32),
         step=zero,
-        evals=jnp.ones((), jnp.int32),
+        evals=jnp.ones_like(zero),
         x=x0,
         fx=fx0,
         abs_res=abs0,
@@ -179,32 +253,41 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False) -> Solu
         best_rel=rel0,
         trace=trace,
         result=code0,
-        state=solver.init(x0, fx0),
+        state=init(x0, fx0),
     )
 
     def body(c: _Carry) -> _Carry:
-        x, fx, state, used = solver.step(fn, c.x, c.fx, c.state)
-        step = c.step + 1
-        abs_res, rel_res, code = _measure(solver, step, x, fx, c.res0)
+        x, fx, state, used = step(c.x, c.fx, c.state)
+        active = c.result == Result.RUNNING  # always true for one problem
+
+        def keep(new, old):  # per-sample freeze of a stopped sample (a no-op for one problem)
+            if not batched:
+                return new
+            return jnp.where(jnp.reshape(active, active.shape + (1,) * (jnp.ndim(new) - active.ndim)), new, old)
+
+        steps = c.step + active.astype(jnp.int32)
+        x, fx = keep(x, c.x), keep(fx, c.fx)
+        abs_res, rel_res, code = _measure(solver, steps, x, fx, c.res0)
         better = abs_res < c.best_abs
         return _Carry(
-            step=step,
-            evals=c.evals + used,
+            it=c.it + 1,
+            step=steps,
+            evals=c.evals + keep(used, jnp.zeros_like(used)),
             x=x,
             fx=fx,
             abs_res=abs_res,
             rel_res=rel_res,
             res0=c.res0,
-            best_x=jnp.where(better, x, c.best_x) if solver.return_best else c.best_x,
+            best_x=jnp.where(better[..., None], x, c.best_x) if solver.return_best else None,
             best_abs=jnp.where(better, abs_res, c.best_abs),
             best_rel=jnp.where(better, rel_res, c.best_rel),
-            trace=None if c.trace is None else c.trace.at[step].set(rel_res),
-            result=code,
-            state=state,
+            trace=None if c.trace is None else c.trace.at[..., c.it + 1].set(jnp.where(active, rel_res, jnp.nan)),
+            result=keep(code, c.result),
+            state=jax.tree_util.tree_map(keep, state, c.state) if batched and freeze_state else state,
         )
 
     def running(c: _Carry) -> Array:
-        return c.result == Result.RUNNING
+        return jnp.any(c.result == Result.RUNNING)
 
     if unroll:
         c, _ = lax.scan(lambda c, _: (lax.cond(running(c), body, lambda c: c, c), None), carry, length=solver.max_steps)
@@ -213,7 +296,7 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False) -> Solu
     converged = c.result == Result.CONVERGED
     if solver.return_best:
         use_best = ~converged & jnp.isfinite(c.best_abs)
-        x = jnp.where(use_best, c.best_x, c.x)
+        x = jnp.where(use_best[..., None], c.best_x, c.x)
         abs_res = jnp.where(use_best, c.best_abs, c.abs_res)
         rel_res = jnp.where(use_best, c.best_rel, c.rel_res)
     else:

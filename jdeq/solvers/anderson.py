@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from ._base import Solver, _check
 
@@ -50,7 +51,7 @@ class Anderson(Solver):
 
     The memory holds residuals and images, so ``x_{k+1} = Σ α_i f_i − (1 − β) Σ α_i g_i`` needs no
     extra pass. The Gram matrix ``G Gᵀ`` is updated one row per step (O(m·n) work, no O(m²·n)
-    rebuild) and the small system is solved by an unrolled Cholesky factorisation in at least float32. Safeguard: when the regularised system is so
+    rebuild) and the small system is solved in at least float32. Safeguard: when the regularised system is so
     ill-conditioned that the coefficients are non-finite or ``Σ|α_i| > max_coef``, the step falls
     back to the damped iteration ``x + β g`` for that step.
 
@@ -59,12 +60,16 @@ class Anderson(Solver):
       beta: mixing parameter in ``(0, 1]``.
       ridge: ridge regularisation λ, relative to the mean squared residual norm in memory.
       max_coef: safeguard bound on ``Σ|α_i|``.
+      cholesky: solve the small system by the unrolled Cholesky factorisation (:func:`cholesky_solve`),
+        which fuses into a few elementwise kernels batched or on an accelerator, instead of one LAPACK
+        call. ``None`` (default): LAPACK for one problem on CPU, Cholesky in batch solves and elsewhere.
     """
 
     m: int = 5
     beta: float = 1.0
     ridge: float = 1e-4
     max_coef: float = 1e4
+    cholesky: Optional[bool] = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -97,6 +102,19 @@ class Anderson(Solver):
         x_new = jnp.where(ok, x_acc, x + self.beta * g)
         return x_new, fn(x_new), AndersonState(gs, fs, gram, count), jnp.ones((), jnp.int32)
 
+    def _small_solve(self, a, b):
+        if self.cholesky is None:
+            return lax.platform_dependent(a, b, cpu=jnp.linalg.solve, default=cholesky_solve)
+        return cholesky_solve(a, b) if self.cholesky else jnp.linalg.solve(a, b)
+
+    def batch_step(self, fn, x, fx, state, axes):
+        solver = self if self.cholesky is not None else dataclasses.replace(self, cholesky=True)
+        return Solver.batch_step(solver, fn, x, fx, state, axes)
+
+    @property
+    def batch_axes(self):
+        return AndersonState(gs=0, fs=0, gram=0, count=None)
+
     @property
     def has_inverse_jacobian(self) -> bool:
         return True
@@ -124,5 +142,5 @@ class Anderson(Solver):
         scale = jnp.sum(jnp.where(valid, jnp.diag(gram), 0.0)) / jnp.maximum(count.astype(gram.dtype), 1)
         lam = self.ridge * scale + jnp.finfo(gram.dtype).tiny
         system = jnp.where(both, gram, 0.0) + jnp.diag(jnp.where(valid, lam, 1.0))
-        weights = cholesky_solve(system, valid.astype(gram.dtype))
+        weights = self._small_solve(system, valid.astype(gram.dtype))
         return weights / jnp.sum(weights)

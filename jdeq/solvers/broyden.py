@@ -13,30 +13,39 @@ from ._base import Solver, _check, norm
 
 
 class BroydenState(NamedTuple):
-    us: jax.Array  # (m, n): H = −I + Σ u_i v_iᵀ, the inverse-Jacobian estimate of g(x) = f(x) − x
+    us: jax.Array  # (m, n): H = −I + Σ_{i<k} u_i v_iᵀ, the inverse-Jacobian estimate of g(x) = f(x) − x
     vs: jax.Array  # (m, n)
-    count: jax.Array  # rank-one updates applied so far
+    hg: jax.Array  # H g at the current iterate (the next step is −H g)
+    count: jax.Array  # steps taken; rows i < count mod (m + 1) are in use (none: H = −I)
 
 
-def apply_inverse(us, vs, g):
-    """``H g`` for ``H = −I + Uᵀ V`` (rows of ``us``/``vs`` are ``u_i``/``v_i``)."""
-    return -g + (vs @ g) @ us
+def _in_use(count, m):
+    """Mask of the memory rows that make up H: the ``count mod (m + 1)`` written since the last restart."""
+    return jnp.arange(m) < count % (m + 1)
 
 
-def apply_inverse_transpose(us, vs, s):
-    """``Hᵀ s`` for ``H = −I + Uᵀ V``."""
-    return -s + (us @ s) @ vs
+def apply_inverse(us, vs, count, g):
+    """``H g`` for ``H = −I + Σ u_i v_iᵀ`` over the rows in use."""
+    return -g + ((vs @ g) * _in_use(count, us.shape[0]).astype(g.dtype)) @ us
+
+
+def apply_inverse_transpose(us, vs, count, s):
+    """``Hᵀ s`` for ``H = −I + Σ u_i v_iᵀ`` over the rows in use."""
+    return -s + ((us @ s) * _in_use(count, us.shape[0]).astype(s.dtype)) @ vs
 
 
 @dataclasses.dataclass(frozen=True)
 class Broyden(Solver):
     """Broyden's "good" method on ``g(z) = f(z) − z`` with a bounded low-rank inverse Jacobian.
 
-    The inverse Jacobian estimate is ``H_k = −I + Σ_{i<m} u_i v_iᵀ`` (Broyden 1965; the form used for
+    The inverse Jacobian estimate is ``H_k = −I + Σ u_i v_iᵀ`` (Broyden 1965; the form used for
     DEQs by Bai et al., arXiv 1909.01377). A step is ``z⁺ = z − α H g(z)`` and the update, with
-    ``s = z⁺ − z`` and ``y = g(z⁺) − g(z)``, is ``H⁺ = H + (s − H y) sᵀH / (sᵀ H y)``. Memory holds at
-    most ``m`` rank-one terms in a ring buffer: the oldest term is overwritten when it is full.
-    Updates with ``|sᵀ H y|`` below ``1e-12·‖s‖‖H y‖`` are skipped.
+    ``s = z⁺ − z``, ``y = g(z⁺) − g(z)`` and ``v = Hᵀs``, is ``H⁺ = H + (s − H y) vᵀ / (vᵀ y)``, which
+    keeps the secant condition ``H⁺ y = s``. When ``m`` rank-one terms fill the memory, the next step
+    restarts H from ``−I`` (dropping only the oldest term would break the secant conditions of the others).
+    Updates with ``|vᵀ y|`` below ``1e-12·‖s‖‖H y‖`` are skipped (a zero term is written). ``H g`` is
+    carried from step to step (``H⁺ g⁺ = H g⁺ + u (v·g⁺)``), so a step makes 4 passes over the memory:
+    ``H g⁺`` and ``Hᵀ s``.
 
     Attributes:
       m: number of rank-one terms kept, >= 1.
@@ -61,22 +70,30 @@ class Broyden(Solver):
 
     def init(self, x, fx):
         zeros = jnp.zeros((self.m, x.shape[0]), x.dtype)
-        return BroydenState(zeros, zeros, jnp.zeros((), jnp.int32))
+        return BroydenState(zeros, zeros, x - fx, jnp.zeros((), jnp.int32))  # H = −I: H g = −(f − x)
 
     def step(self, fn, x, fx, state):
         g = fx - x
-        direction = -apply_inverse(state.us, state.vs, g)
-        x_new, fx_new, used = self._advance(fn, x, direction, norm(g))
-        s, y = x_new - x, (fx_new - x_new) - g
-        h_y = apply_inverse(state.us, state.vs, y)
-        v = apply_inverse_transpose(state.us, state.vs, s)
-        denom = jnp.vdot(s, h_y)
-        ok = jnp.abs(denom) > 1e-12 * norm(s) * norm(h_y)
-        u = (s - h_y) / jnp.where(ok, denom, 1.0)
-        slot = state.count % self.m
-        us = jnp.where(ok, state.us.at[slot].set(u), state.us)
-        vs = jnp.where(ok, state.vs.at[slot].set(v), state.vs)
-        return x_new, fx_new, BroydenState(us, vs, state.count + ok.astype(jnp.int32)), used
+        x_new, fx_new, used = self._advance(fn, x, -state.hg, norm(g))
+        g_new = fx_new - x_new
+        s = x_new - x
+        hg_new = apply_inverse(state.us, state.vs, state.count, g_new)
+        h_y = hg_new - state.hg
+        v = apply_inverse_transpose(state.us, state.vs, state.count, s)
+        denom = jnp.vdot(v, g_new - g)
+        terms = state.count % (self.m + 1)
+        restart = terms == self.m  # the memory is full: H⁺ = −I, the rows fall out of use
+        ok = (jnp.abs(denom) > 1e-12 * norm(s) * norm(h_y)) & ~restart
+        u = jnp.where(ok, (s - h_y) / jnp.where(ok, denom, 1.0), 0.0)
+        v = jnp.where(ok, v, 0.0)
+        slot = terms % self.m
+        hg_next = jnp.where(restart, -g_new, hg_new + u * jnp.vdot(v, g_new))
+        state = BroydenState(state.us.at[slot].set(u), state.vs.at[slot].set(v), hg_next, state.count + 1)
+        return x_new, fx_new, state, used
+
+    @property
+    def batch_axes(self):
+        return BroydenState(us=0, vs=0, hg=0, count=None)
 
     @property
     def unrollable(self) -> bool:
@@ -87,7 +104,7 @@ class Broyden(Solver):
         return True
 
     def inverse_jacobian_transpose(self, state, v):
-        return apply_inverse_transpose(state.us, state.vs, v)
+        return apply_inverse_transpose(state.us, state.vs, state.count, v)
 
     def _advance(self, fn, x, direction, g_norm):
         """Full step, or backtracking from it when ``line_search`` is on; returns ``(x⁺, f(x⁺), evals)``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -79,6 +80,29 @@ class Fallback(Solver):
 
     def step(self, fn, x, fx, state):
         x_new, fx_new, states, used = lax.switch(state.stage, self._branches(fn), x, fx, state.states)
+        return self._chain(state, x_new, fx_new, states, used)
+
+    def batch_step(self, fn, x, fx, state, axes):
+        """Every stage's own batch step, each sample taking its active stage's (a batched ``lax.switch``
+        would do the same work, but cannot hold the batch-wide evaluation of ``f``)."""
+        steps = [stage.batch_step(fn, x, fx, state.states[i], 0) for i, stage in enumerate(self.stages)]
+        active = [state.stage == i for i in range(len(self.stages))]
+
+        def pick(leaves):  # the active stage's output, per sample
+            out = leaves[-1]
+            for on, leaf in zip(active[:-1], leaves[:-1]):
+                out = _select_rows(on, leaf, out)
+            return out
+
+        x_new, fx_new, used = (pick([out[k] for out in steps]) for k in (0, 1, 3))
+        own = tuple(
+            jax.tree_util.tree_map(functools.partial(_select_rows, on), out[2], old)
+            for out, old, on in zip(steps, state.states, active)
+        )
+        return jax.vmap(self._chain)(state, x_new, fx_new, own, used)
+
+    def _chain(self, state, x_new, fx_new, states, used):
+        """After the active stage's step: reject it and restart the next stage from the best iterate if it failed."""
         res = norm(fx_new - x_new)
         improved = res < state.best_res
         since_best = jnp.where(improved, 0, state.since_best + 1)
@@ -137,3 +161,8 @@ class Fallback(Solver):
 
 def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
     return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def _select_rows(pred: jax.Array, on_true: jax.Array, on_false: jax.Array) -> jax.Array:
+    """``on_true`` in the rows (leading axis) where ``pred`` holds, else ``on_false``."""
+    return jnp.where(pred.reshape(pred.shape + (1,) * (on_true.ndim - pred.ndim)), on_true, on_false)

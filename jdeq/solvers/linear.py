@@ -18,7 +18,7 @@ import jax.scipy.sparse.linalg as jsp_linalg
 from jax import lax
 
 from ..stats import Result, Stats
-from ._base import Solver, _check, check_stopping, residuals, run, settle, subclass_names
+from ._base import Solver, _check, check_stopping, per_row, residuals, run, settle, subclass_names
 
 Array = jax.Array
 AffineMap = Callable[[Array], Array]
@@ -27,7 +27,7 @@ AffineMap = Callable[[Array], Array]
 def measured_stats(u: Array, fu: Array, num_steps: Any, code: Any = Result.MAX_STEPS) -> Stats:
     """Stats of ``u`` as a solution of ``u = fn(u)`` measured on ``fu = fn(u)``: residuals, ``code`` unless nonfinite."""
     abs_res, rel_res, _ = residuals(u, fu)
-    steps = jnp.asarray(num_steps, jnp.int32)
+    steps = jnp.broadcast_to(jnp.asarray(num_steps, jnp.int32), abs_res.shape)
     code = jnp.where(jnp.isfinite(abs_res), code, Result.NONFINITE).astype(jnp.int32)
     return Stats(steps, steps + 1, rel_res, abs_res, code == Result.CONVERGED, code)
 
@@ -38,6 +38,16 @@ class LinearSolver(abc.ABC):
     @abc.abstractmethod
     def solve_fixed_point(self, affine: AffineMap, b: Array, x0: Optional[Array] = None) -> tuple[Array, Stats]:
         """Solve ``u = affine(u)`` from ``x0`` (default: ``b``); return ``(u, stats)``."""
+
+    def solve_rows(self, affine: AffineMap, b: Array, x0: Optional[Array] = None) -> tuple[Array, Stats]:
+        """Solve a batch ``(B, n)`` of independent systems (``affine`` maps the batch row by row): each row its own solve.
+
+        Default: :meth:`solve_fixed_point` vmapped over the rows, ``affine`` evaluated on the batch.
+        """
+        row = per_row(affine, b.shape[0], b.shape[1:], b.dtype)
+        if x0 is None:
+            return jax.vmap(lambda b: self.solve_fixed_point(row, b))(b)
+        return jax.vmap(lambda b, x0: self.solve_fixed_point(row, b, x0))(b, x0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +70,17 @@ class _Krylov(LinearSolver):
         u, _ = self._krylov(lambda v: v - (affine(v) - b), b, x0)
         abs_res, rel_res, fx_norm = residuals(u, affine(u))
         code = settle(Result.MAX_STEPS, self.tol, self.atol, abs_res, fx_norm)
-        unknown = jnp.full((), -1, jnp.int32)
+        unknown = jnp.full(abs_res.shape, -1, jnp.int32)
         return u, Stats(unknown, unknown, rel_res, abs_res, code == Result.CONVERGED, code)
+
+    def solve_rows(self, affine, b, x0=None):
+        """A batch ``(B, n)`` as one block-diagonal system, with ``B · max_steps`` Krylov iterations.
+
+        ``jax.scipy``'s solvers transpose their operator, which a row map that evaluates ``f`` on the
+        whole batch cannot be, so they do not run per row: one solve stops on the batch's residual
+        norm (``tol`` relative to the whole ``b``); ``stats`` are measured per row.
+        """
+        return dataclasses.replace(self, max_steps=self.max_steps * b.shape[0]).solve_fixed_point(affine, b, x0)
 
     @abc.abstractmethod
     def _krylov(self, matvec, b, x0):
@@ -169,9 +188,11 @@ def solve_linear_fixed_point(
 ) -> tuple[Array, Stats]:
     """Solve ``u = affine(u) = M u + b`` from ``x0`` (default ``b``, which saves the product ``M·0``); ``(u, stats)``.
 
-    A :class:`LinearSolver` solves it its own way; a :class:`Solver` iterates the affine map.
+    A :class:`LinearSolver` solves it its own way (a batch ``(B, n)`` row by row, each row its own
+    solve); a :class:`Solver` iterates the affine map (a batch with the batch driver of :func:`run`).
     """
     if isinstance(solver, LinearSolver):
-        return solver.solve_fixed_point(affine, b, x0)
+        solve = solver.solve_fixed_point if b.ndim == 1 else solver.solve_rows
+        return solve(affine, b, x0)
     sol = run(solver, affine, b if x0 is None else x0)
     return sol.value, sol.stats
