@@ -97,6 +97,22 @@ def test_gradients_equal_vmap_of_single_solves(solver, mode):
     )
 
 
+def test_lineax_iterative_solvers_per_row_and_direct_ones_rejected_in_batches():
+    lineax = pytest.importorskip("lineax")
+    solver = SOLVERS["anderson"]
+
+    def grads(solve, inner):
+        def loss(w):
+            return jnp.sum(jnp.sin(solve(solver, w=w, grad=jdeq.Implicit(jdeq.Lineax(inner))).value))
+
+        return jax.grad(loss)(W)
+
+    inner = lineax.GMRES(rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(grads(batch_solve, inner), grads(vmap_solve, inner), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="iterative"):
+        grads(batch_solve, lineax.LU())
+
+
 def test_in_axes_mismatch_names_in_axes():
     with pytest.raises(ValueError, match="in_axes"):
         jdeq.fixed_point_batch(tanh_map, jnp.zeros((B, N)), XS[:3], W, in_axes=(0, None))

@@ -177,7 +177,11 @@ def per_row(fn: FlatMap, size: int, shape: tuple, dtype: Any) -> FlatMap:
 
     @row.def_vmap
     def row_batched(axis_size, in_batched, x, consts):
-        _check(not any(jax.tree_util.tree_leaves(in_batched[1])), "per_row: the batch map's own arrays got batched")
+        _check(
+            axis_size == size and not any(jax.tree_util.tree_leaves(in_batched[1])),
+            f"a row map of a batch of {size} was vmapped over an axis of size {axis_size} or with its own arrays "
+            "batched: inside a batch solve, a solver step may vmap only over the samples",
+        )
         return closed(x if in_batched[0] else jnp.broadcast_to(x, (axis_size, *x.shape)), *consts), True
 
     return lambda x: row(x, consts)

@@ -158,6 +158,19 @@ class Lineax(LinearSolver):
 
     solver: Any
 
+    def solve_rows(self, affine, b, x0=None):
+        """Each row its own solve, for lineax's matrix-free iterative solvers (a direct solver would
+        materialise the operator with ``jax.jacfwd``, which a row map evaluating ``f`` on the batch cannot)."""
+        import lineax
+
+        iterative = (lineax.GMRES, lineax.BiCGStab, lineax.CG, lineax.LSMR)
+        _check(
+            isinstance(self.solver, iterative),
+            f"Lineax({type(self.solver).__name__}) cannot solve per row in a batch solve (fixed_point_batch, the "
+            "layers): use one of lineax's iterative solvers (GMRES, BiCGStab, CG, LSMR)",
+        )
+        return super().solve_rows(affine, b, x0)
+
     def solve_fixed_point(self, affine, b, x0=None):
         import lineax
 
