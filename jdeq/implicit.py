@@ -14,7 +14,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from ._errors import raise_unless_converged
+from ._errors import raise_on_backward_failure, raise_unless_converged
 from ._tree import check_same_structure, describe, flat_map
 from .gradients import GradientMode, Implicit
 from .precision import Precision
@@ -46,8 +46,10 @@ def fixed_point(
       solver: a :class:`Solver` (default ``Anderson()``).
       grad: the :class:`GradientMode` (default ``Implicit()``): :class:`Implicit`, :class:`ImplicitJVP`
         (forward mode), :class:`Shine`, :class:`Phantom`, :class:`Unrolled`, or a user's subclass.
-      throw: raise :class:`SolveError` at run time when the solve did not converge (a
-        ``jax.debug.callback``; under ``jit`` it surfaces as ``JaxRuntimeError``).
+      throw: raise :class:`SolveError` at run time when the solve did not converge, and in the
+        backward pass when a backward (adjoint) solve diverged or went nonfinite (a
+        ``jax.debug.callback``; under ``jit`` it surfaces as ``JaxRuntimeError``). A backward solve that
+        ran out of steps is reported through ``backward_stats``, not raised.
       backward_stats: a :func:`stats_probe` whose gradient receives the backward solve's statistics.
       precision: a :class:`Precision` policy (e.g. f in bfloat16, solver state in float32); ``value``
         then has the policy's state dtype.
@@ -82,7 +84,10 @@ def _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision) ->
         fn = jax.vmap(fn, in_axes=(0, (axes, None)))
         unravel = jax.vmap(unravel)
     probe = stats_probe() if backward_stats is None else backward_stats
-    sol = grad.solve(solver, fn, x0, (args, tuple(consts)), probe)
+    problem_args = (args, tuple(consts))
+    if throw:
+        problem_args, probe = raise_on_backward_failure(problem_args, probe)
+    sol = grad.solve(solver, fn, x0, problem_args, probe)
     if throw:
         raise_unless_converged(sol.stats)
     return sol._replace(value=unravel(sol.value))

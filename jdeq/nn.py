@@ -113,7 +113,8 @@ class DEQ(linen.Module):
             check_input(self.cell, self.get_variable("params", "cell"), x)
         params = self.param("cell", lambda key: self.cell.init(key, jnp.shape(x)[1:]))
         sol = _solve_layer(self, params, x, backward_stats)
-        self.sow(STATS_COLLECTION, "forward", sol.stats)
+        if not self.is_initializing():  # init returns parameters only, no stale statistics
+            self.sow(STATS_COLLECTION, "forward", sol.stats)
         return sol.value
 
 

@@ -43,9 +43,10 @@ def norm(v: Array) -> Array:
 
 
 def relative(abs_res: Array, scale: Array) -> Array:
-    """``abs_res / scale`` with 0/0 = 0 and r/0 = inf."""
+    """``abs_res / scale`` with 0/0 = 0, r/0 = inf, and NaN when either is NaN."""
     safe = jnp.where(scale > 0, scale, 1.0)
-    return jnp.where(scale > 0, abs_res / safe, jnp.where(abs_res > 0, jnp.inf, 0.0))
+    ratio = jnp.where(scale > 0, abs_res / safe, jnp.where(abs_res > 0, jnp.inf, 0.0))
+    return jnp.where(jnp.isnan(abs_res) | jnp.isnan(scale), jnp.nan, ratio)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,9 @@ class Solver:
       max_steps: iteration budget.
       divergence: stop with ``Result.DIVERGED`` once the residual exceeds this multiple of the
         initial residual (``inf`` disables it).
-      return_best: when not converged, return the iterate with the lowest absolute residual seen.
+      return_best: when not converged, return the iterate with the lowest absolute residual seen
+        (a finite one even when the solve ended nonfinite). Otherwise a ``Result.NONFINITE`` solve
+        returns NaN in every entry of the value and in its residuals, so it cannot pass for a solution.
       trace: record the relative residual of every step in ``Stats.trace``.
     """
 
@@ -298,13 +301,13 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
     else:
         c = lax.while_loop(running, body, carry)
     converged = c.result == Result.CONVERGED
-    if solver.return_best:
-        use_best = ~converged & jnp.isfinite(c.best_abs)
-        x = jnp.where(use_best[..., None], c.best_x, c.x)
-        abs_res = jnp.where(use_best, c.best_abs, c.abs_res)
-        rel_res = jnp.where(use_best, c.best_rel, c.rel_res)
-    else:
-        x, abs_res, rel_res = c.x, c.abs_res, c.rel_res
+    use_best = (~converged & jnp.isfinite(c.best_abs)) if solver.return_best else jnp.zeros_like(converged)
+    x = jnp.where(use_best[..., None], c.best_x, c.x) if solver.return_best else c.x
+    # a nonfinite solve returns NaN (value and residuals), unless return_best found a finite iterate
+    failed = (c.result == Result.NONFINITE) & ~use_best
+    x = jnp.where(failed[..., None], jnp.nan, x)
+    abs_res = jnp.where(failed, jnp.nan, jnp.where(use_best, c.best_abs, c.abs_res))
+    rel_res = jnp.where(failed, jnp.nan, jnp.where(use_best, c.best_rel, c.rel_res))
     stats = Stats(
         num_steps=c.step,
         num_evals=c.evals,

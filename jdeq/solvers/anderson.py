@@ -56,9 +56,10 @@ class Anderson(Solver):
     back to the damped iteration ``x + β g`` for that step.
 
     Attributes:
-      m: memory (number of past iterates), >= 1.
+      m: memory (number of past iterates), >= 1; capped at the state's size ``n``.
       beta: mixing parameter in ``(0, 1]``.
-      ridge: ridge regularisation λ, relative to the mean squared residual norm in memory.
+      ridge: ridge regularisation λ, relative to the squared norm of the newest residual ``‖g_k‖²``
+        (old, large residuals in a long memory would otherwise inflate it and slow convergence).
       max_coef: safeguard bound on ``Σ|α_i|``.
       cholesky: solve the small system by the unrolled Cholesky factorisation (:func:`cholesky_solve`),
         which fuses into a few elementwise kernels batched or on an accelerator, instead of one LAPACK
@@ -81,11 +82,12 @@ class Anderson(Solver):
     def init(self, x, fx):
         (n,) = x.shape
         wide = jnp.promote_types(x.dtype, jnp.float32)
-        zeros = jnp.zeros((self.m, n), x.dtype)
-        return AndersonState(zeros, zeros, jnp.zeros((self.m, self.m), wide), jnp.zeros((), jnp.int32))
+        rows = min(self.m, n)  # more rows than the state has dimensions only make the small system singular
+        zeros = jnp.zeros((rows, n), x.dtype)
+        return AndersonState(zeros, zeros, jnp.zeros((rows, rows), wide), jnp.zeros((), jnp.int32))
 
     def step(self, fn, x, fx, state):
-        slot = state.count % self.m
+        slot = state.count % state.gs.shape[0]
         g = fx - x
         gs = state.gs.at[slot].set(g)
         fs = state.fs.at[slot].set(fx)
@@ -125,8 +127,9 @@ class Anderson(Solver):
         ``H = −βI + (ΔX + βΔG)(ΔGᵀΔG + λI)^{-1}ΔGᵀ`` (Fang & Saad 2009) over the differences of the
         stored iterates ``ΔX`` and residuals ``ΔG``, taken relative to the newest stored pair.
         """
-        last = (state.count - 1) % self.m
-        valid = (jnp.arange(self.m) < state.count) & (jnp.arange(self.m) != last)
+        rows = state.gs.shape[0]
+        last = (state.count - 1) % rows
+        valid = (jnp.arange(rows) < state.count) & (jnp.arange(rows) != last)
         xs = state.fs - state.gs  # the memory holds images f_i and residuals g_i; x_i = f_i − g_i
         dx = jnp.where(valid[:, None], xs - xs[last], 0.0)
         dg = jnp.where(valid[:, None], state.gs - state.gs[last], 0.0)
@@ -137,10 +140,11 @@ class Anderson(Solver):
 
     def coefficients(self, gram, count):
         """Solve the constrained least squares for α over the filled slots of the memory."""
-        valid = jnp.arange(self.m) < count
+        rows = gram.shape[0]
+        valid = jnp.arange(rows) < count
         both = valid[:, None] & valid[None, :]
-        scale = jnp.sum(jnp.where(valid, jnp.diag(gram), 0.0)) / jnp.maximum(count.astype(gram.dtype), 1)
-        lam = self.ridge * scale + jnp.finfo(gram.dtype).tiny
+        newest = (count - 1) % rows
+        lam = self.ridge * gram[newest, newest] + jnp.finfo(gram.dtype).tiny  # scaled by ‖g_k‖², not old residuals
         system = jnp.where(both, gram, 0.0) + jnp.diag(jnp.where(valid, lam, 1.0))
         weights = self._small_solve(system, valid.astype(gram.dtype))
         return weights / jnp.sum(weights)

@@ -1,0 +1,101 @@
+"""What the core guarantees when things go wrong: nonfinite solves, failed backward solves, long memories, init."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_matrix, tanh_map
+
+import jdeq
+from jdeq.models import MLPCell
+from jdeq.nn import DEQ
+
+
+def nan_input_solve(solver):
+    return jdeq.fixed_point(
+        lambda z, x: jnp.tanh(0.5 * z + x), jnp.zeros(3), jnp.array([jnp.nan, 0.0, 0.0]), solver=solver
+    )
+
+
+@pytest.mark.parametrize(
+    "solver", [jdeq.FixedPoint(), jdeq.Anderson(), jdeq.Broyden()], ids=["fp", "anderson", "broyden"]
+)
+def test_nan_in_cannot_pass_for_a_solution(solver):
+    sol = nan_input_solve(solver)
+    assert int(sol.stats.result) == jdeq.Result.NONFINITE and not bool(sol.stats.converged)
+    assert bool(jnp.all(jnp.isnan(sol.value)))
+    assert bool(jnp.isnan(sol.stats.residual)) and bool(jnp.isnan(sol.stats.abs_residual))
+
+
+def test_nan_midway_with_return_best_returns_the_best_finite_iterate():
+    def f(z, w):  # finite for three steps, then NaN
+        return jnp.where(jnp.sum(jnp.abs(z)) > 2.5, jnp.nan, 0.9 * z + w)
+
+    sol = jdeq.fixed_point(f, jnp.zeros(2), jnp.ones(2), solver=jdeq.FixedPoint(return_best=True, max_steps=20))
+    assert int(sol.stats.result) == jdeq.Result.NONFINITE
+    assert bool(jnp.all(jnp.isfinite(sol.value))) and bool(jnp.isfinite(sol.stats.residual))
+    np.testing.assert_allclose(
+        sol.stats.abs_residual, jnp.linalg.norm(f(sol.value, jnp.ones(2)) - sol.value), rtol=1e-6
+    )
+
+
+def expanding_problem():
+    """A linear map with spectral radius 2: Broyden solves the forward system, plain iteration cannot do the adjoint."""
+    a = 2.0 * jnp.eye(4) + 0.1 * random_matrix(0, 4, 1.0)
+    return a, jnp.ones(4)
+
+
+def loss_with_probe(b, probe, a, throw):
+    sol = jdeq.fixed_point(
+        lambda z, a, b: a @ z + b,
+        jnp.zeros(4),
+        a,
+        b,
+        solver=jdeq.Broyden(tol=1e-10, max_steps=100),
+        grad=jdeq.Implicit(jdeq.FixedPoint(max_steps=100)),
+        throw=throw,
+        backward_stats=probe,
+    )
+    return jnp.sum(sol.value)
+
+
+def test_divergent_backward_solve_is_counted_without_throw():
+    a, b = expanding_problem()
+    _, probe_grad = jax.grad(loss_with_probe, argnums=(0, 1))(b, jdeq.stats_probe(), a, False)
+    stats = jdeq.read_backward_stats(probe_grad)
+    assert int(stats.result) in (jdeq.Result.DIVERGED, jdeq.Result.NONFINITE) and not bool(stats.converged)
+
+
+def test_throw_raises_on_a_divergent_backward_solve():
+    a, b = expanding_problem()
+    with pytest.raises(Exception, match="backward"):
+        jax.block_until_ready(jax.jit(jax.grad(loss_with_probe), static_argnums=3)(b, jdeq.stats_probe(), a, True))
+
+
+def test_throw_passes_a_converged_backward_solve():
+    a, b = 0.25 * expanding_problem()[0], jnp.ones(4)
+    grad = jax.jit(jax.grad(loss_with_probe), static_argnums=3)(b, jdeq.stats_probe(), a, True)
+    np.testing.assert_allclose(grad, jnp.linalg.solve(jnp.eye(4) - a.T, jnp.ones(4)), rtol=1e-4)  # adjoint tol 1e-5
+
+
+def test_a_long_anderson_memory_does_not_slow_convergence():
+    """Anderson(m=60) on an 8-element state: at most twice the steps of m=5 (the ridge follows the newest residual)."""
+    w, x = random_matrix(6, 8, 0.95), jnp.linspace(-1.0, 1.0, 8)
+
+    def steps(m):
+        return int(
+            jdeq.fixed_point(
+                tanh_map, jnp.zeros(8), x, w, solver=jdeq.Anderson(m=m, tol=1e-8, max_steps=200)
+            ).stats.num_steps
+        )
+
+    assert steps(60) <= 2 * steps(5)
+
+
+def test_init_returns_no_statistics():
+    layer = DEQ(cell=MLPCell(6))
+    x = jnp.ones((2, 3))
+    variables = layer.init(jax.random.PRNGKey(0), x)
+    assert set(variables) == {"params"}
+    _, sown = layer.apply(variables, x, mutable=["deq_stats"])
+    assert len(sown["deq_stats"]["forward"]) == 1
