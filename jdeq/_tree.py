@@ -52,6 +52,23 @@ def flat_map(f: Callable, z0: Any) -> tuple[jax.Array, Callable, Callable]:
     return x0, unravel, fn
 
 
+
+def flat_rows(f: Callable, z0: Any) -> tuple[jax.Array, Callable, Callable]:
+    """:func:`flat_map` for a batch: ``z0``'s leaves have a leading sample axis and ``x0`` is ``(batch, n)``.
+
+    ``f`` maps a batch of ``z`` to a batch; ``fn(x, args)`` maps the rows of ``x`` (one sample each).
+    """
+    sample = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), z0)
+    _, unravel_one = ravel_pytree(jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), sample))
+    ravel_rows = jax.vmap(lambda z: ravel_pytree(z)[0])
+    unravel = jax.vmap(unravel_one)
+
+    def fn(x, args):
+        return ravel_rows(f(unravel(x), *args))
+
+    return ravel_rows(z0), unravel, fn
+
+
 def is_float(leaf: Any) -> bool:
     """Whether ``leaf`` is an inexact (floating or complex) array, the leaves that carry gradients."""
     return jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)

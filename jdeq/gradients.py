@@ -27,7 +27,7 @@ from jax import lax
 
 from ._tree import frozen, zero_tangents
 from .solvers import Solution, Solver, Stats, run
-from .solvers._base import _check, map_rows
+from .solvers._base import _check, map_rows, sum_like
 from .solvers.linear import AdjointSolver, check_adjoint_solver, measured_stats, solve_linear_fixed_point
 from .stats import encode_backward_stats
 
@@ -104,7 +104,7 @@ class AdjointMode(GradientMode):
             _, vjp = jax.vjp(lambda z: fn(z, args), x_star)
             u, stats = mode.adjoint(solver, lambda u: vjp(u)[0], g, state)
             zeros = zero_tangents((x_star, args, state))
-            return (u, *zeros, encode_backward_stats(stats, probe))
+            return (u, *zeros, sum_like(encode_backward_stats(stats, probe), probe))
 
         adjoint_identity.defvjp(forward, backward)
         value = adjoint_identity(x_star + parameter_term(fn, x_star, args), x_star, args, state, probe)

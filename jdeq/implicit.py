@@ -12,14 +12,13 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 
 from ._errors import raise_on_backward_failure, raise_unless_converged
-from ._tree import check_same_structure, describe, flat_map
+from ._tree import check_same_structure, describe, flat_map, flat_rows
 from .gradients import GradientMode, Implicit
 from .precision import Precision
 from .solvers import Anderson, Solution, Solver
-from .solvers._base import subclass_names
+from .solvers._base import subclass_names, vary_like
 from .stats import stats_probe
 
 
@@ -71,18 +70,19 @@ def _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision) ->
         raise ValueError(f"grad must be a jdeq GradientMode ({subclass_names(GradientMode)}), got {grad!r}")
     if precision is not None:
         f, z0 = precision.wrap(f), precision.cast_state(z0)
-    z_one, args_one = (z0, args) if axes is None else _one_sample(z0, args, axes)
-    check_same_structure(f, z_one, args_one)
-    closed, consts = jax.closure_convert(f, z_one, *args_one)
+    z0 = vary_like(z0, args)  # inside jax.shard_map: a constant start varies like the per-device data
+    if axes is None:
+        check_same_structure(f, z0, args)
+        g = f
+    else:  # the batch: f runs vmapped over the samples, the rows of the flat x
+        check_same_structure(f, *_one_sample(z0, args, axes))
+        g = jax.vmap(f, in_axes=(0, *axes))
+    closed, consts = jax.closure_convert(g, z0, *args)
 
     def f_args(z, args, consts):
         return closed(z, *args, *consts)
 
-    x0, unravel, fn = flat_map(f_args, z_one)
-    if axes is not None:  # the batch: rows of x are samples; f runs vmapped over them
-        x0 = jax.vmap(lambda z: flat_map(f_args, z)[0])(z0)
-        fn = jax.vmap(fn, in_axes=(0, (axes, None)))
-        unravel = jax.vmap(unravel)
+    x0, unravel, fn = flat_map(f_args, z0) if axes is None else flat_rows(f_args, z0)
     probe = stats_probe() if backward_stats is None else backward_stats
     problem_args = (args, tuple(consts))
     if throw:
@@ -94,7 +94,7 @@ def _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision) ->
 
 
 def _one_sample(z0: Any, args: tuple, axes: tuple) -> tuple[Any, tuple]:
-    """A zero sample shaped like one ``z`` and the shapes/dtypes of one sample's ``args`` (ValueError naming ``in_axes``)."""
+    """Shapes and dtypes of one sample's ``z`` and ``args`` (ValueError naming ``in_axes`` when they do not fit)."""
     try:
         batched = jax.eval_shape(lambda z, *a: jax.vmap(lambda *t: t, in_axes=(0, *axes))(z, *a), z0, *args)
     except ValueError as error:
@@ -102,8 +102,8 @@ def _one_sample(z0: Any, args: tuple, axes: tuple) -> tuple[Any, tuple]:
             f"fixed_point_batch: in_axes={axes} does not fit z0 (batch axis 0) and args "
             f"({', '.join(describe(a) for a in args)}): {error}"
         ) from None
-    one = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), batched[1:])
-    return jax.tree_util.tree_map(lambda a: jnp.zeros(jnp.shape(a)[1:], jnp.result_type(a)), z0), one
+    one = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), batched)
+    return one[0], one[1:]
 
 
 def root(g: Callable, z0: Any, *args: Any, **kwargs: Any) -> Solution:

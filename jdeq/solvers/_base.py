@@ -99,7 +99,7 @@ class Solver:
         Default: ``step`` vmapped over the rows (state axes ``axes``), ``f`` evaluated once on the
         batch per evaluation (:func:`per_row`). Override it only where vmapping ``step`` cannot work.
         """
-        row = per_row(fn, x.shape[0], x.shape[1:], x.dtype)
+        row = per_row(fn, x)
         vmapped = jax.vmap(lambda x, fx, s: self.step(row, x, fx, s), in_axes=(0, 0, axes), out_axes=(0, 0, axes, 0))
         return vmapped(x, fx, state)
 
@@ -161,10 +161,10 @@ def _measure(solver: Solver, step, x, fx, res0):
     return abs_res, rel_res, settle(code, solver.tol, solver.atol, abs_res, fx_norm)
 
 
-def per_row(fn: FlatMap, size: int, shape: tuple, dtype: Any) -> FlatMap:
+def per_row(fn: FlatMap, batch: Array) -> FlatMap:
     """A map on one row ``x`` of a batch that, when ``jax.vmap``-ed over the rows, calls ``fn`` on the whole batch.
 
-    ``fn`` maps a batch ``(size, n)`` to ``(size, n)`` row by row. Inside ``jax.vmap`` (the batch
+    ``fn`` maps a batch shaped like ``batch`` (``(size, n)``) row by row. Inside ``jax.vmap`` (the batch
     driver's vmapped solver step, a per-row linear solve) the row map becomes one call of ``fn`` on
     the batch (``jax.custom_batching.custom_vmap``), so solver code is written for one problem while
     ``f`` runs batched. Called outside ``jax.vmap`` it is sample 0's map (only traced, for shapes).
@@ -172,7 +172,8 @@ def per_row(fn: FlatMap, size: int, shape: tuple, dtype: Any) -> FlatMap:
     sit in loops and differentiated programs.
     """
 
-    closed, consts = jax.closure_convert(fn, jax.ShapeDtypeStruct((size, *shape), dtype))
+    size = batch.shape[0]
+    closed, consts = jax.closure_convert(fn, batch)
 
     @custom_vmap
     def row(x, consts):
@@ -193,6 +194,44 @@ def per_row(fn: FlatMap, size: int, shape: tuple, dtype: Any) -> FlatMap:
 def map_rows(f: Callable, *xs: Any) -> Any:
     """``f(*xs)`` for one problem (1-D last argument), ``jax.vmap(f)(*xs)`` over the rows of a batch (2-D)."""
     return jax.vmap(f)(*xs) if jnp.ndim(xs[-1]) == 2 else f(*xs)
+
+
+def _varying_axes(x: Array) -> frozenset:
+    """The manual mesh axes ``x`` varies over (``jax.typeof(x)``: ``.manual_axis_type.varying``, ``.vma`` before jax 0.9)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    return mat.varying if mat is not None else getattr(aval, "vma", frozenset())
+
+
+def vary_like(tree: Any, ref: Any) -> Any:
+    """``tree`` with every leaf varying over the manual mesh axes any leaf of ``ref`` varies over.
+
+    Inside ``jax.shard_map`` a loop carry must keep its type, and a constant (a zero start, a counter,
+    a zero memory) combined with per-device data must vary like it. A no-op outside ``shard_map``.
+    """
+    axes = frozenset().union(*map(_varying_axes, jax.tree_util.tree_leaves(ref)))
+    if not axes:
+        return tree
+
+    def vary(leaf):
+        missing = tuple(sorted(axes - _varying_axes(leaf)))
+        if not missing:
+            return leaf
+        if hasattr(lax, "pcast"):  # jax >= 0.9; earlier: lax.pvary
+            return lax.pcast(leaf, missing, to="varying")
+        return lax.pvary(leaf, missing)
+
+    return jax.tree_util.tree_map(vary, tree)
+
+
+def sum_like(cotangent: Array, primal: Array) -> Array:
+    """``cotangent`` summed (``psum``) over the manual mesh axes it varies over and ``primal`` does not.
+
+    The cotangent of an input replicated across a ``jax.shard_map`` is the sum of every device's
+    contribution (e.g. backward statistics counted on each device's shard of the batch).
+    """
+    extra = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
+    return lax.psum(cotangent, extra) if extra else cotangent
 
 
 class _Carry(NamedTuple):
@@ -262,6 +301,7 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
         result=code0,
         state=init(x0, fx0),
     )
+    carry = vary_like(carry, (x0, fx0))
 
     def body(c: _Carry) -> _Carry:
         x, fx, state, used = step(c.x, c.fx, c.state)

@@ -82,7 +82,7 @@ class Anderson(Solver):
     def init(self, x, fx):
         (n,) = x.shape
         wide = jnp.promote_types(x.dtype, jnp.float32)
-        rows = min(self.m, n)  # more rows than the state has dimensions only make the small system singular
+        rows = max(1, min(self.m, n))  # more rows than the state has dimensions only make the system singular
         zeros = jnp.zeros((rows, n), x.dtype)
         return AndersonState(zeros, zeros, jnp.zeros((rows, rows), wide), jnp.zeros((), jnp.int32))
 

@@ -44,7 +44,7 @@ class LinearSolver(abc.ABC):
 
         Default: :meth:`solve_fixed_point` vmapped over the rows, ``affine`` evaluated on the batch.
         """
-        row = per_row(affine, b.shape[0], b.shape[1:], b.dtype)
+        row = per_row(affine, b)
         if x0 is None:
             return jax.vmap(lambda b: self.solve_fixed_point(row, b))(b)
         return jax.vmap(lambda b, x0: self.solve_fixed_point(row, b, x0))(b, x0)
