@@ -52,7 +52,6 @@ def flat_map(f: Callable, z0: Any) -> tuple[jax.Array, Callable, Callable]:
     return x0, unravel, fn
 
 
-
 def flat_rows(f: Callable, z0: Any) -> tuple[jax.Array, Callable, Callable]:
     """:func:`flat_map` for a batch: ``z0``'s leaves have a leading sample axis and ``x0`` is ``(batch, n)``.
 
