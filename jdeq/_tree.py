@@ -17,7 +17,7 @@ def describe(tree: Any) -> str:
     return f"{treedef} with leaves [{specs}]"
 
 
-def check_same_structure(f: Callable, z0: Any, args: tuple) -> None:
+def check_same_structure(f: Callable, z0: Any, args: tuple, name: str = "f") -> None:
     """Raise ValueError unless ``z0`` is real floating point and ``f(z0, *args)`` matches its structure, shapes and dtypes.
 
     Complex states are rejected: the solvers' norms and inner products are real (``Σ v²`` of a complex
@@ -37,8 +37,8 @@ def check_same_structure(f: Callable, z0: Any, args: tuple) -> None:
     )
     if not same_leaves:
         raise ValueError(
-            "f(z, *args) must return the same pytree structure, shapes and dtypes as z0; "
-            f"z0 is {describe(z_spec)} but f returned {describe(out)}"
+            f"{name}(z, *args) must return the same pytree structure, shapes and dtypes as z0; "
+            f"z0 is {describe(z_spec)} but {name} returned {describe(out)}"
         )
 
 

@@ -76,6 +76,21 @@ def parameter_term(fn: FlatProblem, x: jax.Array, args: Any) -> jax.Array:
     return term(lax.stop_gradient(x), args)
 
 
+@jax.custom_jvp
+def first_order_only(u: jax.Array) -> jax.Array:
+    """Identity on an adjoint ``u``; differentiating it (grad of grad, forward-over-reverse) raises a ValueError."""
+    return u
+
+
+@first_order_only.defjvp
+def _first_order_only_jvp(primals, tangents):
+    raise ValueError(
+        "the implicit gradient of Implicit/Shine is first order: its backward pass (an adjoint solve) cannot be "
+        "differentiated again. For grad of grad or Hessian-vector products use grad=jdeq.ImplicitJVP(), whose "
+        "derivative rules JAX can compose"
+    )
+
+
 class AdjointMode(GradientMode):
     """Modes that differentiate z* by the implicit function theorem, with their own adjoint solve.
 
@@ -103,6 +118,7 @@ class AdjointMode(GradientMode):
             x_star, args, state, probe = saved
             _, vjp = jax.vjp(lambda z: fn(z, args), x_star)
             u, stats = mode.adjoint(solver, lambda u: vjp(u)[0], g, state)
+            u = first_order_only(u)
             zeros = zero_tangents((x_star, args, state))
             return (u, *zeros, sum_like(encode_backward_stats(stats, probe), probe))
 

@@ -112,6 +112,8 @@ def root(g: Callable, z0: Any, *args: Any, **kwargs: Any) -> Solution:
     Takes the keyword arguments of :func:`fixed_point`; ``stats`` residuals are ``‖g(z)‖`` based.
     """
 
+    check_same_structure(g, z0, args, name="g")
+
     def f(z, *a):
         return jax.tree_util.tree_map(lambda zi, gi: zi - gi, z, g(z, *a))
 

@@ -33,13 +33,21 @@ def check_input(cell: Any, params: Any, x: jax.Array) -> None:
         raise ValueError(f"DEQ({name}) takes floating-point inputs, got dtype {x.dtype} (convert and scale it first)")
     if x.ndim < 2:
         raise ValueError(f"DEQ({name}) takes a batch of inputs (batch, ...), got shape {x.shape}")
-    expected = jax.eval_shape(lambda key: cell.init(key, x.shape[1:]), jax.random.PRNGKey(0))
-    got = jax.tree_util.tree_map(jnp.shape, params)
-    if jax.tree_util.tree_map(jnp.shape, expected) != got:
+    expected = _shapes(jax.eval_shape(lambda key: cell.init(key, x.shape[1:]), jax.random.PRNGKey(0)))
+    got = _shapes(params)
+    if expected != got:
+        misfits = [f"{k} is {got.get(k, 'missing')}, expected {v}" for k, v in expected.items() if got.get(k) != v]
+        misfits += [f"{k} is not a parameter of this cell" for k in got if k not in expected]
         raise ValueError(
-            f"DEQ({name}) got inputs of per-sample shape {x.shape[1:]}, which do not fit its parameters "
-            f"(shapes {got}); they were built for different inputs"
+            f"DEQ({name}) with inputs of per-sample shape {x.shape[1:]}: its parameters do not fit "
+            f"({'; '.join(misfits)}); were they built for another cell (width, channels) or other inputs?"
         )
+
+
+def _shapes(tree: Any) -> dict:
+    return {
+        jax.tree_util.keystr(path): tuple(jnp.shape(leaf)) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def solve_cell(

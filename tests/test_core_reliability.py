@@ -99,3 +99,16 @@ def test_init_returns_no_statistics():
     assert set(variables) == {"params"}
     _, sown = layer.apply(variables, x, mutable=["deq_stats"])
     assert len(sown["deq_stats"]["forward"]) == 1
+
+
+def test_root_with_a_mismatched_output_names_g():
+    with pytest.raises(ValueError, match=r"g\(z, \*args\) must return the same pytree"):
+        jdeq.root(lambda z: (z, z), jnp.zeros(3))
+
+
+def test_grad_of_grad_under_implicit_points_to_implicit_jvp():
+    def inner(w):
+        return jnp.sum(jdeq.fixed_point(lambda z, w: jnp.tanh(w * z + 1.0), jnp.zeros(3), w).value)
+
+    with pytest.raises(ValueError, match="ImplicitJVP"):
+        jax.grad(jax.grad(inner))(0.5)

@@ -133,8 +133,11 @@ def test_bad_inputs_are_named():
     params = layer.init(jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match=r"floating-point inputs, got dtype int32"):
         layer.apply(params, x.astype(jnp.int32))
-    with pytest.raises(ValueError, match=r"per-sample shape \(8,\), which do not fit its parameters"):
+    with pytest.raises(ValueError, match=r"per-sample shape \(8,\): its parameters do not fit \(\['U'\] is"):
         layer.apply(params, batch((8,)))
+    wider = linen_layer(type(cell)(2 * cell.features)).init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match=r"\['W'\] is \(\d+, \d+\), expected .*another cell \(width"):
+        layer.apply(wider, x)
     with pytest.raises(ValueError, match=r"a batch of inputs \(batch, \.\.\.\), got shape \(7,\)"):
         layer.apply(params, x[0])
     with pytest.raises(

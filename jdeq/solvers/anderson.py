@@ -56,7 +56,7 @@ class Anderson(Solver):
     back to the damped iteration ``x + β g`` for that step.
 
     Attributes:
-      m: memory (number of past iterates), >= 1; capped at the state's size ``n``.
+      m: memory (number of past iterates), >= 1; capped at ``n + 1`` for a state of size ``n``.
       beta: mixing parameter in ``(0, 1]``.
       ridge: ridge regularisation λ, relative to the squared norm of the newest residual ``‖g_k‖²``
         (old, large residuals in a long memory would otherwise inflate it and slow convergence).
@@ -82,7 +82,7 @@ class Anderson(Solver):
     def init(self, x, fx):
         (n,) = x.shape
         wide = jnp.promote_types(x.dtype, jnp.float32)
-        rows = max(1, min(self.m, n))  # more rows than the state has dimensions only make the system singular
+        rows = min(self.m, n + 1)  # n + 1 iterates span the state space; more only make the system singular
         zeros = jnp.zeros((rows, n), x.dtype)
         return AndersonState(zeros, zeros, jnp.zeros((rows, rows), wide), jnp.zeros((), jnp.int32))
 
