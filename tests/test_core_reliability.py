@@ -112,3 +112,10 @@ def test_grad_of_grad_under_implicit_points_to_implicit_jvp():
 
     with pytest.raises(ValueError, match="ImplicitJVP"):
         jax.grad(jax.grad(inner))(0.5)
+
+
+def test_a_large_finite_float32_iterate_is_not_reported_nonfinite():
+    """‖x‖ of x = 1e19 in float32 is finite: the norm scales before squaring."""
+    big = jnp.full(4, 1e19, jnp.float32)
+    sol = jdeq.fixed_point(lambda z, b: 0.5 * z + b, big, big, solver=jdeq.FixedPoint(max_steps=3))
+    assert int(sol.stats.result) == jdeq.Result.MAX_STEPS and bool(jnp.isfinite(sol.stats.abs_residual))

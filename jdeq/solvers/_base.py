@@ -37,9 +37,15 @@ class Solution(NamedTuple):
 
 
 def norm(v: Array) -> Array:
-    """Euclidean norm over the last axis, accumulated in at least float32 (safe for bfloat16/float16 iterates)."""
-    dtype = jnp.promote_types(v.dtype, jnp.float32)
-    return jnp.sqrt(jnp.sum(jnp.square(v.astype(dtype)), axis=-1))
+    """Euclidean norm over the last axis, in at least float32 (safe for bfloat16/float16 iterates).
+
+    Scaled by ``max|v|`` before squaring, so a finite ``v`` has a finite norm (``Σ v²`` of an
+    entry of 1e19 overflows float32); NaN and inf entries give NaN and inf.
+    """
+    v = v.astype(jnp.promote_types(v.dtype, jnp.float32))
+    scale = jnp.max(jnp.abs(v), axis=-1, initial=0.0)
+    safe = jnp.where((scale > 0) & jnp.isfinite(scale), scale, jnp.ones_like(scale))
+    return safe * jnp.sqrt(jnp.sum(jnp.square(v / safe[..., None]), axis=-1))
 
 
 def relative(abs_res: Array, scale: Array) -> Array:
