@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import Anderson, Broyden, FixedPoint, Result, fixed_point_batch
+from . import Anderson, Broyden, FixedPoint, Result, fixed_point_batch, summarize
 
 
 def tanh_problem(key, batch: int, width: int, radius: float):
@@ -48,11 +48,8 @@ def solver_table(batch: int = 256, width: int = 64, radii: Sequence[float] = (0.
                 {
                     "radius": radius,
                     "solver": name,
-                    "mean_steps": float(np.mean(st.num_steps)),
-                    "max_steps": int(np.max(st.num_steps)),
+                    **{key: float(value) for key, value in jax.device_get(summarize(sol.stats)).items()},
                     "mean_evals": float(np.mean(st.num_evals)),
-                    "max_residual": float(np.max(st.residual)),
-                    "converged": float(np.mean(st.converged)),
                     "nonconverged_result": _most_common_failure(st.result),
                     "ms": 1e3 * elapsed,
                 }
@@ -69,10 +66,10 @@ SOLVER_COLUMNS = [
     ("radius", "radius", ">6.2f"),
     ("solver", "solver", "<14"),
     ("mean steps", "mean_steps", ">10.1f"),
-    ("max steps", "max_steps", ">9d"),
+    ("max steps", "max_steps", ">9.0f"),
     ("evals", "mean_evals", ">6.1f"),
     ("max resid", "max_residual", ">10.2e"),
-    ("converged", "converged", ">9.1%"),
+    ("converged", "converged_fraction", ">9.1%"),
     ("failure", "nonconverged_result", ">9"),
     ("ms", "ms", ">8.1f"),
 ]
@@ -81,11 +78,11 @@ HISTORY_COLUMNS = [
     ("loss", "loss", ">7.4f"),
     ("train acc", "accuracy", ">9.2%"),
     ("test acc", "test_accuracy", ">8.2%"),
-    ("fwd mean", "fwd_steps_mean", ">8.1f"),
-    ("fwd max", "fwd_steps_max", ">7.0f"),
-    ("bwd mean", "bwd_steps_mean", ">8.1f"),
-    ("bwd max", "bwd_steps_max", ">7.0f"),
-    ("fwd resid max", "fwd_residual_max", ">13.2e"),
+    ("fwd mean", "fwd_mean_steps", ">8.1f"),
+    ("fwd max", "fwd_max_steps", ">7.0f"),
+    ("bwd mean", "bwd_mean_steps", ">8.1f"),
+    ("bwd max", "bwd_max_steps", ">7.0f"),
+    ("fwd resid max", "fwd_max_residual", ">13.2e"),
 ]
 
 
@@ -131,12 +128,12 @@ def _demo_command(args) -> None:
     metrics = {
         "test_accuracy": last["test_accuracy"],
         "test_loss": last["test_loss"],
-        "test_forward_steps_mean": last["test_fwd_steps_mean"],
-        "test_forward_steps_max": last["test_fwd_steps_max"],
-        "train_forward_steps_mean": last["fwd_steps_mean"],
-        "train_forward_steps_max": last["fwd_steps_max"],
-        "train_backward_steps_mean": last["bwd_steps_mean"],
-        "train_backward_steps_max": last["bwd_steps_max"],
+        "test_forward_steps_mean": last["test_fwd_mean_steps"],
+        "test_forward_steps_max": last["test_fwd_max_steps"],
+        "train_forward_steps_mean": last["fwd_mean_steps"],
+        "train_forward_steps_max": last["fwd_max_steps"],
+        "train_backward_steps_mean": last["bwd_mean_steps"],
+        "train_backward_steps_max": last["bwd_max_steps"],
         "wall_time_s": result.wall_time_s,
         "backend": jax.default_backend(),
         "config": {k: v for k, v in vars(args).items() if k != "run"},
@@ -147,8 +144,8 @@ def _demo_command(args) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     figure = plot_history(result.history, out / "training.png", f"DEQ-MLP on digits (seed {args.seed})")
     print(
-        f"test accuracy {last['test_accuracy']:.2%}, forward steps mean {last['test_fwd_steps_mean']:.1f} / max "
-        f"{last['test_fwd_steps_max']:.0f}, wall time {result.wall_time_s:.1f} s -> {out / 'metrics.json'}, {figure}"
+        f"test accuracy {last['test_accuracy']:.2%}, forward steps mean {last['test_fwd_mean_steps']:.1f} / max "
+        f"{last['test_fwd_max_steps']:.0f}, wall time {result.wall_time_s:.1f} s -> {out / 'metrics.json'}, {figure}"
     )
 
 

@@ -73,18 +73,24 @@ def _finish(name: str, x_train, y_train, x_test, y_test, num_classes: int, flatt
     return check_dataset(Dataset(name, inputs(x_train), labels[0], inputs(x_test), labels[1], num_classes))
 
 
-def load_digits(test_fraction: float = 0.2, seed: int = 0, flatten: bool = True) -> Dataset:
-    """scikit-learn's bundled 8×8 handwritten digits (1797 images, 10 classes), split at random by ``seed``."""
+def digits_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8×8 handwritten digits as they ship: ``(images (1797, 8, 8) in 0..16, labels)``."""
     from sklearn.datasets import load_digits as sklearn_digits
 
+    digits = sklearn_digits()
+    return digits.images, digits.target
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0, flatten: bool = True) -> Dataset:
+    """scikit-learn's bundled 8×8 handwritten digits (1797 images, 10 classes), split at random by ``seed``."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    digits = sklearn_digits()
-    x = digits.images[..., None] / 16.0
+    images, labels = digits_images()
+    x = images[..., None] / 16.0
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = int(round(test_fraction * len(x)))
     test, train = order[:n_test], order[n_test:]
-    return _finish("digits", x[train], digits.target[train], x[test], digits.target[test], 10, flatten)
+    return _finish("digits", x[train], labels[train], x[test], labels[test], 10, flatten)
 
 
 def _missing(directory: Path, wanted: str, what: str) -> FileNotFoundError:

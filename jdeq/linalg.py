@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
@@ -38,6 +39,11 @@ def spectral_radius(f: Callable, z: Any, *args: Any, key: jax.Array, num_iters: 
     _, jvp = jax.linearize(lambda x: ravel_pytree(f(unravel(x), *args))[0], x)
     radius, _ = power_iteration(jvp, jax.random.normal(key, x.shape, x.dtype), num_iters)
     return radius
+
+
+def largest_singular_value(w: jax.Array) -> jax.Array:
+    """``‖W‖₂`` exactly, from the singular values alone (cheaper than ``jnp.linalg.norm(W, 2)``); not for gradients."""
+    return jnp.linalg.svd(w, compute_uv=False)[0]
 
 
 def spectral_norm(w: jax.Array, num_iters: int = 20, key: jax.Array | None = None) -> jax.Array:

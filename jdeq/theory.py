@@ -90,11 +90,6 @@ def trust_region_step(grad: jax.Array, hess: jax.Array, radius: jax.Array, bisec
     return -evecs @ (g / jnp.maximum(evals + lam, tiny))
 
 
-def spectral_norm(matrix: jax.Array) -> jax.Array:
-    """``‖M‖₂``, the largest singular value (singular values only: much cheaper than ``norm(M, 2)`` on CPU)."""
-    return jnp.linalg.svd(matrix, compute_uv=False)[0]
-
-
 def gram_min_eigenvalue(z: jax.Array) -> jax.Array:
     """``λ₀ = λ_min(Zᵀ Z)`` for the ``m × n`` matrix ``Z`` of the samples' equilibria (Ling et al. 2023)."""
     return jnp.linalg.eigvalsh(z.T @ z)[0]

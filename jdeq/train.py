@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .data import Dataset, check_dataset
 from .nn import STATS_COLLECTION
-from .stats import read_backward_stats, stats_probe
+from .stats import read_backward_stats, stats_probe, summarize
 
 CHECKPOINTS_KEPT = 3
 
@@ -51,18 +51,10 @@ def sown_stats(stats_tree: Any) -> list:
 
 
 def forward_metrics(stats_tree: Any) -> dict:
-    """Mean/max forward steps and residuals over every sample of every DEQ layer sown in ``stats_tree``."""
-    stats = sown_stats(stats_tree)
-    steps = jnp.concatenate([jnp.ravel(s.num_steps) for s in stats]).astype(jnp.float32)
-    residual = jnp.concatenate([jnp.ravel(s.residual) for s in stats])
-    converged = jnp.concatenate([jnp.ravel(s.converged) for s in stats])
-    return {
-        "fwd_steps_mean": jnp.mean(steps),
-        "fwd_steps_max": jnp.max(steps),
-        "fwd_residual_mean": jnp.mean(residual),
-        "fwd_residual_max": jnp.max(residual),
-        "fwd_converged": jnp.mean(converged),
-    }
+    """:func:`jdeq.summarize` (prefix ``fwd_``) over every sample of every DEQ layer sown in ``stats_tree``."""
+    stats = [s._replace(trace=None) for s in sown_stats(stats_tree)]
+    merged = jax.tree_util.tree_map(lambda *leaves: jnp.concatenate([jnp.ravel(leaf) for leaf in leaves]), *stats)
+    return summarize(merged, prefix="fwd_")
 
 
 def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Callable:
@@ -87,9 +79,7 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Call
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
             **forward_metrics(stats),
-            "bwd_steps_mean": jnp.mean(backward.num_steps.astype(jnp.float32)),
-            "bwd_steps_max": jnp.max(backward.num_steps).astype(jnp.float32),
-            "bwd_residual_max": jnp.max(backward.residual),
+            **summarize(backward, prefix="bwd_"),
         }
         return TrainState(optax.apply_updates(state.params, updates), opt_state), metrics
 
@@ -109,7 +99,7 @@ def make_eval_step(model: Any) -> Callable:
             "loss": jnp.sum(weight * losses),
             "correct": jnp.sum(weight * (jnp.argmax(logits, -1) == y)),
             "fwd_steps": jnp.sum(weight * jnp.mean(steps, axis=0)),
-            "fwd_steps_max": jnp.max(jnp.where(weight > 0, jnp.max(steps, axis=0), 0.0)),
+            "fwd_max_steps": jnp.max(jnp.where(weight > 0, jnp.max(steps, axis=0), 0.0)),
         }
 
     return evaluate
@@ -126,13 +116,13 @@ def evaluate(eval_step: Callable, params: Any, x: np.ndarray, y: np.ndarray, bat
         yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
         sums = jax.device_get(eval_step(params, xb, yb, weight))
         for key, value in sums.items():
-            totals[key] = max(totals.get(key, 0.0), value) if key.endswith("max") else totals.get(key, 0.0) + value
+            totals[key] = max(totals.get(key, 0.0), value) if "max" in key else totals.get(key, 0.0) + value
     n = totals["count"]
     return {
         "loss": float(totals["loss"] / n),
         "accuracy": float(totals["correct"] / n),
-        "fwd_steps_mean": float(totals["fwd_steps"] / n),
-        "fwd_steps_max": float(totals["fwd_steps_max"]),
+        "fwd_mean_steps": float(totals["fwd_steps"] / n),
+        "fwd_max_steps": float(totals["fwd_max_steps"]),
     }
 
 
@@ -143,12 +133,14 @@ def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> Iterator[np
         yield order[start : start + batch_size]
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Average the per-step metrics of an epoch (maxima for ``*_max`` keys)."""
-    return {
-        key: float(np.max([r[key] for r in rows]) if key.endswith("max") else np.mean([r[key] for r in rows]))
-        for key in rows[0]
-    }
+def epoch_summary(rows: list[dict]) -> dict:
+    """One epoch's metrics from its steps': maxima of ``*max_*`` keys, sums of ``*count_*`` keys, means of the rest."""
+
+    def reduce(key):
+        values = [row[key] for row in rows]
+        return np.max(values) if "max_" in key else np.sum(values) if "count_" in key else np.mean(values)
+
+    return {key: float(reduce(key)) for key in rows[0]}
 
 
 def checkpoint_manager(directory: str | Path) -> ocp.CheckpointManager:
@@ -224,9 +216,9 @@ def fit(
                 state, metrics = train_step(state, data.x_train[index], data.y_train[index])
                 rows.append(jax.device_get(metrics))
                 bar.update()
-                bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", fwd=f"{rows[-1]['fwd_steps_mean']:.1f}", refresh=False)
+                bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", fwd=f"{rows[-1]['fwd_mean_steps']:.1f}", refresh=False)
             test = evaluate(eval_step, state.params, data.x_test, data.y_test, eval_batch_size)
-            history.append({"epoch": epoch + 1, **summarize(rows), **{f"test_{k}": v for k, v in test.items()}})
+            history.append({"epoch": epoch + 1, **epoch_summary(rows), **{f"test_{k}": v for k, v in test.items()}})
             if manager is not None:
                 save_checkpoint(manager, epoch + 1, state, history)
     return FitResult(state, history, time.perf_counter() - start)

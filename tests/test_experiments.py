@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+import jdeq.plots
 from jdeq import cli
 from jdeq.experiments import gao2022, kawaguchi2021, ling2023, save_results
 from jdeq.experiments._common import Claim
@@ -59,7 +60,7 @@ def test_claim_reports_failure_and_save_results_writes_json_and_figures(tmp_path
     assert not Claim("x", 2.0, 1.0).holds and Claim("x", 2.0, 1.0, at_least=True).holds
     assert not Claim("x", float("nan"), 1.0).holds
     results = kawaguchi2021.Results("demo", [Claim("c", 0.5, 1.0)], {"a": np.arange(3)}, {}, {"k": 1})
-    results.figures["curve"] = kawaguchi2021._plots.log_curves({"a": np.array([1.0, 0.1])}, "t", "v")
+    results.figures["curve"] = jdeq.plots.log_curves({"a": np.array([1.0, 0.1])}, "t", "v")
     folder = save_results(results, tmp_path)
     payload = json.loads((folder / "results.json").read_text())
     assert payload["claims"] == [{"claim": "c", "measured": 0.5, "threshold": 1.0, "comparison": "<=", "holds": True}]

@@ -18,7 +18,7 @@ def test_default_demo_reaches_97_percent_on_digits(tmp_path):
     cli.main(["demo", "--out", str(tmp_path)])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.97
-    assert metrics["history"][-1]["fwd_converged"] > 0.99  # the equilibria are solved, not truncated
+    assert metrics["history"][-1]["fwd_converged_fraction"] > 0.99  # the equilibria are solved, not truncated
 
 
 def test_reproduce_all_quick_writes_claims_and_figures(tmp_path):

@@ -43,11 +43,11 @@ def test_training_learns_and_reports_solver_metrics(small_digits):
     assert last["loss"] < first["loss"]
     assert last["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
     for row in result.history:
-        assert 1 <= row["fwd_steps_mean"] <= row["fwd_steps_max"] <= SOLVER.max_steps
-        assert 1 <= row["bwd_steps_mean"] <= row["bwd_steps_max"] <= SOLVER.max_steps
-        assert 0 <= row["fwd_residual_mean"] <= row["fwd_residual_max"]
-        assert 0 <= row["fwd_converged"] <= 1
-        assert row["test_fwd_steps_mean"] <= row["test_fwd_steps_max"]
+        assert 1 <= row["fwd_mean_steps"] <= row["fwd_max_steps"] <= SOLVER.max_steps
+        assert 1 <= row["bwd_mean_steps"] <= row["bwd_max_steps"] <= SOLVER.max_steps
+        assert 0 <= row["fwd_mean_residual"] <= row["fwd_max_residual"]
+        assert 0 <= row["fwd_converged_fraction"] <= 1
+        assert row["test_fwd_mean_steps"] <= row["test_fwd_max_steps"]
 
 
 def test_same_seed_same_parameters_other_seed_differs(small_digits):

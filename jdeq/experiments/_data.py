@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..data import digits_images
+
 
 def digits(num: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The 8×8 digits (1797 samples, bundled with scikit-learn): ``(x, labels)``, ``x`` of shape ``(n, 64)``.
@@ -11,10 +13,8 @@ def digits(num: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     ``num`` samples drawn without replacement (all, shuffled, when ``None``); pixels standardised
     (zero mean, unit variance per pixel over the whole set; constant pixels left at 0).
     """
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x, labels = data.data.astype(np.float64), data.target
+    images, labels = digits_images()
+    x = images.reshape(len(images), -1).astype(np.float64)
     x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
     order = np.random.default_rng(seed).permutation(len(labels))
     if num is not None:

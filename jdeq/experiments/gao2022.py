@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from .. import plots as _plots
 from .. import theory
 from ..models import gao
-from . import _data, _plots
+from . import _data
 from ._common import Claim, Results, gradient_descent, timed
 
 

@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .. import plots as _plots
 from .. import theory
 from ..models import kawaguchi
-from . import _data, _plots
+from . import _data
 from ._common import Claim, Results, gradient_descent, timed
 
 

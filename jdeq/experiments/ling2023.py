@@ -21,9 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from .. import plots as _plots
 from .. import theory
+from ..linalg import largest_singular_value
 from ..models import ling
-from . import _data, _plots
+from . import _data
 from ._common import Claim, Results, gradient_descent, timed
 
 
@@ -54,7 +56,7 @@ def _loss(params, data):
 
 @jax.jit
 def _norm_w(params):
-    return theory.spectral_norm(params["W"])
+    return largest_singular_value(params["W"])
 
 
 def _lambda0(x, width: int, seed: int, cfg: Config) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..linalg import largest_singular_value
 from ..solvers import Solver
 from ._relu import DEFAULT_SOLVER, gaussian, relu_equilibrium
 
@@ -51,4 +52,4 @@ def predict(params: dict, x: jax.Array, gamma: float = DEFAULT_GAMMA, solver: So
 
 def well_posedness(params: dict, gamma: float = DEFAULT_GAMMA) -> jax.Array:
     """``γ‖A‖₂``: below 1 the equilibrium exists and is unique."""
-    return gamma * jnp.linalg.svd(params["A"], compute_uv=False)[0]
+    return gamma * largest_singular_value(params["A"])
