@@ -57,7 +57,7 @@ def fixed_point(
       :class:`Solution` with ``value`` (z*), ``stats`` and the solver's final ``state`` (no gradient). One problem per call: use ``jax.vmap`` or
       :func:`fixed_point_batch` for per-sample solves of a batch.
     """
-    return _solve(f, z0, args, None, solver, grad, throw, backward_stats, precision)
+    return _dispatch(f, z0, args, None, solver, grad, throw, backward_stats, precision)
 
 
 def _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision) -> Solution:
@@ -88,9 +88,32 @@ def _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision) ->
     if throw:
         problem_args, probe = raise_on_backward_failure(problem_args, probe)
     sol = grad.solve(solver, fn, x0, problem_args, probe)
+    return sol._replace(value=unravel(sol.value))
+
+
+_solve_jit = jax.jit(_solve, static_argnames=("f", "axes", "solver", "grad", "throw", "precision"))
+
+
+def _dispatch(f, z0, args, axes, solver, grad, throw, backward_stats, precision) -> Solution:
+    """:func:`_solve`, through one cached ``jax.jit`` when called eagerly (no tracer among the inputs).
+
+    Each call builds fresh closures, so an eager loop (a notebook calling ``fixed_point`` again and
+    again) would trace and compile the solve every time, and keep every executable. The cache is keyed
+    on ``f`` (by identity), the solver, the gradient mode, the options and the input shapes; it is
+    skipped inside a user's transformations (they compile once anyway) and for an unhashable ``f``.
+    """
+    statics = dict(f=f, axes=axes, solver=solver, grad=grad, throw=throw, precision=precision)
+    leaves = jax.tree_util.tree_leaves((z0, args, backward_stats))
+    try:
+        eager = (
+            not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves) and hash(tuple(statics.values())) is not None
+        )
+    except TypeError:
+        eager = False
+    sol = (_solve_jit if eager else _solve)(z0=z0, args=args, backward_stats=backward_stats, **statics)
     if throw:
         raise_unless_converged(sol.stats)
-    return sol._replace(value=unravel(sol.value))
+    return sol
 
 
 def _one_sample(z0: Any, args: tuple, axes: tuple) -> tuple[Any, tuple]:
@@ -147,4 +170,4 @@ def fixed_point_batch(
     axes = tuple(in_axes) if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
     if len(axes) != len(args):
         raise ValueError(f"fixed_point_batch: in_axes has {len(axes)} entries for {len(args)} args")
-    return _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision)
+    return _dispatch(f, z0, args, axes, solver, grad, throw, backward_stats, precision)

@@ -119,3 +119,20 @@ def test_a_large_finite_float32_iterate_is_not_reported_nonfinite():
     big = jnp.full(4, 1e19, jnp.float32)
     sol = jdeq.fixed_point(lambda z, b: 0.5 * z + b, big, big, solver=jdeq.FixedPoint(max_steps=3))
     assert int(sol.stats.result) == jdeq.Result.MAX_STEPS and bool(jnp.isfinite(sol.stats.abs_residual))
+
+
+def test_eager_calls_with_the_same_map_trace_once():
+    """A loop calling fixed_point outside jit reuses one compiled solve (f is traced on the first call only)."""
+    traces = []
+
+    def f(z, x):
+        traces.append(1)
+        return jnp.tanh(0.5 * z + x)
+
+    jdeq.fixed_point(f, jnp.zeros(5), jnp.ones(5))
+    first = len(traces)
+    for scale in range(1, 30):
+        sol = jdeq.fixed_point(f, jnp.zeros(5), scale * jnp.ones(5))
+    assert len(traces) == first and bool(sol.stats.converged)
+    with pytest.raises(jdeq.SolveError):  # throw still raises SolveError itself when called eagerly
+        jdeq.fixed_point(f, jnp.zeros(5), jnp.ones(5), solver=jdeq.FixedPoint(max_steps=2), throw=True)

@@ -51,3 +51,19 @@ def test_mesh_and_x64_context():
     assert mesh.shape[distributed.DATA_AXIS] == len(jax.devices())
     with jax.enable_x64(True):
         assert jnp.zeros(1, jnp.float64).dtype == jnp.float64
+
+
+def test_batch_solve_and_gradient_inside_shard_map():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    x = jax.device_put(jnp.ones((2, 3)), NamedSharding(mesh, P("data")))
+
+    def solve(x, w):
+        z0 = jnp.zeros(x.shape)
+        return jdeq.fixed_point_batch(lambda z, x, w: jnp.tanh(w * z + x), z0, x, w, in_axes=(0, None)).value
+
+    sharded = jax.shard_map(solve, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"))
+    g = jax.jit(jax.grad(lambda w: jnp.sum(sharded(x, w))))(jnp.float32(0.5))
+    assert bool(jnp.isfinite(g))
