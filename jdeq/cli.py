@@ -86,6 +86,17 @@ HISTORY_COLUMNS = [
 ]
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse then prints a one-line usage error, not a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def print_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> None:
     """Print ``rows`` under ``columns`` given as ``(title, key, format spec)``."""
     widths = [max(len(title), len(format(rows[0][key], spec))) for title, key, spec in columns]
@@ -169,8 +180,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="jdeq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a DEQ-MLP on scikit-learn's digits; writes metrics.json and a figure")
-    demo.add_argument("--epochs", type=int, default=20)
-    demo.add_argument("--batch-size", type=int, default=64)
+    demo.add_argument("--epochs", type=_positive_int, default=20, help="training epochs (default 20)")
+    demo.add_argument("--batch-size", type=_positive_int, default=64, help="samples per step (default 64)")
     demo.add_argument("--width", type=int, default=256)
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.add_argument("--weight-decay", type=float, default=1e-4)

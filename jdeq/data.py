@@ -59,6 +59,16 @@ def check_dataset(data: Dataset) -> Dataset:
                 f"dataset {data.name!r}: {int(bad.sum())} {split} label(s) outside [0, {data.num_classes}), "
                 f"e.g. {int(y[bad][0])} at index {int(np.flatnonzero(bad)[0])}"
             )
+        if np.asarray(y).ndim != 1:
+            raise ValueError(
+                f"dataset {data.name!r}: {split} labels must be one integer per sample, got shape {np.shape(y)}"
+            )
+        finite = np.isfinite(np.asarray(x, np.float64).reshape(len(x), -1)).all(axis=1)
+        if not finite.all():
+            raise ValueError(
+                f"dataset {data.name!r}: {int((~finite).sum())} {split} input(s) hold NaN or inf, "
+                f"e.g. at index {int(np.flatnonzero(~finite)[0])}"
+            )
         if np.asarray(x).shape[1:] != np.asarray(data.x_train).shape[1:]:
             raise ValueError(f"dataset {data.name!r}: train and test inputs differ in shape")
     return data

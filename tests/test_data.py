@@ -108,3 +108,25 @@ def test_check_dataset_names_the_problem():
         data.check_dataset(ok._replace(y_test=np.array([0, 1, -1, 2])))
     with pytest.raises(ValueError, match="labels must be integers"):
         data.check_dataset(ok._replace(y_train=y.astype(float)))
+
+
+def test_nonfinite_inputs_and_two_dimensional_labels_are_rejected_naming_the_index():
+    base = data.load_digits()
+    x = base.x_train.copy()
+    x[7, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf, e.g. at index 7"):
+        data.check_dataset(base._replace(x_train=x))
+    with pytest.raises(ValueError, match="one integer per sample"):
+        data.check_dataset(base._replace(y_train=base.y_train[:, None]))
+
+
+def test_zero_channels_and_zero_epochs_are_clear_errors(capsys):
+    from jdeq import cli
+    from jdeq.models import ConvCell
+
+    with pytest.raises(ValueError, match="channels must be an int >= 1"):
+        ConvCell(0)
+    for flag in ("--epochs", "--batch-size"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["demo", flag, "0"])
+        assert exit_info.value.code == 2 and "must be >= 1" in capsys.readouterr().err

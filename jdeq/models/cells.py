@@ -116,6 +116,8 @@ class ConvCell:
     w_scale: float = 0.5
 
     def __post_init__(self):
+        if not (isinstance(self.channels, int) and self.channels >= 1):
+            raise ValueError(f"ConvCell: channels must be an int >= 1, got {self.channels!r}")
         if not (isinstance(self.groups, int) and self.groups >= 1 and self.channels % self.groups == 0):
             raise ValueError(f"ConvCell: channels ({self.channels}) must be a multiple of groups ({self.groups})")
         if self.kernel_size % 2 != 1:
