@@ -29,6 +29,13 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST = "test_batch"
+# What a CIFAR-10 python batch may name when unpickled: numpy's array reconstruction (as Python 2 wrote it,
+# numpy 2's module names, protocol 5's _frombuffer) and the codec Python 3 uses for bytes in protocols 0-2.
+PICKLE_GLOBALS = frozenset(
+    [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")]
+    + [(f"numpy.{core}.multiarray", "_reconstruct") for core in ("core", "_core")]
+    + [(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")]
+)
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4")}
 
 
@@ -156,10 +163,28 @@ def load_mnist(directory: str | Path, download: bool = False, flatten: bool = Fa
     return _finish("mnist", images["x_train"], arrays["y_train"], images["x_test"], arrays["y_test"], 10, flatten)
 
 
-def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 python batch: ``(images uint8 (N, 32, 32, 3), labels (N,))``."""
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles builtin containers and numpy arrays only: any other global is refused, so no code runs."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refused global {module}.{name} (a CIFAR-10 batch holds only arrays, lists and bytes)"
+            )
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path):
     with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+        try:
+            return _BatchUnpickler(f, encoding="bytes").load()
+        except Exception as err:  # a malformed pickle fails in many ways: EOFError, UnpicklingError, TypeError...
+            raise ValueError(f"{path} is not a CIFAR-10 python batch: {type(err).__name__}: {err}") from err
+
+
+def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch: ``(images uint8 (N, 32, 32, 3), labels (N,))``, unpickled without running code."""
+    batch = _unpickle(Path(path))
     try:
         data, labels = np.asarray(batch[b"data"], np.uint8), np.asarray(batch[b"labels"])
     except (KeyError, TypeError) as err:

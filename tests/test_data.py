@@ -1,7 +1,10 @@
 """Datasets: bundled digits, MNIST idx and CIFAR-10 pickle loaders on small files written in those formats."""
 
 import gzip
+import io
+import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -82,6 +85,65 @@ def test_cifar10_reads_python_batches(tmp_path):
         pickle.dump({b"pixels": []}, f)
     with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
         data.load_cifar10(tmp_path)
+
+
+class Python2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 ``str`` (BINSTRING), as the published CIFAR-10 batches were written."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj):
+        self.write(pickle.BINSTRING + len(obj).to_bytes(4, "little") + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def cifar_pickle(batch, writer):
+    if writer != "python2":
+        return pickle.dumps(batch, protocol=writer)
+    out = io.BytesIO()
+    Python2Pickler(out, protocol=2).dump(batch)
+    return out.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+@pytest.mark.parametrize("writer", ["python2", 2, 3, 4, 5])
+def test_cifar_batch_loads_as_python2_or_any_python3_protocol_wrote_it(tmp_path, writer):
+    images = np.random.default_rng(2).integers(0, 256, (3, 3072), dtype=np.uint8)
+    batch = {b"batch_label": b"training batch 1 of 5", b"labels": [6, 9, 9], b"data": images, b"filenames": [b"a.png"]}
+    blob = cifar_pickle(batch, writer)
+    assert (b"cnumpy.core.multiarray\n_reconstruct" in blob) == (writer == "python2")
+    (tmp_path / "data_batch_1").write_bytes(blob)
+    x, y = data.read_cifar_batch(tmp_path / "data_batch_1")
+    np.testing.assert_array_equal(x, images.reshape(3, 3, 32, 32).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(y, [6, 9, 9])
+
+
+class Exploit:
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+@pytest.mark.parametrize("call", [exec, os.system])
+def test_cifar_batch_that_would_run_code_is_refused_naming_the_file_and_global(tmp_path, call):
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').close()" if call is exec else f"touch {marker}"
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": Exploit(call, code), b"labels": [0]}))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + rf".*refused global \w+\.{call.__name__}\b"):
+        data.read_cifar_batch(path)
+    assert not marker.exists()
+
+
+def test_malformed_pickles_are_value_errors_naming_the_file(tmp_path):
+    whole = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]})
+    for name, blob in {"empty": b"", "garbage": b"\x00not a pickle", "truncated": whole[: len(whole) // 2]}.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / name)) + " is not a CIFAR-10 python batch"):
+            data.read_cifar_batch(tmp_path / name)
 
 
 def test_missing_directory_and_unreachable_download_are_named(tmp_path, monkeypatch):
