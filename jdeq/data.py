@@ -13,6 +13,7 @@ import pickle
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -129,15 +130,28 @@ def _download(url: str, target: Path) -> None:
     partial.rename(target)
 
 
+def _read_bytes(path: Path) -> bytes:
+    """The contents of ``path``, gunzipped when the name ends in ``.gz``; a corrupt gzip is a ValueError."""
+    if path.suffix != ".gz":
+        return path.read_bytes()
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise ValueError(f"{path} is not a valid gzip file ({err})") from err
+
+
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an idx file (the MNIST format; gzipped when the name ends in ``.gz``)."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
         raise ValueError(f"{path} is not an idx file (bad magic number {raw[:4].hex()})")
     dtype, ndim = np.dtype(IDX_DTYPES[raw[2]]), raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(
+            f"{path}: the idx header of a {ndim}-d array needs {4 + 4 * ndim} bytes, the file has {len(raw)}"
+        )
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
     expected = 4 + 4 * ndim + int(np.prod(shape)) * dtype.itemsize
     if len(raw) != expected:

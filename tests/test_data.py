@@ -67,6 +67,25 @@ def test_idx_reader_rejects_bad_files(tmp_path):
         data.read_idx(tmp_path / "short")
 
 
+def test_bad_idx_headers_and_gzip_files_are_value_errors_naming_the_file(tmp_path):
+    write_idx(tmp_path / "ok.gz", (np.arange(300) % 256).astype(np.uint8).reshape(3, 100))
+    packed = (tmp_path / "ok.gz").read_bytes()
+    bad = {
+        "short-header": (
+            bytes([0, 0, 0x08, 3, 0, 0, 0, 1]),
+            "idx header of a 3-d array needs 16 bytes, the file has 8",
+        ),
+        "not-gzip.gz": (b"\x00\x00\x08\x01\x00\x00\x00\x00", "not a valid gzip file"),
+        "truncated.gz": (packed[: len(packed) // 2], "not a valid gzip file"),
+        "corrupt.gz": (packed[:-8] + bytes(8), "not a valid gzip file"),  # CRC and length trailer zeroed
+        "magic-only": (b"\x00\x00", "not an idx file"),
+    }
+    for name, (blob, message) in bad.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}") + ".*" + re.escape(message)):
+            data.read_idx(tmp_path / name)
+
+
 def test_cifar10_reads_python_batches(tmp_path):
     root = tmp_path / data.CIFAR10_DIR
     root.mkdir()
