@@ -9,6 +9,8 @@ naming what is missing, an unreachable server a ``ConnectionError``.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import http.client
 import pickle
 import tarfile
 import urllib.error
@@ -30,6 +32,14 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST = "test_batch"
+# Published MD5 of each download (the values torchvision checks too).
+DOWNLOAD_MD5 = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+}
 # What a CIFAR-10 python batch may name when unpickled: numpy's array reconstruction (as Python 2 wrote it,
 # numpy 2's module names, protocol 5's _frombuffer) and the codec Python 3 uses for bytes in protocols 0-2.
 PICKLE_GLOBALS = frozenset(
@@ -117,17 +127,42 @@ def _missing(directory: Path, wanted: str, what: str) -> FileNotFoundError:
 
 
 def _download(url: str, target: Path) -> None:
+    """Fetch ``url`` to ``target`` (via ``target.part``, renamed when complete and verified).
+
+    Any failure, including a body shorter than its Content-Length, an HTML page or an MD5 other than the published
+    one in ``DOWNLOAD_MD5``, is a ConnectionError naming ``url``, and leaves no file behind.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
-            out.write(response.read())
-    except (urllib.error.URLError, OSError) as err:
-        partial.unlink(missing_ok=True)
+        md5 = _fetch(url, partial)
+        if DOWNLOAD_MD5.get(target.name, md5) != md5:
+            raise ValueError(f"MD5 {md5} is not the published {DOWNLOAD_MD5[target.name]}")
+        partial.replace(target)
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
         raise ConnectionError(
             f"could not download {url} ({err}); place {target.name} in {target.parent} by hand"
         ) from err
-    partial.rename(target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _fetch(url: str, partial: Path) -> str:
+    """Stream ``url`` into ``partial`` and return its MD5; ValueError if it is cut short or is an HTML page."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
+        while block := response.read(1 << 20):
+            digest.update(block)
+            out.write(block)
+        length, kind = response.headers.get("Content-Length"), response.headers.get("Content-Type", "")
+    size = partial.stat().st_size
+    if length is not None and size != int(length):
+        raise ValueError(f"cut short: {size} of {length} bytes")
+    with open(partial, "rb") as f:
+        head = f.read(64).lstrip().lower()
+    if "text/html" in kind or head.startswith((b"<!doctype", b"<html")):
+        raise ValueError("the server sent an HTML page, not the file")
+    return digest.hexdigest()
 
 
 def _read_bytes(path: Path) -> bytes:

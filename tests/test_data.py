@@ -1,10 +1,13 @@
 """Datasets: bundled digits, MNIST idx and CIFAR-10 pickle loaders on small files written in those formats."""
 
 import gzip
+import hashlib
+import http.client
 import io
 import os
 import pickle
 import re
+import urllib.request
 
 import numpy as np
 import pytest
@@ -175,6 +178,70 @@ def test_missing_directory_and_unreachable_download_are_named(tmp_path, monkeypa
     with pytest.raises(ConnectionError, match=r"could not download http://127.0.0.1:9/train-images-idx3-ubyte.gz"):
         data.load_mnist(missing, download=True)
     assert not any(missing.iterdir())  # no partial file left behind
+
+
+class FakeResponse(io.BytesIO):
+    """What ``urlopen`` returns, serving ``body``; ``cut_at`` raises IncompleteRead after that many bytes."""
+
+    def __init__(self, body, headers=None, cut_at=None):
+        super().__init__(body)
+        self.headers, self.cut_at = headers or {}, cut_at
+
+    def read(self, size=-1):
+        if self.cut_at is None:
+            return super().read(size)
+        if size < 0 or self.tell() >= self.cut_at:  # like http.client when the connection drops mid-body
+            raise http.client.IncompleteRead(b"", len(self.getvalue()) - self.tell())
+        return super().read(min(size, self.cut_at - self.tell()))
+
+
+def serve(monkeypatch, responses):
+    """Make ``urlopen`` answer each file name in ``responses`` (no network)."""
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: responses[url.rsplit("/", 1)[-1]]())
+
+
+def gz_bodies(tmp_path, mnist_arrays):
+    source = tmp_path / "source"
+    source.mkdir()
+    for key, stem in data.MNIST_FILES.items():
+        write_idx(source / (stem + ".gz"), mnist_arrays[key])
+    return {path.name: path.read_bytes() for path in source.iterdir()}
+
+
+def test_download_is_verified_against_published_md5_then_renamed(tmp_path, monkeypatch, mnist_arrays):
+    bodies = gz_bodies(tmp_path, mnist_arrays)
+    serve(monkeypatch, {name: lambda body=body: FakeResponse(body) for name, body in bodies.items()})
+    monkeypatch.setattr(data, "DOWNLOAD_MD5", {name: hashlib.md5(body).hexdigest() for name, body in bodies.items()})
+    d = data.load_mnist(tmp_path / "mnist", download=True)
+    np.testing.assert_array_equal(d.y_train, mnist_arrays["y_train"])
+    assert sorted(path.name for path in (tmp_path / "mnist").iterdir()) == sorted(bodies)  # no .part left
+
+
+@pytest.mark.parametrize(
+    "respond, reason",
+    [
+        (lambda body: FakeResponse(body[:100], {"Content-Length": str(len(body))}), "cut short: 100 of"),
+        (lambda body: FakeResponse(body, cut_at=100), "IncompleteRead"),
+        (lambda body: FakeResponse(body, {"Content-Type": "text/html; charset=utf-8"}), "the server sent an HTML page"),
+        (lambda body: FakeResponse(b"\n<!DOCTYPE html><html>Access denied</html>"), "the server sent an HTML page"),
+        (lambda body: FakeResponse(body), "MD5 [0-9a-f]{32} is not the published f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+    ],
+    ids=["short", "incomplete-read", "html-type", "html-body", "md5"],
+)
+def test_failed_download_leaves_no_file_and_names_the_url(tmp_path, monkeypatch, mnist_arrays, respond, reason):
+    body = gz_bodies(tmp_path, mnist_arrays)["train-images-idx3-ubyte.gz"]
+    serve(monkeypatch, {"train-images-idx3-ubyte.gz": lambda: respond(body)})
+    url = re.escape(data.MNIST_URL + "train-images-idx3-ubyte.gz")
+    with pytest.raises(ConnectionError, match=f"could not download {url} \\({reason}"):
+        data.load_mnist(tmp_path / "mnist", download=True)
+    assert not any((tmp_path / "mnist").iterdir())
+
+
+def test_cifar10_archive_with_wrong_md5_is_discarded(tmp_path, monkeypatch):
+    serve(monkeypatch, {"cifar-10-python.tar.gz": lambda: FakeResponse(b"not the archive")})
+    with pytest.raises(ConnectionError, match="is not the published c58f30108f718f92721af3b95e74349a"):
+        data.load_cifar10(tmp_path, download=True)
+    assert not any(tmp_path.iterdir())
 
 
 def test_check_dataset_names_the_problem():
