@@ -3,7 +3,15 @@ MNIST (idx files, gzipped or not) and CIFAR-10 (python pickle batches) formats f
 
 Images are float32 in ``[0, 1]`` shaped ``(N, H, W, C)`` (``flatten=True``: ``(N, H·W·C)``); labels int32.
 Downloads happen only with ``download=True``; a missing directory or file is a ``FileNotFoundError``
-naming what is missing, an unreachable server a ``ConnectionError``.
+naming what is missing. A download that fails, is cut short, is an HTML page or differs from the published
+MD5 is a ``ConnectionError`` naming the URL, and leaves no file behind.
+
+Checked at load time, each failure a ``ValueError`` naming the file (and the index of the first bad value):
+CIFAR-10 pickles are unpickled without running code (only numpy array reconstruction may be named);
+malformed or truncated pickles, gzip files and idx headers are refused; pixels must be integers in ``[0, 255]``;
+labels must have an integer dtype (float labels are refused, even integral ones like ``2.0``: nothing is cast
+before it is checked).
+Every dataset then passes :func:`check_dataset` before labels are cast to int32.
 """
 
 from __future__ import annotations
@@ -69,8 +77,8 @@ def check_dataset(data: Dataset) -> Dataset:
             raise ValueError(f"dataset {data.name!r}: the {split} split is empty")
         if len(x) != len(y):
             raise ValueError(f"dataset {data.name!r}: {len(x)} {split} inputs but {len(y)} labels")
-        if not np.issubdtype(np.asarray(y).dtype, np.integer):
-            raise ValueError(f"dataset {data.name!r}: {split} labels must be integers, got dtype {np.asarray(y).dtype}")
+        if problem := _not_integers(np.asarray(y)):
+            raise ValueError(f"dataset {data.name!r}: {split} labels must be integers, got {problem}")
         bad = (y < 0) | (y >= data.num_classes)
         if np.any(bad):
             raise ValueError(
@@ -92,13 +100,49 @@ def check_dataset(data: Dataset) -> Dataset:
     return data
 
 
+def _where(mask: np.ndarray) -> str:
+    """``index i`` (``index (i, j, ...)`` when ``mask`` is not 1-d) of the first True in ``mask``."""
+    first = tuple(int(i) for i in np.argwhere(mask)[0])
+    return f"index {first[0] if len(first) == 1 else first}"
+
+
+def _not_integers(values: np.ndarray) -> str:
+    """``""`` if ``values`` has an integer dtype, else what is wrong: the first fractional value, or the dtype."""
+    if np.issubdtype(values.dtype, np.integer):
+        return ""
+    if np.issubdtype(values.dtype, np.floating) and (fractional := values != np.round(values)).any():
+        return f"{values[fractional][0]} at {_where(fractional)}"
+    return f"dtype {values.dtype}"
+
+
+def _labels(path: Path, values: np.ndarray) -> np.ndarray:
+    """``values``, after checking they have an integer dtype (a ValueError naming ``path`` otherwise)."""
+    if problem := _not_integers(values):
+        raise ValueError(f"{path}: labels must be integers, got {problem}")
+    return values
+
+
+def _pixels(path: Path, values: np.ndarray) -> np.ndarray:
+    """``values`` as uint8, after checking they are integers in [0, 255] (a ValueError naming ``path`` otherwise)."""
+    problem = _not_integers(values)
+    if not problem and (outside := (values < 0) | (values > 255)).any():
+        problem = f"{values[outside][0]} at {_where(outside)}"
+    if problem:
+        raise ValueError(f"{path}: pixel values must be integers in [0, 255], got {problem}")
+    return values.astype(np.uint8)
+
+
 def _finish(name: str, x_train, y_train, x_test, y_test, num_classes: int, flatten: bool) -> Dataset:
+    """The checked Dataset; labels are cast to int32 only after check_dataset found them integers in range."""
+
     def inputs(x):
         x = np.asarray(x, np.float32)
         return x.reshape(len(x), -1) if flatten else x
 
-    labels = [np.asarray(y, np.int32) for y in (y_train, y_test)]
-    return check_dataset(Dataset(name, inputs(x_train), labels[0], inputs(x_test), labels[1], num_classes))
+    data = check_dataset(
+        Dataset(name, inputs(x_train), np.asarray(y_train), inputs(x_test), np.asarray(y_test), num_classes)
+    )
+    return data._replace(y_train=data.y_train.astype(np.int32), y_test=data.y_test.astype(np.int32))
 
 
 def digits_images() -> tuple[np.ndarray, np.ndarray]:
@@ -207,9 +251,10 @@ def _mnist_file(directory: Path, stem: str, download: bool) -> Path:
 def load_mnist(directory: str | Path, download: bool = False, flatten: bool = False) -> Dataset:
     """MNIST from the four idx files (``train-images-idx3-ubyte[.gz]``, ...) in ``directory``."""
     directory = Path(directory)
-    arrays = {key: read_idx(_mnist_file(directory, stem, download)) for key, stem in MNIST_FILES.items()}
-    images = {key: arrays[key][..., None] / 255.0 for key in ("x_train", "x_test")}
-    return _finish("mnist", images["x_train"], arrays["y_train"], images["x_test"], arrays["y_test"], 10, flatten)
+    paths = {key: _mnist_file(directory, stem, download) for key, stem in MNIST_FILES.items()}
+    x = {key: _pixels(paths[key], read_idx(paths[key]))[..., None] / 255.0 for key in ("x_train", "x_test")}
+    y = {key: _labels(paths[key], read_idx(paths[key])) for key in ("y_train", "y_test")}
+    return _finish("mnist", x["x_train"], y["y_train"], x["x_test"], y["y_test"], 10, flatten)
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -235,12 +280,14 @@ def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python batch: ``(images uint8 (N, 32, 32, 3), labels (N,))``, unpickled without running code."""
     batch = _unpickle(Path(path))
     try:
-        data, labels = np.asarray(batch[b"data"], np.uint8), np.asarray(batch[b"labels"])
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a CIFAR-10 python batch (needs b'data' and b'labels')") from err
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-        raise ValueError(f"{path}: data of shape {data.shape} with {len(labels)} labels is not a CIFAR-10 batch")
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+    except (KeyError, IndexError, TypeError, ValueError) as err:  # ValueError: a ragged list
+        raise ValueError(f"{path} is not a CIFAR-10 python batch (needs b'data' and b'labels' arrays)") from err
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != data.shape[:1]:
+        raise ValueError(
+            f"{path}: data of shape {data.shape} with labels of shape {labels.shape} is not a CIFAR-10 batch"
+        )
+    return _pixels(path, data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), _labels(path, labels)
 
 
 def load_cifar10(directory: str | Path, download: bool = False, flatten: bool = False) -> Dataset:

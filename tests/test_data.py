@@ -16,7 +16,7 @@ from jdeq import data
 
 
 def write_idx(path, array):
-    codes = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
     header = bytes([0, 0, codes[array.dtype], array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "wb") as f:
@@ -256,6 +256,68 @@ def test_check_dataset_names_the_problem():
         data.check_dataset(ok._replace(y_test=np.array([0, 1, -1, 2])))
     with pytest.raises(ValueError, match="labels must be integers"):
         data.check_dataset(ok._replace(y_train=y.astype(float)))
+
+
+def test_check_dataset_names_the_first_fractional_label():
+    x, y = np.zeros((4, 3), np.float32), np.array([0, 1, 1.5, 2])
+    toy = data.Dataset("toy", x, y.astype(int), x, y, 3)
+    with pytest.raises(ValueError, match="test labels must be integers, got 1.5 at index 2"):
+        data.check_dataset(toy)
+    with pytest.raises(ValueError, match="train labels must be integers, got dtype float64"):  # even 2.0 is refused
+        data.check_dataset(toy._replace(y_train=np.array([0.0, 1.0, 2.0, 2.0])))
+
+
+def bad_pixel(shape, value, at, dtype):
+    images = np.zeros(shape, dtype)
+    images[at] = value
+    return images
+
+
+@pytest.mark.parametrize(
+    "key, array, message",
+    [
+        ("y_train", np.array([1, 1.5, 2, 3, 4, 5], ">f4"), "labels must be integers, got 1.5 at index 1"),
+        ("y_test", np.full(4, 2.0, ">f4"), "labels must be integers, got dtype >f4"),
+        ("x_train", bad_pixel((6, 28, 28), 300, (2, 5, 7), ">i4"), "got 300 at index (2, 5, 7)"),
+        ("x_test", bad_pixel((4, 28, 28), -1, (3, 0, 1), ">i4"), "got -1 at index (3, 0, 1)"),
+    ],
+    ids=["fractional-label", "integral-float-label", "pixel-300", "pixel-minus-1"],
+)
+def test_mnist_rejects_float_labels_and_out_of_range_pixels_instead_of_casting(
+    tmp_path, mnist_arrays, key, array, message
+):
+    mnist_arrays[key] = array
+    for name, stem in data.MNIST_FILES.items():
+        write_idx(tmp_path / stem, mnist_arrays[name])
+    with pytest.raises(
+        ValueError, match=re.escape(f"{tmp_path / data.MNIST_FILES[key]}: ") + ".*" + re.escape(message)
+    ):
+        data.load_mnist(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "pixel, labels, message",
+    [
+        (300, [3, 9], "pixel values must be integers in [0, 255], got 300 at index (1, 17)"),
+        (-1, [3, 9], "pixel values must be integers in [0, 255], got -1 at index (1, 17)"),
+        (0.5, [3, 9], "pixel values must be integers in [0, 255], got 0.5 at index (1, 17)"),
+        (0, [3, 1.5], "labels must be integers, got 1.5 at index 1"),
+    ],
+    ids=["pixel-300", "pixel-minus-1", "fractional-pixel", "fractional-label"],
+)
+def test_cifar_batch_rejects_out_of_range_pixels_and_float_labels_instead_of_casting(tmp_path, pixel, labels, message):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": bad_pixel((2, 3072), pixel, (1, 17), type(pixel)), b"labels": labels}))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+        data.read_cifar_batch(path)
+
+
+def test_labels_beyond_int32_are_rejected_not_wrapped(tmp_path):
+    for name in (*data.CIFAR10_TRAIN, data.CIFAR10_TEST):
+        label = 2**32 + 3 if name == data.CIFAR10_TEST else 3  # int32 would wrap it to 3
+        (tmp_path / name).write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [label]}))
+    with pytest.raises(ValueError, match=r"1 test label\(s\) outside \[0, 10\), e.g. 4294967299 at index 0"):
+        data.load_cifar10(tmp_path)
 
 
 def test_nonfinite_inputs_and_two_dimensional_labels_are_rejected_naming_the_index():
