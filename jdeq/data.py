@@ -269,6 +269,7 @@ class _BatchUnpickler(pickle.Unpickler):
 
 
 def _unpickle(path: Path):
+    """The object pickled in ``path``, through ``_BatchUnpickler``; any unpickling failure is a ValueError."""
     with open(path, "rb") as f:
         try:
             return _BatchUnpickler(f, encoding="bytes").load()
