@@ -7,6 +7,7 @@ epoch, so a run resumed from its last checkpoint replays exactly the steps an un
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,6 +46,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be read (corrupt or partial); earlier checkpoints are left in place."""
 
 
+class NonfiniteError(FloatingPointError):
+    """A training step's loss, gradient or update was not finite (``fit(..., on_nonfinite="stop")``)."""
+
+
 def sown_stats(stats_tree: Any) -> list:
     """The :class:`jdeq.Stats` of every DEQ layer sown in ``stats_tree`` (the ``"deq_stats"`` collection)."""
     return jax.tree_util.tree_leaves(stats_tree, is_leaf=lambda s: hasattr(s, "num_steps"))
@@ -57,11 +62,20 @@ def forward_metrics(stats_tree: Any) -> dict:
     return summarize(merged, prefix="fwd_")
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every element of every leaf of ``tree`` is finite (a norm could overflow for large finite leaves)."""
+    return functools.reduce(
+        jnp.logical_and, [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)], True
+    )
+
+
 def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Callable:
     """``step(state, x, y) -> (state, metrics)``, jitted: cross-entropy, implicit gradients, one optax update.
 
     ``model`` is a linen module called as ``model.apply(variables, x, backward_stats=probe)`` that sows
-    :class:`jdeq.Stats` into ``"deq_stats"`` (e.g. :class:`jdeq.nn.DEQClassifier`).
+    :class:`jdeq.Stats` into ``"deq_stats"`` (e.g. :class:`jdeq.nn.DEQClassifier`). A step whose loss,
+    gradient or updated state is not finite returns the state unchanged and ``metrics["skipped"]`` true
+    (decided on the device: no extra host round trip).
     """
 
     def loss_fn(params, probe, x, y):
@@ -74,14 +88,17 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Call
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
         (loss, (logits, stats)), (grads, probe_grad) = grad_fn(state.params, stats_probe(x.shape[:1]), x, y)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new = TrainState(optax.apply_updates(state.params, updates), opt_state)
+        finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(new)
         backward = read_backward_stats(probe_grad)
         metrics = {
+            "skipped": ~finite,
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
             **forward_metrics(stats),
             **summarize(backward, prefix="bwd_"),
         }
-        return TrainState(optax.apply_updates(state.params, updates), opt_state), metrics
+        return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state), metrics
 
     return step
 
@@ -134,13 +151,16 @@ def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> Iterator[np
 
 
 def epoch_summary(rows: list[dict]) -> dict:
-    """One epoch's metrics from its steps': maxima of ``*max_*`` keys, sums of ``*count_*`` keys, means of the rest."""
+    """One epoch's metrics from its steps' (those not skipped, if any): maxima of ``*max_*`` keys, sums of
+    ``*count_*`` keys, means of the rest; and ``skipped_steps``, the number of skipped steps."""
+    kept = [row for row in rows if not row["skipped"]] or rows
 
     def reduce(key):
-        values = [row[key] for row in rows]
+        values = [row[key] for row in kept]
         return np.max(values) if "max_" in key else np.sum(values) if "count_" in key else np.mean(values)
 
-    return {key: float(reduce(key)) for key in rows[0]}
+    summary = {key: float(reduce(key)) for key in rows[0] if key != "skipped"}
+    return {**summary, "skipped_steps": int(sum(row["skipped"] for row in rows))}
 
 
 def checkpoint_manager(directory: str | Path) -> ocp.CheckpointManager:
@@ -185,6 +205,7 @@ def fit(
     eval_batch_size: int = 512,
     seed: int = 0,
     checkpoint_dir: Optional[str | Path] = None,
+    on_nonfinite: str = "stop",
     progress: bool = True,
 ) -> FitResult:
     """Train ``model`` (a linen classifier, see :func:`make_train_step`) on ``data`` for ``epochs`` epochs.
@@ -192,11 +213,17 @@ def fit(
     Each history row holds the epoch's mean training metrics (``loss``, ``accuracy``, forward/backward
     steps and residuals) and ``test_*`` metrics. With ``checkpoint_dir``, the run resumes from the
     latest checkpoint there and saves one per epoch.
+
+    A step with a nonfinite loss, gradient or update never changes the state; ``on_nonfinite="stop"``
+    (default) then raises :class:`NonfiniteError` naming the epoch and step, ``"skip"`` goes on (each
+    history row counts its ``skipped_steps``; its other training metrics are over the steps kept).
     """
     check_dataset(data)
     n = len(data.x_train)
     if not 1 <= batch_size <= n:
         raise ValueError(f"batch_size must be in [1, {n}] (the training set size), got {batch_size}")
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f'on_nonfinite must be "stop" or "skip", got {on_nonfinite!r}')
     params = model.init(jax.random.PRNGKey(seed), data.x_train[:1])["params"]
     state = TrainState(params, optimizer.init(params))
     history: list[dict] = []
@@ -212,9 +239,15 @@ def fit(
         for epoch in range(len(history), epochs):
             bar.set_description(f"epoch {epoch + 1}/{epochs}")
             rows = []
-            for index in epoch_batches(seed, epoch, n, batch_size):
+            for step, index in enumerate(epoch_batches(seed, epoch, n, batch_size), 1):
                 state, metrics = train_step(state, data.x_train[index], data.y_train[index])
                 rows.append(jax.device_get(metrics))
+                if rows[-1]["skipped"] and on_nonfinite == "stop":
+                    raise NonfiniteError(
+                        f"nonfinite loss, gradient or update at epoch {epoch + 1}, step {step} (loss "
+                        f"{rows[-1]['loss']}): stopped before applying it; no nonfinite state was saved. Pass "
+                        'on_nonfinite="skip" to skip such steps.'
+                    )
                 bar.update()
                 bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", fwd=f"{rows[-1]['fwd_mean_steps']:.1f}", refresh=False)
             test = evaluate(eval_step, state.params, data.x_test, data.y_test, eval_batch_size)

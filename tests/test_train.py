@@ -3,7 +3,9 @@
 import json
 import shutil
 
+import flax.linen as linen
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -132,3 +134,64 @@ def test_demo_command_writes_metrics_and_figure(tmp_path, capsys):
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "test acc" in printed and f"{metrics['test_accuracy']:.2%}" in printed
+
+
+MARK = 1e6  # a finite input value no digit has: the batch holding it is poisoned
+
+
+@jax.custom_vjp
+def nan_gradient(logits, marked):
+    return logits
+
+
+nan_gradient.defvjp(lambda logits, marked: (logits, marked), lambda marked, g: (jnp.where(marked, jnp.nan, g), None))
+
+
+class Poisoned(linen.Module):
+    """A small DEQ classifier whose loss (or only its gradient) is NaN on a batch holding an input ``MARK``."""
+
+    poison: str
+
+    @linen.compact
+    def __call__(self, x, backward_stats=None):
+        logits = DEQClassifier(DEQ(MLPCell(8)), 10)(x, backward_stats=backward_stats)
+        marked = jnp.any(x == MARK)
+        return logits * jnp.where(marked, jnp.nan, 1.0) if self.poison == "loss" else nan_gradient(logits, marked)
+
+
+def marked(data, index):
+    x = data.x_train.copy()
+    x[index, 0] = MARK
+    return data._replace(x_train=x)
+
+
+def all_leaves_finite(tree) -> bool:
+    return all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def first_index(epoch, n=300, batch_size=64):
+    return next(train.epoch_batches(0, epoch, n, batch_size))[0]
+
+
+def fit_poisoned(poison, data, epochs, **kwargs):
+    return train.fit(Poisoned(poison), optax.adam(1e-2), data, epochs=epochs, batch_size=64, progress=False, **kwargs)
+
+
+def test_nonfinite_loss_stops_naming_epoch_and_step_and_is_never_saved(small_digits, tmp_path):
+    fit_poisoned("loss", small_digits, 1, checkpoint_dir=tmp_path)
+    with pytest.raises(train.NonfiniteError, match=r"nonfinite loss, gradient or update at epoch 2, step 1 "):
+        fit_poisoned("loss", marked(small_digits, first_index(epoch=1)), 3, checkpoint_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["1"]
+
+
+def test_nonfinite_gradient_with_a_finite_loss_stops(small_digits):
+    with pytest.raises(train.NonfiniteError, match=r"at epoch 1, step 1 \(loss \d"):
+        fit_poisoned("gradient", marked(small_digits, first_index(epoch=0)), 1)
+
+
+def test_skipped_nonfinite_steps_are_counted_and_leave_the_state_finite(small_digits):
+    index = first_index(epoch=0)
+    result = fit_poisoned("loss", marked(small_digits, index), 2, on_nonfinite="skip")
+    in_full_batches = [index in np.concatenate(list(train.epoch_batches(0, e, 300, 64))) for e in (0, 1)]
+    assert [row["skipped_steps"] for row in result.history] == [int(b) for b in in_full_batches]
+    assert all_leaves_finite(result.state) and all(np.isfinite(row["loss"]) for row in result.history)
