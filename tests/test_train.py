@@ -1,6 +1,8 @@
 """Training loop: metrics, determinism, interrupt/resume exactness, nonfinite steps, bad data, the demo command."""
 
 import json
+import os
+import signal
 
 import flax.linen as linen
 import jax
@@ -168,3 +170,48 @@ def test_skipped_nonfinite_steps_are_counted_and_leave_the_state_finite(small_di
     in_full_batches = [index in np.concatenate(list(train.epoch_batches(0, e, 300, 64))) for e in (0, 1)]
     assert [row["skipped_steps"] for row in result.history] == [int(b) for b in in_full_batches]
     assert all_leaves_finite(result.state) and all(np.isfinite(row["loss"]) for row in result.history)
+
+
+HISTORY = [
+    {"epoch": e, "loss": 1 / e, "test_loss": 1 / e, "accuracy": 0.5, "test_accuracy": 0.5, "fwd_mean_steps": 3.0}
+    | {"fwd_max_steps": 5.0, "bwd_mean_steps": 4.0}
+    for e in (1, 2)
+]
+
+
+def test_demo_outputs_are_replaced_as_a_pair(tmp_path, monkeypatch):
+    import jdeq.plots
+
+    cli.write_outputs(tmp_path, {"run": 1}, HISTORY, "first")
+    figure = (tmp_path / "training.png").read_bytes()
+
+    def interrupted_plot(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jdeq.plots, "plot_history", interrupted_plot)
+    with pytest.raises(KeyboardInterrupt):
+        cli.write_outputs(tmp_path, {"run": 2}, HISTORY, "second")
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"run": 1}
+    assert (tmp_path / "training.png").read_bytes() == figure
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "training.png"]
+
+
+def test_ctrl_c_between_the_two_renames_is_delivered_after_both(tmp_path, monkeypatch):
+    cli.write_outputs(tmp_path, {"run": 1}, HISTORY, "first")
+    replace = os.replace
+
+    def interrupted_replace(source, target):
+        replace(source, target)
+        if target.name == "training.png":
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        cli.write_outputs(tmp_path, {"run": 2}, HISTORY, "second")
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"run": 2}
+
+
+def test_demo_refuses_an_unwritable_out_before_training(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"jdeq demo: --out .*file/out is not a writable directory"):
+        cli.main(["demo", "--out", str(tmp_path / "file" / "out")])
