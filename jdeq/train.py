@@ -178,10 +178,10 @@ def epoch_summary(rows: list[dict]) -> dict:
 def checkpoint_manager(directory: str | Path, read_only: bool = False) -> ocp.CheckpointManager:
     """A synchronous orbax manager keeping the last :data:`CHECKPOINTS_KEPT` epochs (older ones deleted
     only after a newer one is complete: orbax writes to a temporary directory and renames it)."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=CHECKPOINTS_KEPT, enable_async_checkpointing=False, read_only=read_only
-    )
-    with _orbax_quiet():
+    with _orbax_quiet():  # also its notes on read_only options
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=CHECKPOINTS_KEPT, enable_async_checkpointing=False, read_only=read_only
+        )
         return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
@@ -260,8 +260,9 @@ def check_config(directory: Path, epoch: int, saved: dict, new: dict) -> None:
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, epoch: int, state: TrainState, history: list[dict], config: dict):
-    """Save ``state``, ``history`` and ``run`` (``config`` and each item's :func:`checksum`) as checkpoint ``epoch``."""
-    items = {"params": state.params, "opt_state": state.opt_state, "history": history}
+    """Save ``state``, ``history`` and ``run`` (``config``, and the :func:`checksum` of it and of each item) as
+    checkpoint ``epoch``."""
+    items = {"params": state.params, "opt_state": state.opt_state, "history": history, "config": config}
     run = {"config": config, "sha256": {name: checksum(item) for name, item in items.items()}}
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
@@ -287,10 +288,14 @@ def restore_checkpoint(manager: ocp.CheckpointManager, epoch: int, prepare: Call
     """The items of checkpoint ``epoch`` named by ``prepare(epoch, saved_config)`` (name: template, ``None`` for
     JSON), verified against their checksums; CheckpointError (the reason) if unreadable or altered."""
     run = _read(manager, epoch, run=ocp.args.JsonRestore())["run"]
+    if not (isinstance(run, dict) and isinstance(run.get("config"), dict) and isinstance(run.get("sha256"), dict)):
+        raise CheckpointError("unreadable (no record of its config and checksums)")
+    if checksum(run["config"]) != run["sha256"].get("config"):
+        raise CheckpointError("altered on disk (sha256 mismatch in config)")
     templates = prepare(epoch, run["config"])
     args = {k: ocp.args.JsonRestore() if t is None else ocp.args.StandardRestore(t) for k, t in templates.items()}
     items = _read(manager, epoch, **args)
-    altered = [name for name in templates if checksum(items[name]) != run["sha256"][name]]
+    altered = [name for name in templates if checksum(items[name]) != run["sha256"].get(name)]
     if altered:
         raise CheckpointError(f"altered on disk (sha256 mismatch in {', '.join(altered)})")
     return items
@@ -395,10 +400,12 @@ def _acquire(path: Path, replace_stale: bool = True) -> None:
         try:
             holder = json.loads(path.read_text())
         except (OSError, ValueError):
-            holder = {}
-        pid, host = holder.get("pid"), holder.get("host")
+            holder = None
+        pid, host = (holder.get("pid"), holder.get("host")) if isinstance(holder, dict) else (None, None)
         owner = f"pid {pid} on {host}" if pid else "an unknown process (unreadable lock file)"
-        if not (replace_stale and host == socket.gethostname() and isinstance(pid, int) and not _running(pid)):
+        if not (
+            replace_stale and host == socket.gethostname() and isinstance(pid, int) and pid > 0 and not _running(pid)
+        ):
             raise DirectoryLockedError(
                 f"{path.parent} is in use by another run ({owner}, lock file {path}); wait for it to end, or delete "
                 "the lock file if no run uses the directory"
@@ -416,7 +423,7 @@ def _running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
-        return True
+        pass
     return True
 
 

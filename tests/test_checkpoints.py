@@ -82,6 +82,11 @@ def overwrite_every_file(checkpoint):
             path.write_bytes(b"\x00garbage" * 3)
 
 
+def edit_the_seed(checkpoint):
+    path = next(p for p in (checkpoint / "run").rglob("*") if p.is_file() and b'"seed": 0' in p.read_bytes())
+    path.write_bytes(path.read_bytes().replace(b'"seed": 0', b'"seed": 7'))
+
+
 def test_load_returns_the_latest_params_and_fit_leaves_no_lock(saved):
     directory, result, _ = saved
     assert leaves_equal(train.load(directory, model()), result.state.params)
@@ -96,6 +101,7 @@ def test_load_returns_the_latest_params_and_fit_leaves_no_lock(saved):
         (flip_a_byte, r"altered on disk \(sha256 mismatch in params\)"),
         (truncate, r"unreadable \(.+\)"),
         (overwrite_every_file, r"unreadable \(.+\)"),
+        (edit_the_seed, r"altered on disk \(sha256 mismatch in config\)"),
     ],
 )
 def test_damaged_latest_checkpoint_warns_once_and_the_previous_one_is_loaded(
