@@ -4,9 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
+import signal
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -121,9 +126,12 @@ def _demo_command(args) -> None:
     from .implicit import Implicit
     from .models import MLPCell
     from .nn import DEQ, DEQClassifier
-    from .plots import plot_history
-    from .train import fit
+    from .train import fit, writable_directory
 
+    try:
+        out = writable_directory(args.out)
+    except ValueError as err:
+        raise SystemExit(f"jdeq demo: --out {err}") from None
     data = load_digits(seed=args.seed)
     solver = Anderson(m=5, tol=args.tol, max_steps=args.max_steps)
     model = DEQClassifier(DEQ(MLPCell(args.width), solver=solver, grad=Implicit(solver)), data.num_classes)
@@ -150,14 +158,42 @@ def _demo_command(args) -> None:
         "config": {k: v for k, v in vars(args).items() if k != "run"},
         "history": result.history,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    figure = plot_history(result.history, out / "training.png", f"DEQ-MLP on digits (seed {args.seed})")
+    metrics_path, figure = write_outputs(out, metrics, result.history, f"DEQ-MLP on digits (seed {args.seed})")
     print(
         f"test accuracy {last['test_accuracy']:.2%}, forward steps mean {last['test_fwd_mean_steps']:.1f} / max "
-        f"{last['test_fwd_max_steps']:.0f}, wall time {result.wall_time_s:.1f} s -> {out / 'metrics.json'}, {figure}"
+        f"{last['test_fwd_max_steps']:.0f}, wall time {result.wall_time_s:.1f} s -> {metrics_path}, {figure}"
     )
+
+
+def write_outputs(out: Path, metrics: dict, history: list[dict], title: str) -> tuple[Path, Path]:
+    """Write ``out/metrics.json`` and ``out/training.png`` (:func:`jdeq.plots.plot_history`) as a pair: both are
+    written to a temporary directory in ``out``, then renamed into place with SIGINT held off, so an interrupt
+    leaves both files of the previous run or both of this one."""
+    from .plots import plot_history
+
+    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=out))
+    try:
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_history(history, staging / "training.png", title)
+        with _sigint_held():
+            for name in ("training.png", "metrics.json"):
+                os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / "metrics.json", out / "training.png"
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Defer SIGINT (Ctrl-C) to the end of the block, then deliver it to the previous handler."""
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _reproduce_command(args) -> None:

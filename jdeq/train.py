@@ -7,7 +7,19 @@ epoch, so a run resumed from its last checkpoint replays exactly the steps an un
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import socket
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -24,6 +36,7 @@ from .nn import STATS_COLLECTION
 from .stats import read_backward_stats, stats_probe, summarize
 
 CHECKPOINTS_KEPT = 3
+LOCK_FILE = "jdeq.lock"
 
 
 class TrainState(NamedTuple):
@@ -42,7 +55,11 @@ class FitResult(NamedTuple):
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be read (corrupt or partial); earlier checkpoints are left in place."""
+    """No checkpoint could be read back intact (unreadable, partial, or altered on disk)."""
+
+
+class NonfiniteError(FloatingPointError):
+    """A training step's loss, gradient or update was not finite (``fit(..., on_nonfinite="stop")``)."""
 
 
 def sown_stats(stats_tree: Any) -> list:
@@ -57,11 +74,20 @@ def forward_metrics(stats_tree: Any) -> dict:
     return summarize(merged, prefix="fwd_")
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every element of every leaf of ``tree`` is finite (a norm could overflow for large finite leaves)."""
+    return functools.reduce(
+        jnp.logical_and, [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)], True
+    )
+
+
 def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Callable:
     """``step(state, x, y) -> (state, metrics)``, jitted: cross-entropy, implicit gradients, one optax update.
 
     ``model`` is a linen module called as ``model.apply(variables, x, backward_stats=probe)`` that sows
-    :class:`jdeq.Stats` into ``"deq_stats"`` (e.g. :class:`jdeq.nn.DEQClassifier`).
+    :class:`jdeq.Stats` into ``"deq_stats"`` (e.g. :class:`jdeq.nn.DEQClassifier`). A step whose loss,
+    gradient or updated state is not finite returns the state unchanged and ``metrics["skipped"]`` true
+    (decided on the device: no extra host round trip).
     """
 
     def loss_fn(params, probe, x, y):
@@ -74,14 +100,17 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Call
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
         (loss, (logits, stats)), (grads, probe_grad) = grad_fn(state.params, stats_probe(x.shape[:1]), x, y)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new = TrainState(optax.apply_updates(state.params, updates), opt_state)
+        finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(new)
         backward = read_backward_stats(probe_grad)
         metrics = {
+            "skipped": ~finite,
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
             **forward_metrics(stats),
             **summarize(backward, prefix="bwd_"),
         }
-        return TrainState(optax.apply_updates(state.params, updates), opt_state), metrics
+        return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state), metrics
 
     return step
 
@@ -134,45 +163,293 @@ def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> Iterator[np
 
 
 def epoch_summary(rows: list[dict]) -> dict:
-    """One epoch's metrics from its steps': maxima of ``*max_*`` keys, sums of ``*count_*`` keys, means of the rest."""
+    """One epoch's metrics from its steps' (those not skipped, if any): maxima of ``*max_*`` keys, sums of
+    ``*count_*`` keys, means of the rest; and ``skipped_steps``, the number of skipped steps."""
+    kept = [row for row in rows if not row["skipped"]] or rows
 
     def reduce(key):
-        values = [row[key] for row in rows]
+        values = [row[key] for row in kept]
         return np.max(values) if "max_" in key else np.sum(values) if "count_" in key else np.mean(values)
 
-    return {key: float(reduce(key)) for key in rows[0]}
+    summary = {key: float(reduce(key)) for key in rows[0] if key != "skipped"}
+    return {**summary, "skipped_steps": int(sum(row["skipped"] for row in rows))}
 
 
-def checkpoint_manager(directory: str | Path) -> ocp.CheckpointManager:
+def checkpoint_manager(directory: str | Path, read_only: bool = False) -> ocp.CheckpointManager:
     """A synchronous orbax manager keeping the last :data:`CHECKPOINTS_KEPT` epochs (older ones deleted
     only after a newer one is complete: orbax writes to a temporary directory and renames it)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=CHECKPOINTS_KEPT, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    with _orbax_quiet():  # also its notes on read_only options
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=CHECKPOINTS_KEPT, enable_async_checkpointing=False, read_only=read_only
+        )
+        return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, epoch: int, state: TrainState, history: list[dict]) -> None:
-    """Save ``state`` and ``history`` as checkpoint ``epoch``."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history))
+@contextlib.contextmanager
+def _orbax_quiet() -> Iterator[None]:
+    """Silence orbax's absl error logging: the damage it meets is reported once, by jdeq, as a warning."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def checksum(tree: Any) -> str:
+    """sha256 of the bytes of every leaf of ``tree``, in tree order."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        digest.update(np.asarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
+def model_fields(value: Any, prefix: str = "model") -> dict:
+    """``{"model.<field path>": repr}`` of a (linen) dataclass's fields, nested ones flattened, addresses dropped."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            key: text
+            for field in dataclasses.fields(value)
+            if field.name != "parent"
+            for key, text in model_fields(getattr(value, field.name), f"{prefix}.{field.name}").items()
+        }
+    return {prefix: re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))}
+
+
+def run_config(model: Any, opt_state: Any, data: Dataset, seed: int, batch_size: int, config: dict) -> dict:
+    """What identifies a run, as flat JSON ``{field: value}``: the model's fields, the optimizer state's
+    structure and shapes, the data's shapes, ``seed``, ``batch_size`` and the user's ``config`` (``config.<key>``)."""
+    fields = {
+        **model_fields(model),
+        "optimizer.structure": str(jax.tree_util.tree_structure(opt_state)),
+        "optimizer.shapes": " ".join(
+            f"{leaf.dtype}{list(leaf.shape)}" for leaf in jax.tree_util.tree_leaves(opt_state)
+        ),
+        "data.x_train": list(data.x_train.shape),
+        "data.x_test": list(data.x_test.shape),
+        "data.dtype": str(data.x_train.dtype),
+        "data.num_classes": int(data.num_classes),
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        **{f"config.{key}": value for key, value in config.items()},
+    }
+    try:
+        return json.loads(json.dumps(fields))  # as it reads back: tuples become lists
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config must map names to JSON values: {err}") from None
+
+
+def check_config(directory: Path, epoch: int, saved: dict, new: dict) -> None:
+    """ValueError naming each field in which ``new`` differs from ``saved``, the run config of checkpoint ``epoch``."""
+
+    def show(config, key):
+        text = json.dumps(config[key]) if key in config else "(absent)"
+        return text if len(text) <= 200 else text[:197] + "..."
+
+    differ = [
+        f"{k}: saved {show(saved, k)}, new {show(new, k)}"
+        for k in sorted(saved.keys() | new.keys())
+        if saved.get(k) != new.get(k)
+    ]
+    if differ:
+        raise ValueError(
+            f"checkpoint {epoch} in {directory} was saved by another run configuration ({'; '.join(differ)}); "
+            "it is left as it is: resume with the same configuration, or use another checkpoint_dir"
+        )
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, epoch: int, state: TrainState, history: list[dict], config: dict):
+    """Save ``state``, ``history`` and ``run`` (``config``, and the :func:`checksum` of it and of each item) as
+    checkpoint ``epoch``."""
+    items = {"params": state.params, "opt_state": state.opt_state, "history": history, "config": config}
+    run = {"config": config, "sha256": {name: checksum(item) for name, item in items.items()}}
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        history=ocp.args.JsonSave(history),
+        run=ocp.args.JsonSave(run),
+    )
     manager.save(epoch, args=args)
     manager.wait_until_finished()
 
 
-def restore_checkpoint(
-    manager: ocp.CheckpointManager, template: TrainState, epoch: Optional[int] = None
-) -> tuple[TrainState, list[dict]]:
-    """``(state, history)`` of checkpoint ``epoch`` (default: the latest); CheckpointError if unreadable."""
-    epoch = manager.latest_step() if epoch is None else epoch
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(template), history=ocp.args.JsonRestore())
+def _read(manager: ocp.CheckpointManager, epoch: int, **items: Any) -> dict:
+    """orbax's restore of ``items`` (name: restore args) of checkpoint ``epoch``; CheckpointError (one line) if it fails."""
     try:
-        restored = manager.restore(epoch, args=args)
+        with _orbax_quiet():
+            return dict(manager.restore(epoch, args=ocp.args.Composite(**items)))
     except Exception as err:  # orbax/tensorstore raise many types for damaged files
-        earlier = [s for s in manager.all_steps() if s != epoch]
-        raise CheckpointError(
-            f"checkpoint {epoch} in {manager.directory} is corrupt or partial ({type(err).__name__}: {err}); "
-            f"earlier checkpoints kept: {earlier or 'none'}. Delete {manager.directory / str(epoch)} to resume "
-            "from the previous one."
-        ) from err
-    return TrainState(*restored["state"]), list(restored["history"])
+        lines = str(err).strip().splitlines() or [""]
+        raise CheckpointError(f"unreadable ({type(err).__name__}: {lines[0][:160]})") from None
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, epoch: int, prepare: Callable[[int, dict], dict]) -> dict:
+    """The items of checkpoint ``epoch`` named by ``prepare(epoch, saved_config)`` (name: template, ``None`` for
+    JSON), verified against their checksums; CheckpointError (the reason) if unreadable or altered."""
+    run = _read(manager, epoch, run=ocp.args.JsonRestore())["run"]
+    if not (isinstance(run, dict) and isinstance(run.get("config"), dict) and isinstance(run.get("sha256"), dict)):
+        raise CheckpointError("unreadable (no record of its config and checksums)")
+    if checksum(run["config"]) != run["sha256"].get("config"):
+        raise CheckpointError("altered on disk (sha256 mismatch in config)")
+    templates = prepare(epoch, run["config"])
+    args = {k: ocp.args.JsonRestore() if t is None else ocp.args.StandardRestore(t) for k, t in templates.items()}
+    items = _read(manager, epoch, **args)
+    altered = [name for name in templates if checksum(items[name]) != run["sha256"].get(name)]
+    if altered:
+        raise CheckpointError(f"altered on disk (sha256 mismatch in {', '.join(altered)})")
+    return items
+
+
+def restore_latest(manager: ocp.CheckpointManager, prepare: Callable[[int, dict], dict]) -> tuple[int, dict]:
+    """``(epoch, items)`` of the newest intact checkpoint (see :func:`restore_checkpoint`); each newer one is
+    skipped with a warning. CheckpointError listing every checkpoint and why if none is intact."""
+    failures = []
+    for epoch in sorted(manager.all_steps(), reverse=True):
+        try:
+            return epoch, restore_checkpoint(manager, epoch, prepare)
+        except CheckpointError as err:
+            failures.append(f"checkpoint {epoch}: {err}")
+            warnings.warn(f"skipping checkpoint {epoch} in {manager.directory}: {err}", stacklevel=3)
+    raise CheckpointError(f"no intact checkpoint in {manager.directory} ({'; '.join(failures) or 'none saved'})")
+
+
+def set_aside(manager: ocp.CheckpointManager, epochs: list[int]) -> None:
+    """Rename checkpoints ``epochs`` (found damaged) to ``<epoch>.damaged[-<n>]``, so those epochs can be saved
+    again; jdeq deletes nothing."""
+    directory = Path(manager.directory)
+    for epoch in epochs:
+        names = (f"{epoch}.damaged" + (f"-{n}" if n else "") for n in itertools.count())
+        target = next(directory / name for name in names if not (directory / name).exists())
+        (directory / str(epoch)).rename(target)
+        warnings.warn(f"moved damaged checkpoint {epoch} to {target}", stacklevel=3)
+    manager.reload()
+
+
+def resume(manager: ocp.CheckpointManager, state: TrainState, config: dict, epochs: int) -> tuple[TrainState, list]:
+    """``(state, history)`` to continue from: the newest intact checkpoint's, newer damaged ones set aside;
+    ``(state, [])`` if there is none. ValueError, leaving the checkpoints as they are, if it was saved by a
+    run of another ``config`` or trained for more than ``epochs`` epochs."""
+    if not manager.all_steps():
+        return state, []
+
+    def templates(epoch: int, saved: dict) -> dict:
+        check_config(Path(manager.directory), epoch, saved, config)
+        return {"params": state.params, "opt_state": state.opt_state, "history": None}
+
+    epoch, items = restore_latest(manager, templates)
+    if epoch > epochs:
+        raise ValueError(
+            f"checkpoint {epoch} in {manager.directory} is of a run already trained for {epoch} epochs, more than "
+            f"epochs={epochs}: pass epochs >= {epoch} to continue it, read it with jdeq.train.load, or use another "
+            "checkpoint_dir"
+        )
+    set_aside(manager, [e for e in manager.all_steps() if e > epoch])
+    return TrainState(items["params"], items["opt_state"]), list(items["history"])
+
+
+def load(checkpoint_dir: str | Path, model: Any) -> Any:
+    """The ``params`` of ``model`` in the newest intact checkpoint of a :func:`fit` run in ``checkpoint_dir`` (the
+    template comes from ``model.init`` with the saved seed and input shape). Newer damaged checkpoints are
+    skipped with a warning; nothing is modified. ValueError if ``model``'s fields differ from the saved model's."""
+    directory = Path(checkpoint_dir).absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory {directory}")
+
+    def templates(epoch: int, saved: dict) -> dict:
+        check_config(directory, epoch, {k: v for k, v in saved.items() if k.startswith("model.")}, model_fields(model))
+        x = jnp.zeros((1, *saved["data.x_train"][1:]), saved["data.dtype"])
+        return {"params": model.init(jax.random.PRNGKey(saved["seed"]), x)["params"]}
+
+    return restore_latest(checkpoint_manager(directory, read_only=True), templates)[1]["params"]
+
+
+def writable_directory(path: str | Path) -> Path:
+    """``path`` as an absolute Path, created if missing; ValueError naming it unless files can be created in it."""
+    path = Path(path).absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(f"{path} is not a writable directory ({type(err).__name__}: {err.strerror or err})") from None
+    return path
+
+
+class DirectoryLockedError(RuntimeError):
+    """Another live run holds the checkpoint directory's lock file."""
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path) -> Iterator[None]:
+    """Hold ``directory/jdeq.lock`` (this process's pid and host) while the block runs; see :func:`_acquire`."""
+    path = directory / LOCK_FILE
+    _acquire(path)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _acquire(path: Path, replace_stale: bool = True) -> None:
+    """Create the lock file ``path`` atomically (O_CREAT|O_EXCL). One left by a process that is no longer running
+    on this host is stale: replaced, with a warning. Any other holder: DirectoryLockedError naming it."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:
+            holder = json.loads(path.read_text())
+        except (OSError, ValueError):
+            holder = None
+        pid, host = (holder.get("pid"), holder.get("host")) if isinstance(holder, dict) else (None, None)
+        owner = f"pid {pid} on {host}" if pid else "an unknown process (unreadable lock file)"
+        if not (
+            replace_stale and host == socket.gethostname() and isinstance(pid, int) and pid > 0 and not _running(pid)
+        ):
+            raise DirectoryLockedError(
+                f"{path.parent} is in use by another run ({owner}, lock file {path}); wait for it to end, or delete "
+                "the lock file if no run uses the directory"
+            ) from None
+        warnings.warn(f"replacing the stale lock {path} of {owner}, which is no longer running", stacklevel=4)
+        path.unlink(missing_ok=True)
+        return _acquire(path, replace_stale=False)
+    with os.fdopen(fd, "w") as file:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, file)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+def train_epoch(
+    train_step: Callable,
+    state: TrainState,
+    data: Dataset,
+    seed: int,
+    epoch: int,
+    batch_size: int,
+    on_nonfinite: str,
+    bar,
+) -> tuple[TrainState, list[dict]]:
+    """``(state, rows)`` after the steps of epoch ``epoch`` (0-based), one metrics row each; see :func:`fit`."""
+    rows = []
+    for step, index in enumerate(epoch_batches(seed, epoch, len(data.x_train), batch_size), 1):
+        state, metrics = train_step(state, data.x_train[index], data.y_train[index])
+        rows.append(jax.device_get(metrics))
+        if rows[-1]["skipped"] and on_nonfinite == "stop":
+            raise NonfiniteError(
+                f"nonfinite loss, gradient or update at epoch {epoch + 1}, step {step} (loss {rows[-1]['loss']}): "
+                'stopped before applying it; no nonfinite state was saved. Pass on_nonfinite="skip" to skip such steps.'
+            )
+        bar.update()
+        bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", fwd=f"{rows[-1]['fwd_mean_steps']:.1f}", refresh=False)
+    return state, rows
 
 
 def fit(
@@ -185,40 +462,47 @@ def fit(
     eval_batch_size: int = 512,
     seed: int = 0,
     checkpoint_dir: Optional[str | Path] = None,
+    config: Optional[dict] = None,
+    on_nonfinite: str = "stop",
     progress: bool = True,
 ) -> FitResult:
     """Train ``model`` (a linen classifier, see :func:`make_train_step`) on ``data`` for ``epochs`` epochs.
 
     Each history row holds the epoch's mean training metrics (``loss``, ``accuracy``, forward/backward
-    steps and residuals) and ``test_*`` metrics. With ``checkpoint_dir``, the run resumes from the
-    latest checkpoint there and saves one per epoch.
+    steps and residuals) and ``test_*`` metrics.
+
+    With ``checkpoint_dir`` (checked writable first, then locked for the run: see :func:`directory_lock`), the
+    run resumes from the newest intact checkpoint there (see :func:`resume`) and saves one per epoch, with
+    checksums and the run's configuration (:func:`run_config`, including ``config``, a dict of JSON values).
+
+    A step with a nonfinite loss, gradient or update never changes the state; ``on_nonfinite="stop"``
+    (default) then raises :class:`NonfiniteError` naming the epoch and step, ``"skip"`` goes on (each
+    history row counts its ``skipped_steps``; its other training metrics are over the steps kept).
     """
     check_dataset(data)
     n = len(data.x_train)
     if not 1 <= batch_size <= n:
         raise ValueError(f"batch_size must be in [1, {n}] (the training set size), got {batch_size}")
-    params = model.init(jax.random.PRNGKey(seed), data.x_train[:1])["params"]
-    state = TrainState(params, optimizer.init(params))
-    history: list[dict] = []
-    manager = None if checkpoint_dir is None else checkpoint_manager(checkpoint_dir)
-    if manager is not None and manager.latest_step() is not None:
-        state, history = restore_checkpoint(manager, state)
-    train_step, eval_step = make_train_step(model, optimizer), make_eval_step(model)
-    steps_per_epoch = n // batch_size
-    start = time.perf_counter()
-    with tqdm(
-        total=epochs * steps_per_epoch, initial=len(history) * steps_per_epoch, disable=not progress, unit="step"
-    ) as bar:
-        for epoch in range(len(history), epochs):
-            bar.set_description(f"epoch {epoch + 1}/{epochs}")
-            rows = []
-            for index in epoch_batches(seed, epoch, n, batch_size):
-                state, metrics = train_step(state, data.x_train[index], data.y_train[index])
-                rows.append(jax.device_get(metrics))
-                bar.update()
-                bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", fwd=f"{rows[-1]['fwd_mean_steps']:.1f}", refresh=False)
-            test = evaluate(eval_step, state.params, data.x_test, data.y_test, eval_batch_size)
-            history.append({"epoch": epoch + 1, **epoch_summary(rows), **{f"test_{k}": v for k, v in test.items()}})
-            if manager is not None:
-                save_checkpoint(manager, epoch + 1, state, history)
-    return FitResult(state, history, time.perf_counter() - start)
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f'on_nonfinite must be "stop" or "skip", got {on_nonfinite!r}')
+    directory = None if checkpoint_dir is None else writable_directory(checkpoint_dir)
+    with contextlib.nullcontext() if directory is None else directory_lock(directory):
+        params = model.init(jax.random.PRNGKey(seed), data.x_train[:1])["params"]
+        state = TrainState(params, optimizer.init(params))
+        run = run_config(model, state.opt_state, data, seed, batch_size, config or {})
+        manager = None if directory is None else checkpoint_manager(directory)
+        state, history = (state, []) if manager is None else resume(manager, state, run, epochs)
+        train_step, eval_step = make_train_step(model, optimizer), make_eval_step(model)
+        steps_per_epoch = n // batch_size
+        start = time.perf_counter()
+        with tqdm(
+            total=epochs * steps_per_epoch, initial=len(history) * steps_per_epoch, disable=not progress, unit="step"
+        ) as bar:
+            for epoch in range(len(history), epochs):
+                bar.set_description(f"epoch {epoch + 1}/{epochs}")
+                state, rows = train_epoch(train_step, state, data, seed, epoch, batch_size, on_nonfinite, bar)
+                test = evaluate(eval_step, state.params, data.x_test, data.y_test, eval_batch_size)
+                history.append({"epoch": epoch + 1, **epoch_summary(rows), **{f"test_{k}": v for k, v in test.items()}})
+                if manager is not None:
+                    save_checkpoint(manager, epoch + 1, state, history, run)
+        return FitResult(state, history, time.perf_counter() - start)

@@ -1,9 +1,12 @@
-"""Training loop: metrics, determinism, interrupt/resume exactness, checkpoint damage, bad data, the demo command."""
+"""Training loop: metrics, determinism, interrupt/resume exactness, nonfinite steps, bad data, the demo command."""
 
 import json
-import shutil
+import os
+import signal
 
+import flax.linen as linen
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -77,33 +80,6 @@ def test_interrupted_run_resumes_to_exactly_the_uninterrupted_parameters(small_d
     assert resumed.history == uninterrupted.history
 
 
-def damage_latest(directory, how):
-    files = sorted(p for p in (directory / "2").rglob("*") if p.is_file() and p.stat().st_size > 0)
-    assert files, "the checkpoint has files to damage"
-    for path in files:
-        if how == "corrupt":
-            path.write_bytes(b"\x00garbage" * 3)
-        else:
-            path.unlink()
-
-
-@pytest.mark.parametrize("how", ["corrupt", "partial"])
-def test_damaged_checkpoint_is_a_clear_error_and_the_previous_one_is_kept(small_digits, tmp_path, how):
-    reference = run(small_digits, epochs=2, checkpoint_dir=tmp_path)
-    one_epoch = run(small_digits, epochs=1)
-    damage_latest(tmp_path, how)
-    with pytest.raises(
-        train.CheckpointError, match=r"checkpoint 2 .* corrupt or partial.*earlier checkpoints kept: \[1\]"
-    ):
-        run(small_digits, epochs=2, checkpoint_dir=tmp_path)
-    template = reference.state
-    state, history = train.restore_checkpoint(train.checkpoint_manager(tmp_path), template, epoch=1)
-    assert leaves_equal(state.params, one_epoch.state.params) and len(history) == 1
-    shutil.rmtree(tmp_path / "2")
-    resumed = run(small_digits, epochs=2, checkpoint_dir=tmp_path)
-    assert leaves_equal(resumed.state.params, reference.state.params)
-
-
 def test_bad_data_and_arguments_are_named(small_digits):
     labels = small_digits.y_train.copy()
     labels[7] = 10
@@ -132,3 +108,110 @@ def test_demo_command_writes_metrics_and_figure(tmp_path, capsys):
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "test acc" in printed and f"{metrics['test_accuracy']:.2%}" in printed
+
+
+MARK = 1e6  # a finite input value no digit has: the batch holding it is poisoned
+
+
+@jax.custom_vjp
+def nan_gradient(logits, marked):
+    return logits
+
+
+nan_gradient.defvjp(lambda logits, marked: (logits, marked), lambda marked, g: (jnp.where(marked, jnp.nan, g), None))
+
+
+class Poisoned(linen.Module):
+    """A small DEQ classifier whose loss (or only its gradient) is NaN on a batch holding an input ``MARK``."""
+
+    poison: str
+
+    @linen.compact
+    def __call__(self, x, backward_stats=None):
+        logits = DEQClassifier(DEQ(MLPCell(8)), 10)(x, backward_stats=backward_stats)
+        marked = jnp.any(x == MARK)
+        return logits * jnp.where(marked, jnp.nan, 1.0) if self.poison == "loss" else nan_gradient(logits, marked)
+
+
+def marked(data, index):
+    x = data.x_train.copy()
+    x[index, 0] = MARK
+    return data._replace(x_train=x)
+
+
+def all_leaves_finite(tree) -> bool:
+    return all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def first_index(epoch, n=300, batch_size=64):
+    return next(train.epoch_batches(0, epoch, n, batch_size))[0]
+
+
+def fit_poisoned(poison, data, epochs, **kwargs):
+    return train.fit(Poisoned(poison), optax.adam(1e-2), data, epochs=epochs, batch_size=64, progress=False, **kwargs)
+
+
+def test_nonfinite_loss_stops_naming_epoch_and_step_and_is_never_saved(small_digits, tmp_path):
+    fit_poisoned("loss", small_digits, 1, checkpoint_dir=tmp_path)
+    with pytest.raises(train.NonfiniteError, match=r"nonfinite loss, gradient or update at epoch 2, step 1 "):
+        fit_poisoned("loss", marked(small_digits, first_index(epoch=1)), 3, checkpoint_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["1"]
+    assert not (tmp_path / train.LOCK_FILE).exists()
+
+
+def test_nonfinite_gradient_with_a_finite_loss_stops(small_digits):
+    with pytest.raises(train.NonfiniteError, match=r"at epoch 1, step 1 \(loss \d"):
+        fit_poisoned("gradient", marked(small_digits, first_index(epoch=0)), 1)
+
+
+def test_skipped_nonfinite_steps_are_counted_and_leave_the_state_finite(small_digits):
+    index = first_index(epoch=0)
+    result = fit_poisoned("loss", marked(small_digits, index), 2, on_nonfinite="skip")
+    in_full_batches = [index in np.concatenate(list(train.epoch_batches(0, e, 300, 64))) for e in (0, 1)]
+    assert [row["skipped_steps"] for row in result.history] == [int(b) for b in in_full_batches]
+    assert all_leaves_finite(result.state) and all(np.isfinite(row["loss"]) for row in result.history)
+
+
+HISTORY = [
+    {"epoch": e, "loss": 1 / e, "test_loss": 1 / e, "accuracy": 0.5, "test_accuracy": 0.5, "fwd_mean_steps": 3.0}
+    | {"fwd_max_steps": 5.0, "bwd_mean_steps": 4.0}
+    for e in (1, 2)
+]
+
+
+def test_demo_outputs_are_replaced_as_a_pair(tmp_path, monkeypatch):
+    import jdeq.plots
+
+    cli.write_outputs(tmp_path, {"run": 1}, HISTORY, "first")
+    figure = (tmp_path / "training.png").read_bytes()
+
+    def interrupted_plot(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jdeq.plots, "plot_history", interrupted_plot)
+    with pytest.raises(KeyboardInterrupt):
+        cli.write_outputs(tmp_path, {"run": 2}, HISTORY, "second")
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"run": 1}
+    assert (tmp_path / "training.png").read_bytes() == figure
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "training.png"]
+
+
+def test_ctrl_c_between_the_two_renames_is_delivered_after_both(tmp_path, monkeypatch):
+    cli.write_outputs(tmp_path, {"run": 1}, HISTORY, "first")
+    replace = os.replace
+
+    def interrupted_replace(source, target):
+        replace(source, target)
+        if target.name == "training.png":
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        cli.write_outputs(tmp_path, {"run": 2}, HISTORY, "second")
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"run": 2}
+
+
+def test_demo_refuses_an_unwritable_out_before_training(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"jdeq demo: --out .*file/out is not a writable directory"):
+        cli.main(["demo", "--out", str(tmp_path / "file" / "out")])
