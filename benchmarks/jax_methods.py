@@ -24,7 +24,7 @@ from .workloads import Workload
 class Method:
     library: str
     method: str
-    mode: str  # "per-sample" (vmap, each sample stops on its own) or "whole-batch" (one problem)
+    mode: str  # "per-sample" (each sample stops on its own residual) or "whole-batch" (one problem)
     build: Callable  # (workload, z_scale) -> (forward, forward_backward) of (params, x)
 
 
@@ -36,15 +36,6 @@ def _loss_and_grad(forward, cotangent):
     return jax.jit(jax.grad(loss))
 
 
-def per_sample_map(workload: Workload):
-    """``f(z, params, x)`` for one sample (the batched map applied to a batch of one)."""
-
-    def f(z, params, x):
-        return workload.jax_map(z[None], params, x[None])[0]
-
-    return f
-
-
 def jdeq_method(solver_cls, mode: str, **options) -> Method:
     name = solver_cls.__name__.lower()
 
@@ -53,7 +44,7 @@ def jdeq_method(solver_cls, mode: str, **options) -> Method:
         grad = jdeq.Implicit()  # the adjoint reuses the forward solver and tolerance
         z0 = jnp.zeros((w.batch, *w.state_shape), jnp.float32)
         if mode == "per-sample":
-            f = per_sample_map(w)
+            f = w.one_sample_map()
 
             def forward(params, x):
                 sol = jdeq.fixed_point_batch(f, z0, params, x, in_axes=(None, 0), solver=solver, grad=grad)

@@ -1,73 +1,157 @@
-"""Per-iteration cost of each jdeq solver next to one evaluation of f (the solver's overhead).
+"""Per-step cost of each jdeq solver next to one evaluation of f, and the default solver on one small problem.
 
-    python -m benchmarks.step_cost --batch 256 --width 64 --steps 50
+    python -m benchmarks.step_cost --sizes 64x256,256x64 --steps 40
 
-Runs every solver for exactly ``--steps`` iterations (tolerance 0 is not allowed, so a tiny one with
-divergence checks off) on the tanh MLP map, per sample (``jax.vmap``) and as one whole-batch problem,
-and prints microseconds per step. ``--clock process`` reports CPU time of this process instead of
-wall time: steadier on a shared machine when XLA runs single-threaded.
+``step_cost_rows``: every solver runs a fixed budget of ``--steps`` iterations (a tolerance no
+float32 solve reaches, divergence checks off) on the ``mlp_moderate`` map, per sample
+(``fixed_point_batch``) and as one whole-batch problem; time / steps taken (the worst sample's) is
+the cost of a step, and the FixedPoint row is the cost of ``f`` plus the driver.
+``single_problem_rows``: the default ``jdeq.Anderson()`` on one 64-state ``mlp_easy`` problem against a
+plain ``lax.while_loop`` fixed-point iteration of the same map with the same stopping rule.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import functools
+from collections.abc import Callable
 
-import numpy as np
+import jax
+import jax.numpy as jnp
 
-from .timing import set_cpu_threads
+import jdeq
+
+from .timing import clock_for, interleaved_ms, jax_call, set_cpu_threads
+from .workloads import mlp_workload
+
+SOLVERS = (jdeq.FixedPoint, jdeq.Anderson, jdeq.Broyden)
 
 
-def per_step_us(solve, x, steps: int, repeats: int, clock) -> float:
-    import jax
+def _spread_per(spread: dict, per: float) -> dict:
+    return {k: (v / per if k != "repeats" else v) for k, v in spread.items()}
 
-    jax.block_until_ready(solve(x))
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        jax.block_until_ready(solve(x))
-        times.append(clock() - start)
-    return 1e6 * float(np.median(times)) / steps
+
+def step_cost_rows(batch: int, width: int, steps: int, repeats: int, clock: Callable) -> list[dict]:
+    """One row per (solver, mode): microseconds per step (min/median/max) and the steps it took."""
+    w = mlp_workload("mlp_moderate", batch, width)
+    params, x = jax.device_put(w.params), jnp.asarray(w.data["x"])
+    z0 = jnp.zeros((batch, width), jnp.float32)
+    one = w.one_sample_map()
+    budget = dict(tol=1e-30, max_steps=steps, divergence=float("inf"))
+
+    def per_sample(solver):
+        sol = jdeq.fixed_point_batch(one, z0, params, x, in_axes=(None, 0), solver=solver)
+        return sol.value, jnp.max(sol.stats.num_steps)
+
+    def whole_batch(solver):
+        sol = jdeq.fixed_point(w.jax_map, z0, params, x, solver=solver)
+        return sol.value, sol.stats.num_steps
+
+    variants = {
+        (cls.__name__.lower(), mode): jax.jit(functools.partial(build, cls(**budget)))
+        for cls in SOLVERS
+        for mode, build in (("per-sample", per_sample), ("whole-batch", whole_batch))
+    }
+    taken = {key: int(fn()[1]) for key, fn in variants.items()}
+    times = interleaved_ms({key: jax_call(fn) for key, fn in variants.items()}, repeats, clock)
+    rows = []
+    for (method, mode), spread in times.items():
+        us = _spread_per(spread, taken[method, mode] / 1e3)
+        rows.append(
+            {
+                "workload": "step_cost",
+                "batch": batch,
+                "state_shape": [width],
+                "library": "jdeq",
+                "method": method,
+                "mode": mode,
+                "steps": taken[method, mode],
+                "us_per_step": us["median"],
+                "us_per_step_min": us["min"],
+                "us_per_step_max": us["max"],
+                "repeats": us["repeats"],
+            }
+        )
+    return rows
+
+
+def plain_fixed_point(f: Callable, tol: float, max_steps: int) -> Callable:
+    """``z ↦ f(z)`` in a ``lax.while_loop`` until ``‖f(z) − z‖ <= tol·‖f(z)‖``: ``(z, evaluations)``."""
+
+    def solve(z0):
+        def running(carry):
+            z, fz, step = carry
+            return (step < max_steps) & (jnp.linalg.norm(fz - z) > tol * jnp.linalg.norm(fz))
+
+        def body(carry):
+            _, fz, step = carry
+            return fz, f(fz), step + 1
+
+        z, fz, step = jax.lax.while_loop(running, body, (z0, f(z0), 1))
+        return fz, step
+
+    return solve
+
+
+def single_problem_rows(width: int, repeats: int, clock: Callable) -> list[dict]:
+    """Default ``Anderson()`` vs a plain ``while_loop`` on one ``width``-state problem: ms per call and NFE."""
+    w = mlp_workload("mlp_easy", 1, width)
+    params, x = jax.device_put(w.params), jnp.asarray(w.data["x"][0])
+    one, solver, z0 = w.one_sample_map(), jdeq.Anderson(), jnp.zeros(width, jnp.float32)
+
+    def anderson(params, x):
+        sol = jdeq.fixed_point(one, z0, params, x, solver=solver)
+        return sol.value, sol.stats.num_evals
+
+    def plain(params, x):
+        return plain_fixed_point(lambda z: one(z, params, x), solver.tol, solver.max_steps)(z0)
+
+    variants = {"anderson": jax.jit(anderson), "plain_while_loop": jax.jit(plain)}
+    nfe = {name: int(fn(params, x)[1]) for name, fn in variants.items()}
+    times = interleaved_ms({name: jax_call(fn, params, x) for name, fn in variants.items()}, repeats, clock)
+    return [
+        {
+            "workload": "single",
+            "batch": 1,
+            "state_shape": [width],
+            "library": "jdeq" if name == "anderson" else "jax",
+            "method": name,
+            "mode": "one problem",
+            "nfe": nfe[name],
+            "fwd_ms": spread["median"],
+            "fwd_ms_min": spread["min"],
+            "fwd_ms_max": spread["max"],
+            "repeats": spread["repeats"],
+            "tol": solver.tol,
+            "max_steps": solver.max_steps,
+        }
+        for name, spread in times.items()
+    ]
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"64x256,256x64"`` → ``[(64, 256), (256, 64)]`` (batch × width)."""
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",") if s]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.step_cost", description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--clock", choices=("wall", "process"), default="wall")
-    p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads for XLA")
+    p.add_argument("--sizes", default="64x256,256x64", help="BATCHxWIDTH list")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1, help="CPU cores for XLA (1: single-threaded Eigen)")
     args = p.parse_args(argv)
     set_cpu_threads(args.threads)
-    import jax
-    import jax.numpy as jnp
-
-    import jdeq
-    from jdeq.solvers import run
-
-    from .workloads import mlp_workload
-
-    w = mlp_workload("mlp_easy", args.batch, args.width)
-    params, x = jax.device_put(w.params), jnp.asarray(w.data["x"])
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
-    budget = dict(tol=1e-30, max_steps=args.steps, divergence=float("inf"))
-    n = args.batch * args.width
-
-    def one(solver):
-        return jax.jit(jax.vmap(lambda xi: run(solver, lambda z: w.jax_map(z, params, xi), jnp.zeros(args.width))[0]))
-
-    def whole(solver):
-        def fn(z):
-            return w.jax_map(z.reshape(args.batch, args.width), params, x).ravel()
-
-        return jax.jit(lambda x: run(solver, fn, jnp.zeros(n))[0])
-
-    print(f"batch {args.batch} x width {args.width}, {args.steps} steps, {args.clock} clock: microseconds per step")
-    for cls in (jdeq.FixedPoint, jdeq.Anderson, jdeq.Broyden):
-        solver = cls(**budget)
-        cost = [per_step_us(make(solver), x, args.steps, args.repeats, clock) for make in (one, whole)]
-        print(f"{cls.__name__:<11} per-sample {cost[0]:8.1f}   whole-batch {cost[1]:8.1f}")
+    clock = clock_for(jax.default_backend())
+    for batch, width in parse_sizes(args.sizes):
+        print(f"batch {batch} x width {width}: microseconds per step (median [min, max])")
+        for r in step_cost_rows(batch, width, args.steps, args.repeats, clock):
+            print(
+                f"  {r['method']:<11} {r['mode']:<12} {r['us_per_step']:8.1f} "
+                f"[{r['us_per_step_min']:.1f}, {r['us_per_step_max']:.1f}]  ({r['steps']} steps)"
+            )
+    for r in single_problem_rows(64, args.repeats, clock):
+        print(f"one 64-state problem: {r['method']:<17} {1e3 * r['fwd_ms']:8.1f} us per call, NFE {r['nfe']}")
 
 
 if __name__ == "__main__":

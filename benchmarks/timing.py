@@ -1,4 +1,11 @@
-"""Timing and memory helpers: warm up, then the median of repeated, synchronised wall-clock runs."""
+"""Timing and memory helpers: variants timed interleaved, per-process CPU time on CPU, min/median/max.
+
+On a shared CPU machine wall time measures the neighbours as much as the code; the CPU time of this
+process (``time.process_time``: every thread of the process, nothing else) does not, as long as XLA
+and PyTorch each run one thread (:func:`set_cpu_threads`). On a GPU the clock is wall time around a
+synchronised call. Variants are timed round-robin (one call of each per round) so that a slow phase
+of the machine falls on all of them alike.
+"""
 
 from __future__ import annotations
 
@@ -24,20 +31,46 @@ def set_cpu_threads(threads: int) -> None:
     os.sched_setaffinity(0, cores[:threads])
 
 
-def median_ms(call: Callable[[], object], sync: Callable[[object], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time in milliseconds of ``sync(call())`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        sync(call())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sync(call())
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def clock_for(device: str) -> Callable[[], float]:
+    """Per-process CPU time on CPU, wall time on an accelerator (whose work is not this process's CPU)."""
+    return time.process_time if device == "cpu" else time.perf_counter
 
 
-def jax_sync(out):
-    return jax.block_until_ready(out)
+def spread_ms(seconds: list[float], per: float = 1.0) -> dict:
+    """``{"min", "median", "max", "repeats"}`` of ``seconds`` in milliseconds, each divided by ``per``."""
+    ms = [1e3 * s / per for s in seconds]
+    return {"min": min(ms), "median": statistics.median(ms), "max": max(ms), "repeats": len(ms)}
+
+
+def interleaved_ms(
+    calls: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float], budget_s: float = 60.0
+) -> dict[str, dict]:
+    """Time every call round-robin after one warm-up call each; ``{name: spread_ms(...)}``.
+
+    Each call must return only when its work is done (synchronise inside it). A variant whose first
+    timed call took longer than ``budget_s / repeats`` gets fewer repeats (at least 3) so that one slow
+    peer does not hold the whole run; its ``repeats`` says how many it got.
+    """
+    for call in calls.values():
+        call()
+    times = {name: [] for name in calls}
+    quota = dict.fromkeys(calls, 1)
+    round_ = 0
+    while round_ < max(quota.values(), default=0):
+        for name, call in calls.items():
+            if round_ < quota[name]:
+                start = clock()
+                call()
+                times[name].append(clock() - start)
+        if round_ == 0:
+            quota = {name: max(3, min(repeats, int(budget_s / max(t[0], 1e-9)))) for name, t in times.items()}
+        round_ += 1
+    return {name: spread_ms(t) for name, t in times.items()}
+
+
+def jax_call(fn: Callable, *args) -> Callable[[], object]:
+    """A zero-argument call of ``fn(*args)`` that returns once the device is done."""
+    return lambda: jax.block_until_ready(fn(*args))
 
 
 def compiled_memory_mb(jitted: Callable, *args) -> float | None:

@@ -9,10 +9,10 @@ the same solver, tolerance and budget for the adjoint fixed point.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
-from .timing import median_ms
 from .workloads import Workload
 
 TORCHDEQ_SOLVERS = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
@@ -54,8 +54,9 @@ def torch_sync(device):
     return sync
 
 
-def measure(method: TorchMethod, w: Workload, cotangent: np.ndarray, device, repeats: int) -> dict:
-    """Forward and forward+backward medians, NFE, the returned z and peak device memory."""
+def build(method: TorchMethod, w: Workload, cotangent: np.ndarray, device) -> tuple[Callable, Callable, dict]:
+    """``(forward, forward_backward, first)``: synchronised zero-argument calls, and the forward's
+    returned ``z`` and NFE from one untimed call."""
     import torch
     from torchdeq import get_deq
     from torchdeq.solver import get_solver
@@ -71,7 +72,7 @@ def measure(method: TorchMethod, w: Workload, cotangent: np.ndarray, device, rep
 
     def forward():
         with torch.no_grad():
-            return solver(lambda z: f(z, x), z0, **budget)
+            return sync(solver(lambda z: f(z, x), z0, **budget))
 
     grad_params = {k: p.clone().requires_grad_(True) for k, p in params.items()}
     f_grad = w.torch_map(grad_params)
@@ -92,32 +93,37 @@ def measure(method: TorchMethod, w: Workload, cotangent: np.ndarray, device, rep
             p.grad = None
         z_out, _ = deq(lambda z: f_grad(z, x), z0)
         (z_out[-1] * cot).sum().backward()
-        return [p.grad for p in grad_params.values()]
+        return sync([p.grad for p in grad_params.values()])
 
     z, _, info = forward()
-    nfe = int(info["nstep"].max())
-    fwd_ms = median_ms(forward, sync, repeats)
+    return forward, forward_backward, {"z": z.cpu().numpy(), "nfe": int(info["nstep"].max())}
+
+
+def peak_memory_mb(forward_backward: Callable, device) -> float | None:
+    """``torch.cuda.max_memory_allocated`` over one forward+backward call; None on CPU (no such counter)."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    fwd_bwd_ms = median_ms(forward_backward, sync, repeats)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return {"z": z.cpu().numpy(), "nfe": nfe, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms, "peak_mem_mb": peak}
+    forward_backward()
+    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
 
-def map_ms(w: Workload, device, repeats: int, evals: int = 50) -> float:
-    """Time of one evaluation of ``f`` on the batch in PyTorch (``evals`` chained evaluations, divided)."""
+def map_call(w: Workload, device, evals: int) -> Callable:
+    """``evals`` chained evaluations of ``f`` on the batch in PyTorch, synchronised (divide the time by ``evals``)."""
     import torch
 
     params = {k: torch.from_numpy(v).to(device) for k, v in w.params.items()}
     x = torch.from_numpy(w.data["x"]).to(device)
     f = w.torch_map(params)
     z = torch.zeros((w.batch, *w.state_shape), device=device) + 0.1
+    sync = torch_sync(device)
 
     def chain():
-        out = z
-        for _ in range(evals):
-            out = f(out, x)
-        return out
+        with torch.no_grad():
+            out = z
+            for _ in range(evals):
+                out = f(out, x)
+            return sync(out)
 
-    with torch.no_grad():
-        return median_ms(chain, torch_sync(device), repeats) / evals
+    return chain

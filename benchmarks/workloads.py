@@ -3,8 +3,8 @@
 Each workload is plain NumPy data (shared by the JAX and the PyTorch methods, so every library solves
 the same float32 problem) plus the map ``f`` written once for a whole batch ``z`` of shape
 ``(batch, *state)``. The MLP maps are ``f(z) = tanh(z Wᵀ + s·x Uᵀ)`` with ``W`` rescaled to a given
-spectral norm or spectral radius; the convolutional map is a small MDEQ-like residual cell
-(Bai, Koltun & Kolter 2020, arXiv 2006.08656) with GroupNorm.
+spectral norm or spectral radius; the convolutional map is :class:`jdeq.models.ConvCell`, the
+MDEQ-style residual cell with GroupNorm (Bai, Koltun & Kolter 2020, arXiv 2006.08656).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdeq.models.cells import group_norm
+from jdeq.models import ConvCell
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +32,7 @@ class Workload:
       max_steps: iteration budget every method gets.
       jax_map: ``f(z, params, x) -> z`` on a batch, in JAX.
       torch_map: ``make(params_dict_of_tensors) -> (f(z, x) -> z)`` in PyTorch, or None.
+      sample_map: ``f(z, params, x)`` for one sample, where it is not the batch map on a batch of one.
     """
 
     name: str
@@ -42,6 +43,13 @@ class Workload:
     max_steps: int
     jax_map: Callable
     torch_map: Callable | None = None
+    sample_map: Callable | None = None
+
+    def one_sample_map(self) -> Callable:
+        """``f(z, params, x)`` for one sample: ``sample_map``, else the batch map on a batch of one."""
+        if self.sample_map is not None:
+            return self.sample_map
+        return lambda z, params, x: self.jax_map(z[None], params, x[None])[0]
 
     @property
     def batch(self) -> int:
@@ -97,66 +105,67 @@ def mlp_workload(kind: str, batch: int, width: int, seed: int = 0) -> Workload:
     return Workload(kind, description, data, (width,), tol, max_steps, mlp_map, torch_mlp_map)
 
 
-def conv(h, kernel):
-    """3×3 'SAME' convolution, NHWC activations and HWIO kernels."""
-    return jax.lax.conv_general_dilated(h, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def conv_cell_params(params: dict) -> dict:
+    """:class:`jdeq.models.ConvCell`'s parameter tree from the workload's flat arrays (its injection excluded)."""
+    return {
+        "K1": params["K1"],
+        "K2": params["K2"],
+        "norms": [{"scale": params[f"g{i}"], "bias": params[f"b{i}"]} for i in (1, 2, 3)],
+    }
 
 
-GROUPS = 8
+def conv_cell_map(cell: ConvCell) -> tuple[Callable, Callable]:
+    """``(batch map, one-sample map)`` of ``cell`` as the workload's ``f(z, params, u)``."""
+
+    def one(z, params, u):
+        return cell(conv_cell_params(params), z, u)
+
+    return jax.vmap(one, in_axes=(0, None, 0)), one
 
 
-def conv_cell_map(z, params, x):
-    """MDEQ-like residual cell: ``GN(relu(z + GN(x̃ + conv₂(GN(relu(conv₁ z))))))`` with ``x̃ = conv_in(x)``.
+def torch_conv_cell_map(cell: ConvCell) -> Callable:
+    """``make(params) -> f(z, u)``: :class:`jdeq.models.ConvCell` line by line in PyTorch (NHWC in and out)."""
 
-    The input injection ``conv_in(x)`` is recomputed in ``f`` like every other term, as TorchDEQ's
-    users write it, and the map is mirrored line by line in PyTorch below. It is not
-    :class:`jdeq.models.ConvCell` (which injects once and normalises before the first ReLU); the
-    committed results were measured with this map.
-    """
-    y = group_norm(jax.nn.relu(conv(z, params["K1"])), params["g1"], params["b1"], GROUPS)
-    inj = conv(x, params["Kx"])
-    y = group_norm(inj + conv(y, params["K2"]), params["g2"], params["b2"], GROUPS)
-    return group_norm(jax.nn.relu(z + y), params["g3"], params["b3"], GROUPS)
+    def make(params):
+        import torch
+        import torch.nn.functional as F
 
+        def kernel(k):  # HWIO -> OIHW
+            return k.permute(3, 2, 0, 1).contiguous()
 
-def torch_conv_cell_map(params):
-    import torch
-    import torch.nn.functional as F
+        k1, k2, pad = kernel(params["K1"]), kernel(params["K2"]), cell.kernel_size // 2
 
-    def kernel(k):  # HWIO -> OIHW
-        return k.permute(3, 2, 0, 1).contiguous()
+        def gn(h, i):
+            return F.group_norm(h, cell.groups, params[f"g{i}"], params[f"b{i}"], eps=1e-5)
 
-    k1, k2, kx = kernel(params["K1"]), kernel(params["K2"]), kernel(params["Kx"])
+        def f(z, u):
+            zc, uc = z.permute(0, 3, 1, 2), u.permute(0, 3, 1, 2)
+            y = torch.relu(gn(F.conv2d(zc, k1, padding=pad), 1))
+            y = gn(F.conv2d(y, k2, padding=pad) + uc, 2)
+            return gn(torch.relu(zc + y), 3).permute(0, 2, 3, 1)
 
-    def gn(h, scale, bias):
-        return F.group_norm(h, GROUPS, scale, bias, eps=1e-5)
+        return f
 
-    def f(z, x):  # NHWC tensors in and out, NCHW inside
-        zc, xc = z.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2)
-        y = gn(torch.relu(F.conv2d(zc, k1, padding=1)), params["g1"], params["b1"])
-        y = gn(F.conv2d(xc, kx, padding=1) + F.conv2d(y, k2, padding=1), params["g2"], params["b2"])
-        out = gn(torch.relu(zc + y), params["g3"], params["b3"])
-        return out.permute(0, 2, 3, 1)
-
-    return f
+    return make
 
 
 def conv_workload(batch: int, channels: int, size: int = 32, seed: int = 0) -> Workload:
-    """Workload 4: the convolutional cell on ``size×size×3`` inputs with ``channels`` hidden channels."""
-    rng = np.random.default_rng(seed)
+    """Workload 4: :class:`jdeq.models.ConvCell` (its own init) on ``size×size×3`` Gaussian images.
 
-    def kernel(cin, cout, std):
-        return std * rng.standard_normal((3, 3, cin, cout))
-
-    data = {
-        "K1": kernel(channels, channels, 0.01 * np.sqrt(64 / channels)),
-        "K2": kernel(channels, channels, 0.01 * np.sqrt(64 / channels)),
-        "Kx": kernel(3, channels, np.sqrt(2 / 27)),
-        "x": rng.standard_normal((batch, size, size, 3)),
-    }
-    for i in (1, 2, 3):
-        data[f"g{i}"] = np.ones(channels)
-        data[f"b{i}"] = np.zeros(channels)
-    data = {k: v.astype(np.float32) for k, v in data.items()}
-    description = f"MDEQ-like conv cell, {size}x{size}x3 input, {channels} channels, GroupNorm"
-    return Workload("conv", description, data, (size, size, channels), 1e-4, 100, conv_cell_map, torch_conv_cell_map)
+    As in :class:`jdeq.nn.DEQ`, the injection ``u = conv(x, K_in) + b`` is computed once outside the
+    solve; the workload's input is ``u`` and the solved map is the cell itself.
+    """
+    cell = ConvCell(channels)
+    key_params, key_x = jax.random.split(jax.random.PRNGKey(seed))
+    images = jax.random.normal(key_x, (batch, size, size, 3))
+    params = cell.init(key_params, (size, size, 3))
+    u = jax.vmap(cell.inject, in_axes=(None, 0))(params, images)
+    data = {"K1": params["K1"], "K2": params["K2"], "x": u}
+    for i, norm in enumerate(params["norms"], start=1):
+        data[f"g{i}"], data[f"b{i}"] = norm["scale"], norm["bias"]
+    data = {k: np.asarray(v, np.float32) for k, v in data.items()}
+    description = f"jdeq.models.ConvCell, {size}x{size}x3 input, {channels} channels, GroupNorm({cell.groups})"
+    batch_map, one = conv_cell_map(cell)
+    return Workload(
+        "conv", description, data, (size, size, channels), 1e-4, 100, batch_map, torch_conv_cell_map(cell), one
+    )

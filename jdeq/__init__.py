@@ -2,9 +2,10 @@
 
 from importlib.metadata import version
 
+from . import nn  # the Flax layers: jdeq.nn.DEQ works after `import jdeq`
 from ._errors import SolveError
 from .gradients import AdjointMode, GradientMode, Implicit, ImplicitJVP, Phantom, Shine, Unrolled
-from .implicit import fixed_point, fixed_point_batch, root
+from .implicit import DEFAULT_SOLVER, fixed_point, fixed_point_batch, root
 from .linalg import power_iteration, spectral_norm, spectral_radius
 from .precision import Precision
 from .regularize import (
@@ -36,6 +37,7 @@ from .stats import BackwardStats, read_backward_stats, stats_probe, summarize
 __version__ = version("jdeq")
 
 __all__ = [
+    "DEFAULT_SOLVER",
     "GMRES",
     "AdjointMode",
     "Anderson",
@@ -65,6 +67,7 @@ __all__ = [
     "fixed_point",
     "fixed_point_batch",
     "jacobian_penalty",
+    "nn",
     "power_iteration",
     "read_backward_stats",
     "root",

@@ -21,6 +21,11 @@ from .solvers import Anderson, Solution, Solver
 from .solvers._base import subclass_names, vary_like
 from .stats import stats_probe
 
+# The one default of fixed_point, fixed_point_batch, root and the Flax layers: Anderson (m = 5) to a
+# relative residual of 1e-5 within 50 steps, returning the lowest-residual iterate when it does not
+# converge (a non-converged last iterate can be worse than an earlier one).
+DEFAULT_SOLVER = Anderson(return_best=True)
+
 
 def fixed_point(
     f: Callable,
@@ -42,7 +47,7 @@ def fixed_point(
       *args: pytrees of arrays (parameters, inputs). Every float array gets a gradient. Arrays that
         ``f`` captures from an enclosing ``jax.grad``/``jit`` trace are hoisted by
         ``jax.closure_convert`` and differentiated too.
-      solver: a :class:`Solver` (default ``Anderson()``).
+      solver: a :class:`Solver` (default :data:`DEFAULT_SOLVER`).
       grad: the :class:`GradientMode` (default ``Implicit()``): :class:`Implicit`, :class:`ImplicitJVP`
         (forward mode), :class:`Shine`, :class:`Phantom`, :class:`Unrolled`, or a user's subclass.
       throw: raise :class:`SolveError` at run time when the solve did not converge, and in the
@@ -62,7 +67,7 @@ def fixed_point(
 
 def _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision) -> Solution:
     """:func:`fixed_point` (``axes is None``) or :func:`fixed_point_batch` (``axes``: the args' batch axes)."""
-    solver = Anderson() if solver is None else solver
+    solver = DEFAULT_SOLVER if solver is None else solver
     grad = Implicit() if grad is None else grad
     if not isinstance(solver, Solver):
         raise ValueError(f"solver must be a jdeq Solver ({subclass_names(Solver)}), got {solver!r}")

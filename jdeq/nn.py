@@ -1,11 +1,23 @@
-"""Flax modules (linen and NNX): thin shells that own a cell's parameters and call the functional core.
+"""Flax layers (linen and NNX): any Flax module ``f(z, x)``, or a jdeq cell, as an equilibrium map.
 
-Both shells run :func:`solve_cell`: compute the injection ``u = inject(params, x)`` once, then solve
-``z* = cell(params, z*, u)`` with :func:`jdeq.fixed_point_batch` (per sample, the default) or with one
-:func:`jdeq.fixed_point` on the whole batch (``per_sample=False``, for batch-coupled cells). The
-parameters are passed to the solver explicitly, so their gradients come from the implicit rule.
-Solver statistics: linen sows them into the ``"deq_stats"`` collection (``mutable=["deq_stats"]``);
-the NNX layer returns a :class:`jdeq.Solution`.
+``DEQ(f)`` (linen) and ``NNXDEQ(f)`` (NNX) return ``z* = f(z*, x)`` for a batch ``x`` from a start
+``z0`` (the jdeq cells build their own zero start). Flax owns the map's parameters as usual
+(``params["deq"]["f"]`` in linen, the module's ``nnx.Param`` leaves in NNX); they reach the solver as
+explicit arguments, so their gradients come from the implicit rule.
+
+- ``per_sample=True`` (default): each sample is its own fixed-point problem, stopping on its own
+  residual (:func:`jdeq.fixed_point_batch`); a Flax module sees one sample as a batch of one, so
+  modules written for batches (Conv, GroupNorm) need no change. ``per_sample=False``: the batch is
+  one problem (:func:`jdeq.fixed_point`), for maps that couple samples.
+- Forward statistics go where Flax keeps intermediates: linen sows them as ``"deq_stats"`` into
+  ``"intermediates"`` (apply with ``mutable=["intermediates"]``), the NNX layer keeps the latest in an
+  ``nnx.Intermediate``; :func:`forward_stats` reads either.
+- Backward statistics: a layer carries a zero probe (linen collection ``"deq_probe"``, NNX variable
+  :class:`BackwardProbe`); the gradient of a loss with respect to it, decoded by
+  :func:`jdeq.read_backward_stats`, reports the backward solves (counts add up over the batch).
+- Map state other than parameters (BatchNorm's ``batch_stats``) is rejected: a DEQ map must be the
+  same map at every iteration. A linen ``"dropout"`` rng draws one key per call, so one solve uses
+  the same mask at every iteration (each sample its own when ``per_sample``).
 """
 
 from __future__ import annotations
@@ -18,11 +30,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .gradients import GradientMode
-from .implicit import fixed_point, fixed_point_batch
-from .solvers import Anderson, Solution, Solver
+from .implicit import DEFAULT_SOLVER, fixed_point, fixed_point_batch
+from .solvers import Solution, Solver, Stats
+from .stats import stats_probe
 
-DEFAULT_SOLVER = Anderson(m=5, tol=1e-4, max_steps=40)
-STATS_COLLECTION = "deq_stats"
+STATS_COLLECTION = "intermediates"
+STATS_NAME = "deq_stats"
+PROBE_COLLECTION = "deq_probe"
 
 
 def check_input(cell: Any, params: Any, x: jax.Array) -> None:
@@ -60,107 +74,230 @@ def solve_cell(
     per_sample: bool = True,
     backward_stats: Optional[jax.Array] = None,
 ) -> Solution:
-    """The equilibrium of ``cell`` for each sample of the batch ``x``.
+    """The equilibrium of a jdeq ``cell`` for each sample of the batch ``x``, from ``z0 = 0``.
 
-    ``backward_stats``: a :func:`jdeq.stats_probe` of shape ``(batch, 4)``; its gradient holds each
-    sample's backward statistics (with ``per_sample=False`` every row receives the one batch solve's).
+    The injection ``u = inject(params, x)`` is computed once, then ``z* = cell(params, z*, u)`` solved.
+    ``backward_stats``: a :func:`jdeq.stats_probe` (unbatched: the counts add up over the batch).
     """
     check_input(cell, params, x)
     u = jax.vmap(cell.inject, in_axes=(None, 0))(params, x)
-    z0 = jnp.zeros_like(u)
-    if per_sample:
-        return fixed_point_batch(
-            lambda z, u, p: cell(p, z, u),
-            z0,
-            u,
-            params,
-            in_axes=(0, None),
-            solver=solver,
-            grad=grad,
-            backward_stats=backward_stats,
-        )
-    probe = None if backward_stats is None else jnp.sum(backward_stats.reshape(-1, backward_stats.shape[-1]), axis=0)
-    coupled = jax.vmap(cell, in_axes=(None, 0, 0))
-    return fixed_point(lambda z, u, p: coupled(p, z, u), z0, u, params, solver=solver, grad=grad, backward_stats=probe)
-
-
-def _solve_layer(layer: Any, params: Any, x: jax.Array, backward_stats: Optional[jax.Array]) -> Solution:
-    """:func:`solve_cell` with a layer's ``cell``, ``solver``, ``grad`` and ``per_sample``."""
-    return solve_cell(
-        layer.cell,
+    return _solve_map(
+        lambda z, u, p: cell(p, z, u),
+        jax.vmap(cell, in_axes=(None, 0, 0)),
+        jnp.zeros_like(u),
+        u,
         params,
-        x,
-        solver=layer.solver,
-        grad=layer.grad,
-        per_sample=layer.per_sample,
+        solver=solver,
+        grad=grad,
+        per_sample=per_sample,
         backward_stats=backward_stats,
     )
 
 
+def _solve_map(one, coupled, z0, x, params, *, solver, grad, per_sample, backward_stats, keys=None) -> Solution:
+    """``z = one(z_i, x_i, params[, key_i])`` per sample, or ``z = coupled(params, z, x[, key])`` on the batch."""
+    extra = () if keys is None else (keys if per_sample else keys[0],)
+    if per_sample:
+        axes = (0, None) + ((0,) if keys is not None else ())
+        options = dict(in_axes=axes, solver=solver, grad=grad, backward_stats=backward_stats)
+        return fixed_point_batch(one, z0, x, params, *extra, **options)
+    return fixed_point(
+        lambda z, x, p, *k: coupled(p, z, x, *k),
+        z0,
+        x,
+        params,
+        *extra,
+        solver=solver,
+        grad=grad,
+        backward_stats=backward_stats,
+    )
+
+
+def forward_stats(tree: Any) -> list[Stats]:
+    """The forward :class:`jdeq.Stats` of every DEQ layer in ``tree``: linen's ``"intermediates"`` (or the
+    whole dict that ``apply(..., mutable=...)`` returned), or an NNX module after a call."""
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree, nnx.Intermediate)
+    return [leaf for leaf in jax.tree_util.tree_leaves(tree, is_leaf=_is_stats) if _is_stats(leaf)]
+
+
+def _is_stats(leaf: Any) -> bool:
+    return isinstance(leaf, Stats)
+
+
+def _reject_state(name: str, collections: list[str]) -> None:
+    if collections:
+        raise ValueError(
+            f"DEQ({name}): the map has state besides its parameters ({', '.join(sorted(collections))}); a DEQ map "
+            "must be the same map at every iteration: use a stateless normalisation (GroupNorm, LayerNorm) "
+            "instead of BatchNorm"
+        )
+
+
+def _missing_start(name: str) -> ValueError:
+    return ValueError(
+        f"DEQ({name}): pass z0, the start of the solve shaped like the state (batch, ...); a Flax module "
+        "does not say the shape of its state (only the jdeq cells build their own zero start)"
+    )
+
+
+def _one_of_batch(module_call):
+    """``module_call(z, x, ...)`` on one sample, as a batch of one (modules written for batches work)."""
+    return lambda z, x, *rest: module_call(z[None], x[None], *rest)[0]
+
+
 class DEQ(linen.Module):
-    """A linen DEQ layer: ``z* = cell(params, z*, inject(params, x))`` for a batch ``x``.
+    """A linen DEQ layer: ``z* = f(z*, x)`` for a batch ``x``.
 
     Attributes:
-      cell: a pure cell (:class:`jdeq.models.MLPCell`, :class:`jdeq.models.ConvCell`, or any object with
-        ``init`` / ``inject`` / ``__call__``); its parameters live under ``params["cell"]``.
-      solver: the forward solver. grad: the gradient mode (default ``Implicit()``).
-      per_sample: solve each sample on its own (``fixed_point_batch``) or the batch as one problem.
+      f: any linen module called as ``f(z, x)``, or a jdeq cell (:class:`jdeq.models.MLPCell`,
+        :class:`jdeq.models.ConvCell`, or any object with ``init`` / ``inject`` / ``__call__``).
+      solver: the forward solver (default :data:`jdeq.DEFAULT_SOLVER`). grad: the gradient mode
+        (default ``Implicit()``).
+      per_sample: each sample its own problem (default), or the batch as one.
+      cell: ``f`` by its former name (``DEQ(cell=MLPCell(64))``).
 
-    Sows the forward :class:`jdeq.Stats` into ``"deq_stats"/"forward"``; pass ``backward_stats=probe``
-    and differentiate with respect to it for the backward statistics.
+    Call as ``layer(x, z0)``; ``z0`` may be omitted for a jdeq cell. Returns the equilibrium, shaped
+    like ``z0``. A jdeq cell's parameters live under ``params["cell"]``, a module's under ``params["f"]``.
     """
 
-    cell: Any
+    f: Any = None
     solver: Solver = DEFAULT_SOLVER
     grad: Optional[GradientMode] = None
     per_sample: bool = True
+    cell: Any = None
 
     @linen.compact
-    def __call__(self, x: jax.Array, backward_stats: Optional[jax.Array] = None) -> jax.Array:
-        if self.has_variable("params", "cell"):  # name a misfit input before flax's own shape check does
-            check_input(self.cell, self.get_variable("params", "cell"), x)
-        params = self.param("cell", lambda key: self.cell.init(key, jnp.shape(x)[1:]))
-        sol = _solve_layer(self, params, x, backward_stats)
+    def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None) -> jax.Array:
+        if (self.f is None) == (self.cell is None):
+            raise ValueError("DEQ takes one map: DEQ(f) with a linen module or a jdeq cell (or DEQ(cell=...))")
+        options = dict(
+            solver=self.solver, grad=self.grad, per_sample=self.per_sample, backward_stats=_layer_probe(self)
+        )
+        f = self.f if self.f is not None else self.cell
+        if isinstance(f, linen.Module):
+            sol = _solve_linen_module(self, f, x, z0, options)
+        else:
+            sol = _solve_linen_cell(self, f, x, options)
         if not self.is_initializing():  # init returns parameters only, no stale statistics
-            self.sow(STATS_COLLECTION, "forward", sol.stats)
+            self.sow(STATS_COLLECTION, STATS_NAME, sol.stats)
         return sol.value
+
+
+def _layer_probe(layer: DEQ) -> Optional[jax.Array]:
+    """The layer's backward-stats probe: created at init, read when the caller passes the collection."""
+    if layer.is_initializing() or layer.has_variable(PROBE_COLLECTION, "backward"):
+        return layer.variable(PROBE_COLLECTION, "backward", stats_probe).value
+    return None
+
+
+def _solve_linen_cell(layer: DEQ, cell: Any, x: jax.Array, options: dict) -> Solution:
+    if layer.has_variable("params", "cell"):  # name a misfit input before flax's own shape check does
+        check_input(cell, layer.get_variable("params", "cell"), x)
+    params = layer.param("cell", lambda key: cell.init(key, jnp.shape(x)[1:]))
+    return solve_cell(cell, params, x, **options)
+
+
+def _solve_linen_module(layer: DEQ, module: linen.Module, x: jax.Array, z0: Optional[jax.Array], options) -> Solution:
+    name = type(module).__name__
+    if z0 is None:
+        raise _missing_start(name)
+    if layer.is_initializing():
+        module(z0[:1], x[:1])  # creates the parameters, one sample as a batch of one
+    variables = module.variables
+    _reject_state(name, [c for c in variables if c not in ("params", "intermediates")])
+    pure = module.clone(parent=None)
+    keys = None
+    if layer.has_rng("dropout"):  # one key per call: the same mask at every iteration of the solve
+        keys = jax.random.split(layer.make_rng("dropout"), len(x))
+
+    def call(p, z, x, *key):
+        rngs = {"dropout": key[0]} if key else None
+        return pure.apply({"params": p}, z, x, rngs=rngs)
+
+    one = _one_of_batch(lambda z, x, p, *key: call(p, z, x, *key))
+    return _solve_map(one, call, z0, x, variables.get("params", {}), keys=keys, **options)
 
 
 class DEQClassifier(linen.Module):
     """``logits = Dense(pool(deq(x)))``: a :class:`DEQ` layer, global average pooling over spatial axes, a
-    linear head. The cell's parameters live under ``params["deq"]["cell"]``."""
+    linear head."""
 
     deq: DEQ
     num_classes: int
 
     @linen.compact
-    def __call__(self, x: jax.Array, backward_stats: Optional[jax.Array] = None) -> jax.Array:
-        z = self.deq(x, backward_stats)
+    def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None) -> jax.Array:
+        z = self.deq(x, z0)
         pooled = jnp.mean(z, axis=tuple(range(1, z.ndim - 1)))
         return linen.Dense(self.num_classes)(pooled)
 
 
+def _set_value(variable: nnx.Variable, value: Any) -> None:
+    """``variable.set_value(value)``; flax 0.12.0 (our lower bound) has only the ``.value`` setter, deprecated later."""
+    if hasattr(variable, "set_value"):
+        variable.set_value(value)
+    else:
+        variable.value = value
+
+
+class BackwardProbe(nnx.Variable):
+    """An NNX layer's zero probe: differentiate with respect to it (``nnx.DiffState``) for backward stats."""
+
+
 class NNXDEQ(nnx.Module):
-    """An NNX DEQ layer: owns the cell's parameters as ``nnx.Param`` leaves; calling it returns a Solution.
+    """An NNX DEQ layer: ``z* = f(z*, x)`` for a batch ``x``; calling it returns the equilibrium.
 
     Args:
-      cell: a pure cell (see :class:`DEQ`). x_shape: one sample's input shape (to build the parameters).
-      rngs: ``nnx.Rngs`` for initialisation. solver / grad / per_sample: as in :class:`DEQ`.
+      f: any ``nnx.Module`` called as ``f(z, x)``, or a jdeq cell (then ``x_shape``, one sample's input
+        shape, and ``rngs`` build its parameters as ``nnx.Param`` leaves).
+      solver / grad / per_sample: as in :class:`DEQ`.
+
+    Keeps the latest call's forward :class:`jdeq.Stats` as an ``nnx.Intermediate`` (read with
+    :func:`forward_stats`).
     """
 
     def __init__(
         self,
-        cell: Any,
-        x_shape: tuple,
+        f: Any,
+        x_shape: Optional[tuple] = None,
         *,
-        rngs: nnx.Rngs,
+        rngs: Optional[nnx.Rngs] = None,
         solver: Solver = DEFAULT_SOLVER,
         grad: Optional[GradientMode] = None,
         per_sample: bool = True,
     ):
-        self.cell, self.solver, self.grad, self.per_sample = cell, solver, grad, per_sample
-        self.params = nnx.data(jax.tree_util.tree_map(nnx.Param, cell.init(rngs.params(), tuple(x_shape))))
+        self.solver, self.grad, self.per_sample = solver, grad, per_sample
+        self.probe = BackwardProbe(stats_probe())
+        self.deq_stats = nnx.Intermediate(None)
+        if isinstance(f, nnx.Module):
+            self.f, self.cell = f, None
+        else:
+            if x_shape is None or rngs is None:
+                raise ValueError(f"NNXDEQ({type(f).__name__}): a jdeq cell needs x_shape and rngs to build parameters")
+            self.f, self.cell = None, f
+            self.params = nnx.data(jax.tree_util.tree_map(nnx.Param, f.init(rngs.params(), tuple(x_shape))))
 
-    def __call__(self, x: jax.Array, backward_stats: Optional[jax.Array] = None) -> Solution:
-        params = jax.tree_util.tree_map(lambda v: v[...], self.params, is_leaf=lambda v: isinstance(v, nnx.Variable))
-        return _solve_layer(self, params, x, backward_stats)
+    def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None) -> jax.Array:
+        options = dict(solver=self.solver, grad=self.grad, per_sample=self.per_sample, backward_stats=self.probe[...])
+        if self.cell is not None:
+            params = jax.tree_util.tree_map(
+                lambda v: v[...], self.params, is_leaf=lambda v: isinstance(v, nnx.Variable)
+            )
+            sol = solve_cell(self.cell, params, x, **options)
+        else:
+            sol = self._solve_module(x, z0, options)
+        _set_value(self.deq_stats, sol.stats)  # the latest call's, replaced (not appended) at each call
+        return sol.value
+
+    def _solve_module(self, x: jax.Array, z0: Optional[jax.Array], options: dict) -> Solution:
+        name = type(self.f).__name__
+        if z0 is None:
+            raise _missing_start(name)
+        graphdef, params, batch_stats, rest = nnx.split(self.f, nnx.Param, nnx.BatchStat, ...)
+        _reject_state(name, ["batch_stats"] if jax.tree_util.tree_leaves(batch_stats) else [])
+
+        def call(p, z, x):
+            return nnx.merge(graphdef, p, rest)(z, x)
+
+        return _solve_map(_one_of_batch(lambda z, x, p: call(p, z, x)), call, z0, x, params, **options)

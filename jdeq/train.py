@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from .data import Dataset, check_dataset
-from .nn import STATS_COLLECTION
+from .nn import PROBE_COLLECTION, STATS_COLLECTION, forward_stats
 from .stats import read_backward_stats, stats_probe, summarize
 
 CHECKPOINTS_KEPT = 3
@@ -62,16 +62,26 @@ class NonfiniteError(FloatingPointError):
     """A training step's loss, gradient or update was not finite (``fit(..., on_nonfinite="stop")``)."""
 
 
-def sown_stats(stats_tree: Any) -> list:
-    """The :class:`jdeq.Stats` of every DEQ layer sown in ``stats_tree`` (the ``"deq_stats"`` collection)."""
-    return jax.tree_util.tree_leaves(stats_tree, is_leaf=lambda s: hasattr(s, "num_steps"))
+def _concatenated(records: list) -> Any:
+    """One record (Stats or BackwardStats) holding every sample of every layer's ``records``."""
+    return jax.tree_util.tree_map(lambda *leaves: jnp.concatenate([jnp.ravel(leaf) for leaf in leaves]), *records)
 
 
 def forward_metrics(stats_tree: Any) -> dict:
-    """:func:`jdeq.summarize` (prefix ``fwd_``) over every sample of every DEQ layer sown in ``stats_tree``."""
-    stats = [s._replace(trace=None) for s in sown_stats(stats_tree)]
-    merged = jax.tree_util.tree_map(lambda *leaves: jnp.concatenate([jnp.ravel(leaf) for leaf in leaves]), *stats)
-    return summarize(merged, prefix="fwd_")
+    """:func:`jdeq.summarize` (prefix ``fwd_``) over every sample of every DEQ layer in ``stats_tree``."""
+    return summarize(_concatenated([s._replace(trace=None) for s in forward_stats(stats_tree)]), prefix="fwd_")
+
+
+def sample_probes(model: Any, x: jax.Array) -> Any:
+    """A per-sample zero probe (``stats_probe((batch,))``) for each DEQ layer's ``"deq_probe"`` variable."""
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x).get(PROBE_COLLECTION, {})
+    return jax.tree_util.tree_map(lambda _: stats_probe(x.shape[:1]), shapes)
+
+
+def backward_metrics(probe_grads: Any) -> dict:
+    """:func:`jdeq.summarize` (prefix ``bwd_``) of the backward solves read off every layer's probe gradient."""
+    records = [read_backward_stats(g) for g in jax.tree_util.tree_leaves(probe_grads)]
+    return summarize(_concatenated(records), prefix="bwd_") if records else {}
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -84,31 +94,32 @@ def all_finite(tree: Any) -> jax.Array:
 def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Callable:
     """``step(state, x, y) -> (state, metrics)``, jitted: cross-entropy, implicit gradients, one optax update.
 
-    ``model`` is a linen module called as ``model.apply(variables, x, backward_stats=probe)`` that sows
-    :class:`jdeq.Stats` into ``"deq_stats"`` (e.g. :class:`jdeq.nn.DEQClassifier`). A step whose loss,
+    ``model`` is a linen module over DEQ layers (e.g. :class:`jdeq.nn.DEQClassifier`): their forward
+    :class:`jdeq.Stats` are read from ``"intermediates"``, their backward statistics from the gradient of
+    per-sample probes passed as the ``"deq_probe"`` collection. A step whose loss,
     gradient or updated state is not finite returns the state unchanged and ``metrics["skipped"]`` true
     (decided on the device: no extra host round trip).
     """
 
-    def loss_fn(params, probe, x, y):
-        logits, sown = model.apply({"params": params}, x, backward_stats=probe, mutable=[STATS_COLLECTION])
+    def loss_fn(params, probes, x, y):
+        variables = {"params": params, PROBE_COLLECTION: probes}
+        logits, sown = model.apply(variables, x, mutable=[STATS_COLLECTION])
         loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-        return loss, (logits, sown[STATS_COLLECTION])
+        return loss, (logits, sown)
 
     @jax.jit
     def step(state: TrainState, x, y):
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
-        (loss, (logits, stats)), (grads, probe_grad) = grad_fn(state.params, stats_probe(x.shape[:1]), x, y)
+        (loss, (logits, stats)), (grads, probe_grads) = grad_fn(state.params, sample_probes(model, x), x, y)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new = TrainState(optax.apply_updates(state.params, updates), opt_state)
         finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(new)
-        backward = read_backward_stats(probe_grad)
         metrics = {
             "skipped": ~finite,
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
             **forward_metrics(stats),
-            **summarize(backward, prefix="bwd_"),
+            **backward_metrics(probe_grads),
         }
         return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state), metrics
 
@@ -122,7 +133,7 @@ def make_eval_step(model: Any) -> Callable:
     def evaluate(params, x, y, weight):
         logits, sown = model.apply({"params": params}, x, mutable=[STATS_COLLECTION])
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        steps = jnp.stack([s.num_steps for s in sown_stats(sown[STATS_COLLECTION])]).astype(jnp.float32)
+        steps = jnp.stack([s.num_steps for s in forward_stats(sown)]).astype(jnp.float32)
         return {
             "count": jnp.sum(weight),
             "loss": jnp.sum(weight * losses),

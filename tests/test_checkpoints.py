@@ -91,7 +91,7 @@ def test_load_returns_the_latest_params_and_fit_leaves_no_lock(saved):
     directory, result, _ = saved
     assert leaves_equal(train.load(directory, model()), result.state.params)
     assert not (directory / train.LOCK_FILE).exists()
-    with pytest.raises(ValueError, match=r"model\.deq\.cell\.features: saved \"8\", new \"16\""):
+    with pytest.raises(ValueError, match=r"model\.deq\.f\.features: saved \"8\", new \"16\""):
         train.load(directory, model(16))
 
 
@@ -149,7 +149,7 @@ def test_fit_resumes_from_the_previous_checkpoint_and_sets_the_damaged_one_aside
 @pytest.mark.parametrize(
     "change, named",
     [
-        ({"width": 16}, r"model\.deq\.cell\.features: saved \"8\", new \"16\""),
+        ({"width": 16}, r"model\.deq\.f\.features: saved \"8\", new \"16\""),
         ({"seed": 1}, r"seed: saved 0, new 1"),
         ({"batch_size": 32}, r"batch_size: saved 64, new 32"),
         ({"config": {"lr": 0.01}}, r"config\.lr: saved \(absent\), new 0\.01"),

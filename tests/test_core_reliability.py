@@ -8,7 +8,7 @@ from conftest import random_matrix, tanh_map
 
 import jdeq
 from jdeq.models import MLPCell
-from jdeq.nn import DEQ
+from jdeq.nn import DEQ, forward_stats
 
 
 def nan_input_solve(solver):
@@ -96,9 +96,9 @@ def test_init_returns_no_statistics():
     layer = DEQ(cell=MLPCell(6))
     x = jnp.ones((2, 3))
     variables = layer.init(jax.random.PRNGKey(0), x)
-    assert set(variables) == {"params"}
-    _, sown = layer.apply(variables, x, mutable=["deq_stats"])
-    assert len(sown["deq_stats"]["forward"]) == 1
+    assert set(variables) == {"params", "deq_probe"}  # parameters and the zero backward-stats probe
+    _, sown = layer.apply(variables, x, mutable=["intermediates"])
+    assert len(forward_stats(sown)) == 1
 
 
 def test_root_with_a_mismatched_output_names_g():

@@ -12,7 +12,7 @@ from conftest import TOL, random_matrix, tanh_map
 
 import jdeq
 from jdeq.models import MLPCell
-from jdeq.nn import DEQ
+from jdeq.nn import DEQ, forward_stats
 
 
 def architecture_examples() -> dict:
@@ -125,10 +125,10 @@ def test_custom_solver_and_modes_in_a_linen_layer(mode):
     layer = DEQ(cell=MLPCell(8), solver=Relaxation(alpha=0.8, tol=1e-8, max_steps=500), grad=mode)
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 5))
     variables = layer.init(jax.random.PRNGKey(1), x)
-    z, sown = layer.apply(variables, x, mutable=["deq_stats"])
-    assert z.shape == (4, 8) and bool(jnp.all(sown["deq_stats"]["forward"][0].converged))
+    z, sown = layer.apply(variables, x, mutable=["intermediates"])
+    assert z.shape == (4, 8) and bool(jnp.all(forward_stats(sown)[0].converged))
     params = variables["params"]
-    grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x, mutable=["deq_stats"])[0] ** 2))(params)
+    grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x) ** 2))(params)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
 
 

@@ -11,7 +11,7 @@ from jax.test_util import check_grads
 import jdeq
 from jdeq.models import ConvCell, MLPCell
 from jdeq.models.cells import group_norm
-from jdeq.nn import DEQ, NNXDEQ, STATS_COLLECTION, solve_cell
+from jdeq.nn import DEQ, NNXDEQ, PROBE_COLLECTION, STATS_COLLECTION, forward_stats, solve_cell
 
 TIGHT = jdeq.Anderson(m=5, tol=1e-10, max_steps=200)
 CELLS = {
@@ -45,7 +45,7 @@ def test_output_is_a_fixed_point_of_the_cell_with_per_sample_stats(cell_and_shap
         u = cell.inject(params, x[i])
         assert z[i].shape == u.shape
         assert float(jnp.linalg.norm(cell(params, z[i], u) - z[i])) < 1e-8 * float(jnp.linalg.norm(z[i]))
-    (stats,) = sown[STATS_COLLECTION]["forward"]
+    (stats,) = forward_stats(sown)
     assert stats.num_steps.shape == (len(x),) and bool(jnp.all(stats.converged))
     coupled = linen_layer(cell, per_sample=False).apply(variables, x)  # the batch as one problem
     np.testing.assert_allclose(coupled, z, atol=1e-8)
@@ -61,7 +61,7 @@ def test_parameter_gradients_match_finite_differences(cell_and_shape):
         return jnp.sum(jnp.sin(layer.apply({"params": params}, x)))
 
     _, sown = layer.apply({"params": params}, x, mutable=[STATS_COLLECTION])
-    assert bool(jnp.all(sown[STATS_COLLECTION]["forward"][0].converged))  # else finite differences are noise
+    assert bool(jnp.all(forward_stats(sown)[0].converged))  # else finite differences are noise
     check_grads(loss, (params,), order=1, modes=["rev"], eps=1e-5)
 
 
@@ -83,19 +83,23 @@ def test_mlp_gradients_match_unrolled_autodiff():
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-9)
 
 
-def test_backward_stats_reach_the_probe_per_sample():
+def test_backward_stats_reach_the_layers_own_probe():
     cell, shape = CELLS["mlp"]
     x = batch(shape, n=4)
     layer = linen_layer(cell)
-    params = layer.init(jax.random.PRNGKey(0), x)["params"]
+    variables = layer.init(jax.random.PRNGKey(0), x)
+    assert variables[PROBE_COLLECTION]["backward"].shape == jdeq.stats_probe().shape
 
     def loss(params, probe):
-        return jnp.sum(layer.apply({"params": params}, x, backward_stats=probe) ** 2)
+        return jnp.sum(layer.apply({"params": params, PROBE_COLLECTION: {"backward": probe}}, x) ** 2)
 
-    _, probe_grad = jax.grad(loss, argnums=(0, 1))(params, jdeq.stats_probe((4,)))
-    backward = jdeq.read_backward_stats(probe_grad)
-    assert backward.num_steps.shape == (4,) and bool(jnp.all(backward.num_steps >= 1))
-    assert bool(jnp.all(backward.converged)) and float(jnp.max(backward.residual)) <= TIGHT.tol
+    params = variables["params"]
+    shared = jdeq.read_backward_stats(jax.grad(loss, argnums=1)(params, variables[PROBE_COLLECTION]["backward"]))
+    assert int(shared.num_solves) == 4 and int(shared.counts[jdeq.Result.CONVERGED]) == 4  # adds up over the batch
+    rows = jdeq.read_backward_stats(jax.grad(loss, argnums=1)(params, jdeq.stats_probe((4,))))  # one row each
+    assert rows.num_steps.shape == (4,) and bool(jnp.all(rows.num_steps >= 1))
+    assert bool(jnp.all(rows.converged)) and float(jnp.max(rows.residual)) <= TIGHT.tol
+    assert int(shared.num_steps) == int(jnp.sum(rows.num_steps))
 
 
 @pytest.mark.parametrize("name", ["mlp", "conv"])
@@ -104,11 +108,11 @@ def test_nnx_layer_matches_linen_and_trains_with_nnx_grad(name):
     x = batch(shape)
     nnx_layer = NNXDEQ(cell, shape, rngs=nnx.Rngs(0), solver=TIGHT, grad=jdeq.Implicit(TIGHT))
     params = jax.tree_util.tree_map(lambda v: v[...], nnx_layer.params, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    sol = nnx_layer(x)
-    assert isinstance(sol, jdeq.Solution) and bool(jnp.all(sol.stats.converged))
-    np.testing.assert_allclose(sol.value, linen_layer(cell).apply({"params": {"cell": params}}, x), atol=1e-12)
+    z = nnx_layer(x)
+    assert bool(jnp.all(forward_stats(nnx_layer)[0].converged))
+    np.testing.assert_allclose(z, linen_layer(cell).apply({"params": {"cell": params}}, x), atol=1e-12)
 
-    grads = nnx.grad(lambda layer: jnp.sum(jnp.sin(layer(x).value)))(nnx_layer)
+    grads = nnx.grad(lambda layer: jnp.sum(jnp.sin(layer(x))))(nnx_layer)
     linen_loss = lambda p: jnp.sum(jnp.sin(linen_layer(cell).apply({"params": {"cell": p}}, x)))  # noqa: E731
     want = jax.grad(linen_loss)(params)
     got = jax.tree_util.tree_map(lambda v: v[...], grads, is_leaf=lambda v: isinstance(v, nnx.Variable))

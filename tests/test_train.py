@@ -127,8 +127,8 @@ class Poisoned(linen.Module):
     poison: str
 
     @linen.compact
-    def __call__(self, x, backward_stats=None):
-        logits = DEQClassifier(DEQ(MLPCell(8)), 10)(x, backward_stats=backward_stats)
+    def __call__(self, x):
+        logits = DEQClassifier(DEQ(MLPCell(8)), 10)(x)
         marked = jnp.any(x == MARK)
         return logits * jnp.where(marked, jnp.nan, 1.0) if self.poison == "loss" else nan_gradient(logits, marked)
 

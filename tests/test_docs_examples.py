@@ -1,0 +1,31 @@
+"""The Python examples in README.md and docs/training.md's "Bring your own Flax module" run as written."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_blocks(path: Path, section: str | None = None) -> list[str]:
+    text = path.read_text()
+    if section is not None:
+        text = text[text.index(section) :]
+        text = text[: text.index("\n## ", 1)]
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+EXAMPLES = [(f"README.md#{i}", block) for i, block in enumerate(python_blocks(ROOT / "README.md"))] + [
+    ("training.md#byo", block)
+    for block in python_blocks(ROOT / "docs" / "training.md", "## Bring your own Flax module")
+]
+
+
+@pytest.mark.parametrize("source", [block for _, block in EXAMPLES], ids=[name for name, _ in EXAMPLES])
+def test_example_runs(source):
+    exec(compile(source, "<example>", "exec"), {})
+
+
+def test_the_examples_were_found():
+    assert len(EXAMPLES) >= 3
