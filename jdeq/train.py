@@ -1,8 +1,10 @@
-"""Training DEQ classifiers with optax: jitted train/eval steps, solver metrics, progress, orbax checkpoints.
+"""Training linen and NNX models with DEQ layers under optax: jitted train/eval steps with the user's loss and
+metrics, the layers' forward and backward solver statistics, progress, orbax checkpoints.
 
-A run is a pure function of its seed: parameters come from ``PRNGKey(seed)`` and the batch order of
-epoch ``e`` from ``numpy.random.default_rng((seed, e))``. Checkpoints are written at the end of each
-epoch, so a run resumed from its last checkpoint replays exactly the steps an uninterrupted run takes.
+A run is a pure function of its seed and model: linen parameters come from ``PRNGKey(seed)`` (an NNX model
+brings its own), the batch order of epoch ``e`` from ``numpy.random.default_rng((seed, e))``. Checkpoints are
+written at the end of each epoch, so a run resumed from its last checkpoint replays exactly the steps an
+uninterrupted run takes.
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
+import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from tqdm import tqdm
+from flax import nnx
+from tqdm.auto import tqdm
 
 from .data import Dataset, check_dataset
-from .nn import PROBE_COLLECTION, STATS_COLLECTION, forward_stats
+from .nn import PROBE_COLLECTION, STATS_COLLECTION, BackwardProbe, forward_stats
 from .stats import read_backward_stats, stats_probe, summarize
 
 CHECKPOINTS_KEPT = 3
@@ -72,12 +76,6 @@ def forward_metrics(stats_tree: Any) -> dict:
     return summarize(_concatenated([s._replace(trace=None) for s in forward_stats(stats_tree)]), prefix="fwd_")
 
 
-def sample_probes(model: Any, x: jax.Array) -> Any:
-    """A per-sample zero probe (``stats_probe((batch,))``) for each DEQ layer's ``"deq_probe"`` variable."""
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x).get(PROBE_COLLECTION, {})
-    return jax.tree_util.tree_map(lambda _: stats_probe(x.shape[:1]), shapes)
-
-
 def backward_metrics(probe_grads: Any) -> dict:
     """:func:`jdeq.summarize` (prefix ``bwd_``) of the backward solves read off every layer's probe gradient."""
     records = [read_backward_stats(g) for g in jax.tree_util.tree_leaves(probe_grads)]
@@ -91,53 +89,139 @@ def all_finite(tree: Any) -> jax.Array:
     )
 
 
-def make_train_step(model: Any, optimizer: optax.GradientTransformation) -> Callable:
-    """``step(state, x, y) -> (state, metrics)``, jitted: cross-entropy, implicit gradients, one optax update.
+def default_loss(outputs: jax.Array, y: jax.Array) -> jax.Array:
+    """Softmax cross-entropy of logits ``outputs`` against integer labels ``y``, averaged over the batch."""
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, y))
 
-    ``model`` is a linen module over DEQ layers (e.g. :class:`jdeq.nn.DEQClassifier`): their forward
-    :class:`jdeq.Stats` are read from ``"intermediates"``, their backward statistics from the gradient of
-    per-sample probes passed as the ``"deq_probe"`` collection. A step whose loss,
-    gradient or updated state is not finite returns the state unchanged and ``metrics["skipped"]`` true
-    (decided on the device: no extra host round trip).
+
+def default_metrics(outputs: jax.Array, y: jax.Array) -> dict:
+    """``{"accuracy": ...}`` of logits ``outputs`` against integer labels ``y``."""
+    return {"accuracy": jnp.mean(jnp.argmax(outputs, -1) == y)}
+
+
+class LinenModel:
+    """A linen model as :func:`fit` uses it: ``params`` from ``init(seed)``, forward stats from ``"intermediates"``,
+    per-sample backward probes passed as the ``"deq_probe"`` collection."""
+
+    def __init__(self, model: linen.Module):
+        self.model = model
+
+    def init(self, seed: int, x: jax.Array) -> Any:
+        return self.model.init(jax.random.PRNGKey(seed), x)["params"]
+
+    def apply(self, params: Any, probes: Any, x: jax.Array) -> tuple[jax.Array, list]:
+        variables = {"params": params} if probes is None else {"params": params, PROBE_COLLECTION: probes}
+        outputs, sown = self.model.apply(variables, x, mutable=[STATS_COLLECTION])
+        return outputs, forward_stats(sown)
+
+    def probes(self, x: jax.Array) -> Any:
+        shapes = jax.eval_shape(self.model.init, jax.random.PRNGKey(0), x).get(PROBE_COLLECTION, {})
+        return jax.tree_util.tree_map(lambda _: stats_probe(x.shape[:1]), shapes)
+
+    def fields(self) -> dict:
+        return model_fields(self.model)
+
+    def finish(self, params: Any) -> None:
+        """Nothing to do: a linen model holds no parameters."""
+
+
+class NNXModel:
+    """An NNX model as :func:`fit` uses it: its own ``nnx.Param`` state is the initial ``params`` (the seed sets
+    only the batch order), :class:`jdeq.nn.BackwardProbe` variables get per-sample probes, and the trained
+    parameters are written back into the model at the end."""
+
+    def __init__(self, model: nnx.Module):
+        self.model = model
+        self.graphdef, self.params, self.probe_state, self.rest = nnx.split(model, nnx.Param, BackwardProbe, ...)
+
+    def init(self, seed: int, x: jax.Array) -> Any:
+        return self.params
+
+    def apply(self, params: Any, probes: Any, x: jax.Array) -> tuple[jax.Array, list]:
+        probes = self.probe_state if probes is None else probes
+        module = nnx.merge(self.graphdef, params, probes, self.rest, copy=True)  # fresh variables in this trace
+        outputs = module(x)
+        return outputs, forward_stats(module)
+
+    def probes(self, x: jax.Array) -> Any:
+        return jax.tree_util.tree_map(lambda _: stats_probe(x.shape[:1]), self.probe_state)
+
+    def fields(self) -> dict:
+        shapes = jax.tree_util.tree_map(jnp.shape, self.params)
+        return {"model": type(self.model).__name__, "model.params": str(shapes)}
+
+    def finish(self, params: Any) -> None:
+        nnx.update(self.model, params)
+
+
+def as_trainable(model: Any) -> LinenModel | NNXModel:
+    """The adapter of a linen or NNX ``model``; TypeError for anything else."""
+    if isinstance(model, nnx.Module):
+        return NNXModel(model)
+    if isinstance(model, linen.Module):
+        return LinenModel(model)
+    raise TypeError(f"fit trains a flax linen Module or an nnx.Module, got {type(model).__name__}")
+
+
+def make_train_step(
+    trainable: LinenModel | NNXModel,
+    optimizer: optax.GradientTransformation,
+    loss_fn: Callable = default_loss,
+    metrics_fn: Callable = default_metrics,
+    stop_on_nonfinite: bool = True,
+) -> Callable:
+    """``step(state, x, y, halted) -> (state, metrics, halted)``, jitted: ``loss_fn(outputs, y)``, implicit
+    gradients, one optax update.
+
+    ``metrics`` holds the loss, ``metrics_fn(outputs, y)``, the DEQ layers' forward statistics and their backward
+    statistics (read off per-sample probes: no probe is threaded through the user's model). A step whose loss,
+    gradient or updated state is not finite returns the state unchanged and ``metrics["skipped"]`` true; with
+    ``stop_on_nonfinite`` it also sets ``halted``, after which every step is a no-op until the host notices
+    (all decided on the device: metrics reach the host only every ``log_every`` steps).
     """
 
-    def loss_fn(params, probes, x, y):
-        variables = {"params": params, PROBE_COLLECTION: probes}
-        logits, sown = model.apply(variables, x, mutable=[STATS_COLLECTION])
-        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-        return loss, (logits, sown)
+    def objective(params, probes, x, y):
+        outputs, stats = trainable.apply(params, probes, x)
+        return loss_fn(outputs, y), (outputs, stats)
 
     @jax.jit
-    def step(state: TrainState, x, y):
-        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
-        (loss, (logits, stats)), (grads, probe_grads) = grad_fn(state.params, sample_probes(model, x), x, y)
+    def step(state: TrainState, x, y, halted):
+        grad_fn = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
+        (loss, (outputs, stats)), (grads, probe_grads) = grad_fn(state.params, trainable.probes(x), x, y)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new = TrainState(optax.apply_updates(state.params, updates), opt_state)
         finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(new)
+        applied = finite & ~halted
         metrics = {
-            "skipped": ~finite,
+            "skipped": ~applied,
             "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+            **metrics_fn(outputs, y),
             **forward_metrics(stats),
             **backward_metrics(probe_grads),
         }
-        return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state), metrics
+        state = jax.tree_util.tree_map(lambda n, o: jnp.where(applied, n, o), new, state)
+        return state, metrics, halted | (~finite & stop_on_nonfinite)
 
     return step
 
 
-def make_eval_step(model: Any) -> Callable:
-    """``evaluate(params, x, y, weight) -> sums``, jitted; ``weight`` (0/1) masks padding in the last batch."""
+def make_eval_step(
+    trainable: LinenModel | NNXModel, loss_fn: Callable = default_loss, metrics_fn: Callable = default_metrics
+) -> Callable:
+    """``evaluate(params, x, y, weight) -> sums``, jitted; ``loss_fn`` and ``metrics_fn`` are applied to each
+    sample (as a batch of one) so that ``weight`` (0/1) masks the padding of the last batch exactly."""
+
+    def per_sample(fn, outputs, y):
+        return jax.vmap(lambda o, t: fn(o[None], t[None]))(outputs, y)
 
     @jax.jit
     def evaluate(params, x, y, weight):
-        logits, sown = model.apply({"params": params}, x, mutable=[STATS_COLLECTION])
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        steps = jnp.stack([s.num_steps for s in forward_stats(sown)]).astype(jnp.float32)
+        outputs, stats = trainable.apply(params, None, x)
+        values = {"loss": per_sample(loss_fn, outputs, y), **per_sample(metrics_fn, outputs, y)}
+        steps = jnp.stack([s.num_steps for s in stats]).astype(jnp.float32)
         return {
             "count": jnp.sum(weight),
-            "loss": jnp.sum(weight * losses),
-            "correct": jnp.sum(weight * (jnp.argmax(logits, -1) == y)),
+            **{key: jnp.sum(weight * value) for key, value in values.items()},
             "fwd_steps": jnp.sum(weight * jnp.mean(steps, axis=0)),
             "fwd_max_steps": jnp.max(jnp.where(weight > 0, jnp.max(steps, axis=0), 0.0)),
         }
@@ -146,24 +230,21 @@ def make_eval_step(model: Any) -> Callable:
 
 
 def evaluate(eval_step: Callable, params: Any, x: np.ndarray, y: np.ndarray, batch_size: int) -> dict:
-    """Loss, accuracy and forward steps over all of ``(x, y)`` in fixed-size (padded) batches."""
+    """The loss, the metrics and the forward steps over all of ``(x, y)`` in fixed-size (padded) batches."""
     totals: dict = {}
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         pad = batch_size - len(xb)
         weight = np.concatenate([np.ones(len(xb), np.float32), np.zeros(pad, np.float32)])
         xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
-        yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
+        yb = np.concatenate([yb, np.zeros((pad, *yb.shape[1:]), yb.dtype)])
         sums = jax.device_get(eval_step(params, xb, yb, weight))
         for key, value in sums.items():
-            totals[key] = max(totals.get(key, 0.0), value) if "max" in key else totals.get(key, 0.0) + value
-    n = totals["count"]
-    return {
-        "loss": float(totals["loss"] / n),
-        "accuracy": float(totals["correct"] / n),
-        "fwd_mean_steps": float(totals["fwd_steps"] / n),
-        "fwd_max_steps": float(totals["fwd_max_steps"]),
-    }
+            totals[key] = max(totals.get(key, 0.0), value) if key == "fwd_max_steps" else totals.get(key, 0.0) + value
+    n = totals.pop("count")
+    max_steps = totals.pop("fwd_max_steps")
+    means = {key: float(value / n) for key, value in totals.items() if key != "fwd_steps"}
+    return {**means, "fwd_mean_steps": float(totals["fwd_steps"] / n), "fwd_max_steps": float(max_steps)}
 
 
 def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -174,13 +255,13 @@ def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> Iterator[np
 
 
 def epoch_summary(rows: list[dict]) -> dict:
-    """One epoch's metrics from its steps' (those not skipped, if any): maxima of ``*max_*`` keys, sums of
-    ``*count_*`` keys, means of the rest; and ``skipped_steps``, the number of skipped steps."""
+    """One epoch's metrics from its steps' (those not skipped, if any): sums of ``*count_*`` keys (such as
+    ``bwd_count_max_steps``), maxima of other ``*max_*`` keys, means of the rest; and ``skipped_steps``."""
     kept = [row for row in rows if not row["skipped"]] or rows
 
     def reduce(key):
         values = [row[key] for row in kept]
-        return np.max(values) if "max_" in key else np.sum(values) if "count_" in key else np.mean(values)
+        return np.sum(values) if "count_" in key else np.max(values) if "max_" in key else np.mean(values)
 
     summary = {key: float(reduce(key)) for key in rows[0] if key != "skipped"}
     return {**summary, "skipped_steps": int(sum(row["skipped"] for row in rows))}
@@ -228,11 +309,12 @@ def model_fields(value: Any, prefix: str = "model") -> dict:
     return {prefix: re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))}
 
 
-def run_config(model: Any, opt_state: Any, data: Dataset, seed: int, batch_size: int, config: dict) -> dict:
-    """What identifies a run, as flat JSON ``{field: value}``: the model's fields, the optimizer state's
-    structure and shapes, the data's shapes, ``seed``, ``batch_size`` and the user's ``config`` (``config.<key>``)."""
+def run_config(model: dict, opt_state: Any, data: Dataset, seed: int, batch_size: int, config: dict) -> dict:
+    """What identifies a run, as flat JSON ``{field: value}``: the ``model``'s fields (``model.<path>``, see
+    :func:`model_fields`), the optimizer state's structure and shapes, the data's shapes, ``seed``,
+    ``batch_size`` and the user's ``config`` (``config.<key>``)."""
     fields = {
-        **model_fields(model),
+        **model,
         "optimizer.structure": str(jax.tree_util.tree_structure(opt_state)),
         "optimizer.shapes": " ".join(
             f"{leaf.dtype}{list(leaf.shape)}" for leaf in jax.tree_util.tree_leaves(opt_state)
@@ -360,19 +442,24 @@ def resume(manager: ocp.CheckpointManager, state: TrainState, config: dict, epoc
 
 
 def load(checkpoint_dir: str | Path, model: Any) -> Any:
-    """The ``params`` of ``model`` in the newest intact checkpoint of a :func:`fit` run in ``checkpoint_dir`` (the
-    template comes from ``model.init`` with the saved seed and input shape). Newer damaged checkpoints are
-    skipped with a warning; nothing is modified. ValueError if ``model``'s fields differ from the saved model's."""
+    """The ``params`` of ``model`` in the newest intact checkpoint of a :func:`fit` run in ``checkpoint_dir``; an NNX
+    ``model`` is updated in place with them, ready for inference. The template comes from ``model.init`` with the
+    saved seed and input shape (linen) or the model's own parameters (NNX). Newer damaged checkpoints are skipped
+    with a warning; nothing on disk is modified. ValueError if ``model``'s fields differ from the saved model's."""
     directory = Path(checkpoint_dir).absolute()
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint directory {directory}")
+    trainable = as_trainable(model)
 
     def templates(epoch: int, saved: dict) -> dict:
-        check_config(directory, epoch, {k: v for k, v in saved.items() if k.startswith("model.")}, model_fields(model))
+        model_saved = {k: v for k, v in saved.items() if k == "model" or k.startswith("model.")}
+        check_config(directory, epoch, model_saved, trainable.fields())
         x = jnp.zeros((1, *saved["data.x_train"][1:]), saved["data.dtype"])
-        return {"params": model.init(jax.random.PRNGKey(saved["seed"]), x)["params"]}
+        return {"params": trainable.init(saved["seed"], x)}
 
-    return restore_latest(checkpoint_manager(directory, read_only=True), templates)[1]["params"]
+    params = restore_latest(checkpoint_manager(directory, read_only=True), templates)[1]["params"]
+    trainable.finish(params)
+    return params
 
 
 def writable_directory(path: str | Path) -> Path:
@@ -445,21 +532,32 @@ def train_epoch(
     seed: int,
     epoch: int,
     batch_size: int,
-    on_nonfinite: str,
+    log_every: int,
     bar,
 ) -> tuple[TrainState, list[dict]]:
-    """``(state, rows)`` after the steps of epoch ``epoch`` (0-based), one metrics row each; see :func:`fit`."""
-    rows = []
-    for step, index in enumerate(epoch_batches(seed, epoch, len(data.x_train), batch_size), 1):
-        state, metrics = train_step(state, data.x_train[index], data.y_train[index])
-        rows.append(jax.device_get(metrics))
-        if rows[-1]["skipped"] and on_nonfinite == "stop":
-            raise NonfiniteError(
-                f"nonfinite loss, gradient or update at epoch {epoch + 1}, step {step} (loss {rows[-1]['loss']}): "
-                'stopped before applying it; no nonfinite state was saved. Pass on_nonfinite="skip" to skip such steps.'
-            )
-        bar.update()
-        bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", fwd=f"{rows[-1]['fwd_mean_steps']:.1f}", refresh=False)
+    """``(state, rows)`` after the steps of epoch ``epoch`` (0-based), one metrics row each; see :func:`fit`.
+
+    Metrics stay on the device and are fetched every ``log_every`` steps and at the end of the epoch; a halted
+    step (nonfinite, ``on_nonfinite="stop"``) raises :class:`NonfiniteError` at the next fetch, naming it.
+    """
+    rows, pending, halted = [], [], jnp.zeros((), bool)
+    batches = list(epoch_batches(seed, epoch, len(data.x_train), batch_size))
+    for step, index in enumerate(batches, 1):
+        state, metrics, halted = train_step(state, data.x_train[index], data.y_train[index], halted)
+        pending.append(metrics)
+        if step % log_every == 0 or step == len(batches):
+            fetched = jax.device_get((pending, halted))
+            rows += fetched[0]
+            if fetched[1]:
+                first = next(i for i, row in enumerate(rows, 1) if row["skipped"])
+                raise NonfiniteError(
+                    f"nonfinite loss, gradient or update at epoch {epoch + 1}, step {first} (loss "
+                    f"{rows[first - 1]['loss']}): stopped before applying it; no nonfinite state was saved. Pass "
+                    'on_nonfinite="skip" to skip such steps.'
+                )
+            bar.update(len(pending))
+            bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", fwd=f"{rows[-1]['fwd_mean_steps']:.1f}", refresh=False)
+            pending = []
     return state, rows
 
 
@@ -472,15 +570,31 @@ def fit(
     batch_size: int = 64,
     eval_batch_size: int = 512,
     seed: int = 0,
+    loss_fn: Optional[Callable] = None,
+    metrics_fn: Optional[Callable] = None,
+    eval_data: Optional[tuple[np.ndarray, np.ndarray]] = None,
+    on_epoch_end: Optional[Callable[[int, dict], None]] = None,
+    log_every: int = 10,
     checkpoint_dir: Optional[str | Path] = None,
     config: Optional[dict] = None,
     on_nonfinite: str = "stop",
     progress: bool = True,
 ) -> FitResult:
-    """Train ``model`` (a linen classifier, see :func:`make_train_step`) on ``data`` for ``epochs`` epochs.
+    """Train ``model``, a linen ``Module`` or an ``nnx.Module`` mapping a batch ``x`` to outputs, on ``data``.
 
-    Each history row holds the epoch's mean training metrics (``loss``, ``accuracy``, forward/backward
-    steps and residuals) and ``test_*`` metrics.
+    Args:
+      loss_fn: ``loss_fn(outputs, y) -> scalar``, averaged over the batch (default :func:`default_loss`,
+        softmax cross-entropy against integer labels).
+      metrics_fn: ``metrics_fn(outputs, y) -> {name: scalar}`` (default :func:`default_metrics`, accuracy).
+      eval_data: ``(x, y)`` evaluated after each epoch (default: ``data``'s test split).
+      on_epoch_end: ``on_epoch_end(epoch, row)`` after each epoch's history row (1-based epoch).
+      log_every: training metrics are fetched from the device every ``log_every`` steps (and at the end of each
+        epoch), not after each step.
+
+    Each history row holds the epoch's mean training metrics (``loss``, the metrics, forward/backward
+    solver statistics of the DEQ layers, ``skipped_steps``) and ``test_*`` metrics on ``eval_data``.
+    Parameters: linen models are initialised from ``PRNGKey(seed)``; an NNX model starts from its own
+    parameters (the seed sets the batch order) and holds the trained ones when ``fit`` returns.
 
     With ``checkpoint_dir`` (checked writable first, then locked for the run: see :func:`directory_lock`), the
     run resumes from the newest intact checkpoint there (see :func:`resume`) and saves one per epoch, with
@@ -496,14 +610,20 @@ def fit(
         raise ValueError(f"batch_size must be in [1, {n}] (the training set size), got {batch_size}")
     if on_nonfinite not in ("stop", "skip"):
         raise ValueError(f'on_nonfinite must be "stop" or "skip", got {on_nonfinite!r}')
+    if not (isinstance(log_every, int) and log_every >= 1):
+        raise ValueError(f"log_every must be an int >= 1, got {log_every!r}")
+    trainable = as_trainable(model)
+    loss_fn, metrics_fn = loss_fn or default_loss, metrics_fn or default_metrics
+    x_eval, y_eval = (data.x_test, data.y_test) if eval_data is None else eval_data
     directory = None if checkpoint_dir is None else writable_directory(checkpoint_dir)
     with contextlib.nullcontext() if directory is None else directory_lock(directory):
-        params = model.init(jax.random.PRNGKey(seed), data.x_train[:1])["params"]
+        params = trainable.init(seed, data.x_train[:1])
         state = TrainState(params, optimizer.init(params))
-        run = run_config(model, state.opt_state, data, seed, batch_size, config or {})
+        run = run_config(trainable.fields(), state.opt_state, data, seed, batch_size, config or {})
         manager = None if directory is None else checkpoint_manager(directory)
         state, history = (state, []) if manager is None else resume(manager, state, run, epochs)
-        train_step, eval_step = make_train_step(model, optimizer), make_eval_step(model)
+        train_step = make_train_step(trainable, optimizer, loss_fn, metrics_fn, on_nonfinite == "stop")
+        eval_step = make_eval_step(trainable, loss_fn, metrics_fn)
         steps_per_epoch = n // batch_size
         start = time.perf_counter()
         with tqdm(
@@ -511,9 +631,12 @@ def fit(
         ) as bar:
             for epoch in range(len(history), epochs):
                 bar.set_description(f"epoch {epoch + 1}/{epochs}")
-                state, rows = train_epoch(train_step, state, data, seed, epoch, batch_size, on_nonfinite, bar)
-                test = evaluate(eval_step, state.params, data.x_test, data.y_test, eval_batch_size)
+                state, rows = train_epoch(train_step, state, data, seed, epoch, batch_size, log_every, bar)
+                test = evaluate(eval_step, state.params, x_eval, y_eval, eval_batch_size)
                 history.append({"epoch": epoch + 1, **epoch_summary(rows), **{f"test_{k}": v for k, v in test.items()}})
                 if manager is not None:
                     save_checkpoint(manager, epoch + 1, state, history, run)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch + 1, history[-1])
+        trainable.finish(state.params)
         return FitResult(state, history, time.perf_counter() - start)
