@@ -60,7 +60,7 @@ def fixed_point(
 
     Returns:
       :class:`Solution` with ``value`` (z*), ``stats`` and the solver's final ``state`` (no gradient). One problem per call: use ``jax.vmap`` or
-      :func:`fixed_point_batch` for per-sample solves of a batch.
+        :func:`fixed_point_batch` for per-sample solves of a batch.
     """
     return _dispatch(f, z0, args, None, solver, grad, throw, backward_stats, precision)
 
