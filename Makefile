@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 LINT_PATHS := $(wildcard jdeq tests benchmarks notebooks)
 
-.PHONY: test test-slow test-min demo bench lint venv clean
+.PHONY: test test-slow test-min demo bench docs lint venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,9 +45,18 @@ $(BENCH_STAMP): pyproject.toml | $(STAMP)
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
+# The site (docs/ and the API reference from the docstrings) into site/; --strict: any warning fails the build.
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): pyproject.toml | $(STAMP)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m ruff format --check $(LINT_PATHS)
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(MIN_VENV) runs .pytest_cache site

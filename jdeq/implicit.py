@@ -21,10 +21,10 @@ from .solvers import Anderson, Solution, Solver
 from .solvers._base import subclass_names, vary_like
 from .stats import stats_probe
 
-# The one default of fixed_point, fixed_point_batch, root and the Flax layers: Anderson (m = 5) to a
-# relative residual of 1e-5 within 50 steps, returning the lowest-residual iterate when it does not
-# converge (a non-converged last iterate can be worse than an earlier one).
 DEFAULT_SOLVER = Anderson(return_best=True)
+"""The one default of fixed_point, fixed_point_batch, root and the Flax layers: Anderson (m = 5) to a
+relative residual of 1e-5 within 50 steps, returning the lowest-residual iterate when it does not
+converge (a non-converged last iterate can be worse than an earlier one)."""
 
 
 def fixed_point(
@@ -60,7 +60,7 @@ def fixed_point(
 
     Returns:
       :class:`Solution` with ``value`` (z*), ``stats`` and the solver's final ``state`` (no gradient). One problem per call: use ``jax.vmap`` or
-      :func:`fixed_point_batch` for per-sample solves of a batch.
+        :func:`fixed_point_batch` for per-sample solves of a batch.
     """
     return _dispatch(f, z0, args, None, solver, grad, throw, backward_stats, precision)
 

@@ -152,8 +152,8 @@ class DEQ(linen.Module):
     Attributes:
       f: any linen module called as ``f(z, x)``, or a jdeq cell (:class:`jdeq.models.MLPCell`,
         :class:`jdeq.models.ConvCell`, or any object with ``init`` / ``inject`` / ``__call__``).
-      solver: the forward solver (default :data:`jdeq.DEFAULT_SOLVER`). grad: the gradient mode
-        (default ``Implicit()``).
+      solver: the forward solver (default :data:`jdeq.DEFAULT_SOLVER`).
+      grad: the gradient mode (default ``Implicit()``).
       per_sample: each sample its own problem (default), or the batch as one.
       cell: ``f`` by its former name (``DEQ(cell=MLPCell(64))``).
 
@@ -249,9 +249,13 @@ class NNXDEQ(nnx.Module):
     """An NNX DEQ layer: ``z* = f(z*, x)`` for a batch ``x``; calling it returns the equilibrium.
 
     Args:
-      f: any ``nnx.Module`` called as ``f(z, x)``, or a jdeq cell (then ``x_shape``, one sample's input
-        shape, and ``rngs`` build its parameters as ``nnx.Param`` leaves).
-      solver / grad / per_sample: as in :class:`DEQ`.
+      f: any ``nnx.Module`` called as ``f(z, x)``, or a jdeq cell (its parameters are built from
+        ``x_shape`` and ``rngs`` as ``nnx.Param`` leaves).
+      x_shape: one sample's input shape (a jdeq cell only).
+      rngs: the ``nnx.Rngs`` that build a jdeq cell's parameters (a jdeq cell only).
+      solver: as in :class:`DEQ`.
+      grad: as in :class:`DEQ`.
+      per_sample: as in :class:`DEQ`.
 
     Keeps the latest call's forward :class:`jdeq.Stats` as an ``nnx.Intermediate`` (read with
     :func:`forward_stats`).

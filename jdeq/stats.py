@@ -144,7 +144,7 @@ def summarize(stats: Stats, prefix: str = "") -> dict[str, Array]:
 
     Returns:
       ``{prefix}mean_steps``, ``max_steps``, ``mean_residual``, ``max_residual``,
-      ``converged_fraction`` and ``count_<result name>`` for each final :class:`Result` code.
+        ``converged_fraction`` and ``count_<result name>`` for each final :class:`Result` code.
     """
     steps = jnp.ravel(stats.num_steps).astype(jnp.float32)
     residual = jnp.ravel(stats.residual).astype(jnp.float32)

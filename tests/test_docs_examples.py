@@ -1,4 +1,5 @@
-"""The Python examples in README.md and docs/training.md's "Bring your own Flax module" run as written."""
+"""The Python examples in README.md, docs/index.md, docs/flax_modules.md and docs/training.md's "Bring your own Flax
+module" run as written."""
 
 import re
 from pathlib import Path
@@ -20,6 +21,11 @@ EXAMPLES = [(f"README.md#{i}", block) for i, block in enumerate(python_blocks(RO
     ("training.md#byo", block)
     for block in python_blocks(ROOT / "docs" / "training.md", "## Bring your own Flax module")
 ]
+EXAMPLES += [
+    (f"{page}#{i}", block)
+    for page in ("index.md", "flax_modules.md")
+    for i, block in enumerate(python_blocks(ROOT / "docs" / page))
+]
 
 
 @pytest.mark.parametrize("source", [block for _, block in EXAMPLES], ids=[name for name, _ in EXAMPLES])
@@ -28,4 +34,4 @@ def test_example_runs(source):
 
 
 def test_the_examples_were_found():
-    assert len(EXAMPLES) >= 3
+    assert len(EXAMPLES) >= 5
