@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -119,13 +120,32 @@ def _solvers_command(args) -> None:
     print_table(SOLVER_COLUMNS, solver_table(args.batch, args.width, args.radii, args.seed))
 
 
+GRADIENT_MODES = ("implicit", "phantom", "shine", "unrolled")
+SOLVERS = {"anderson": Anderson, "broyden": Broyden, "fixedpoint": FixedPoint}
+
+
+def demo_model(args, data) -> Any:
+    """The demo's classifier: a DEQ over ``MLPCell(args.width)`` with the chosen solver, gradient mode and API."""
+    from flax import nnx
+
+    from . import Implicit, Phantom, Shine, Unrolled
+    from .models import MLPCell
+    from .nn import DEQ, NNXDEQ, DEQClassifier, NNXDEQClassifier
+
+    solver = SOLVERS[args.solver](tol=args.tol, max_steps=args.max_steps)
+    grad = {"implicit": Implicit(solver), "phantom": Phantom(k=5), "shine": Shine(), "unrolled": Unrolled()}[args.grad]
+    cell = MLPCell(args.width)
+    if args.api == "linen":
+        return DEQClassifier(DEQ(cell, solver=solver, grad=grad), data.num_classes)
+    rngs = nnx.Rngs(args.seed)
+    deq = NNXDEQ(cell, data.x_train.shape[1:], rngs=rngs, solver=solver, grad=grad)
+    return NNXDEQClassifier(deq, args.width, data.num_classes, rngs=rngs)
+
+
 def _demo_command(args) -> None:
     import optax
 
     from .data import load_digits
-    from .implicit import Implicit
-    from .models import MLPCell
-    from .nn import DEQ, DEQClassifier
     from .train import fit, writable_directory
 
     try:
@@ -133,12 +153,11 @@ def _demo_command(args) -> None:
     except ValueError as err:
         raise SystemExit(f"jdeq demo: --out {err}") from None
     data = load_digits(seed=args.seed)
-    solver = Anderson(m=5, tol=args.tol, max_steps=args.max_steps)
-    model = DEQClassifier(DEQ(MLPCell(args.width), solver=solver, grad=Implicit(solver)), data.num_classes)
+    model = demo_model(args, data)
     steps = args.epochs * (len(data.x_train) // args.batch_size)
     optimizer = optax.adamw(optax.cosine_decay_schedule(args.lr, steps), weight_decay=args.weight_decay)
     print(
-        f"jdeq demo: DEQ-MLP (width {args.width}, Anderson m=5, implicit gradients) on digits "
+        f"jdeq demo: DEQ-MLP (width {args.width}, {args.solver}, {args.grad} gradients, {args.api}) on digits "
         f"({len(data.x_train)} train / {len(data.x_test)} test), {args.epochs} epochs, {jax.default_backend()}"
     )
     result = fit(model, optimizer, data, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
@@ -215,16 +234,25 @@ def _reproduce_command(args) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="jdeq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a DEQ-MLP on scikit-learn's digits; writes metrics.json and a figure")
-    demo.add_argument("--epochs", type=_positive_int, default=20, help="training epochs (default 20)")
-    demo.add_argument("--batch-size", type=_positive_int, default=64, help="samples per step (default 64)")
-    demo.add_argument("--width", type=int, default=256)
-    demo.add_argument("--lr", type=float, default=3e-3)
-    demo.add_argument("--weight-decay", type=float, default=1e-4)
-    demo.add_argument("--tol", type=float, default=1e-4)
-    demo.add_argument("--max-steps", type=int, default=40)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="runs/demo")
+    demo = sub.add_parser(
+        "demo",
+        help="train a DEQ-MLP on scikit-learn's digits; writes metrics.json and a figure",
+        description="Train a DEQ-MLP classifier on scikit-learn's bundled digits, then write OUT/metrics.json "
+        "and OUT/training.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    demo.add_argument("--epochs", type=_positive_int, default=20, help="training epochs")
+    demo.add_argument("--batch-size", type=_positive_int, default=64, help="samples per step")
+    demo.add_argument("--width", type=_positive_int, default=256, help="width of the equilibrium state z")
+    demo.add_argument("--solver", choices=list(SOLVERS), default="anderson", help="forward (and adjoint) solver")
+    demo.add_argument("--grad", choices=GRADIENT_MODES, default="implicit", help="gradient mode (docs/gradients.md)")
+    demo.add_argument("--api", choices=("linen", "nnx"), default="linen", help="Flax API of the model")
+    demo.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, cosine decay)")
+    demo.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    demo.add_argument("--tol", type=float, default=1e-4, help="solver tolerance (relative residual)")
+    demo.add_argument("--max-steps", type=_positive_int, default=40, help="solver step budget")
+    demo.add_argument("--seed", type=int, default=0, help="data split, initialisation and batch order")
+    demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.set_defaults(run=_demo_command)
     solvers = sub.add_parser("solvers", help="compare the solvers on a batch of tanh fixed points")
     solvers.add_argument("--batch", type=int, default=256)

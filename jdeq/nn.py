@@ -305,3 +305,15 @@ class NNXDEQ(nnx.Module):
             return nnx.merge(graphdef, p, rest)(z, x)
 
         return _solve_map(_one_of_batch(lambda z, x, p: call(p, z, x)), call, z0, x, params, **options)
+
+
+class NNXDEQClassifier(nnx.Module):
+    """``logits = Linear(pool(deq(x)))`` in NNX: an :class:`NNXDEQ` layer whose state has ``features`` channels,
+    global average pooling over spatial axes, a linear head."""
+
+    def __init__(self, deq: NNXDEQ, features: int, num_classes: int, *, rngs: nnx.Rngs):
+        self.deq, self.head = deq, nnx.Linear(features, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None) -> jax.Array:
+        z = self.deq(x, z0)
+        return self.head(jnp.mean(z, axis=tuple(range(1, z.ndim - 1))))

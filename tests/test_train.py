@@ -110,6 +110,24 @@ def test_demo_command_writes_metrics_and_figure(tmp_path, capsys):
     assert "test acc" in printed and f"{metrics['test_accuracy']:.2%}" in printed
 
 
+@pytest.mark.parametrize(
+    "flags", [["--api", "nnx", "--solver", "broyden"], ["--grad", "phantom", "--solver", "fixedpoint"]], ids=str
+)
+def test_demo_picks_the_api_solver_and_gradient_mode(tmp_path, flags):
+    cli.main(["demo", "--epochs", "1", "--width", "16", "--out", str(tmp_path), *flags])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert all(metrics["config"][flag[2:]] == value for flag, value in zip(flags[::2], flags[1::2]))
+    assert metrics["test_accuracy"] > 0.3  # one epoch at width 16: well above chance (0.1)
+
+
+def test_demo_help_gives_every_flag_a_description_and_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    text = capsys.readouterr().out
+    flags = ("epochs", "batch-size", "width", "solver", "grad", "api", "lr", "tol", "max-steps", "seed")
+    assert all(f"--{flag}" in text for flag in flags) and text.count("(default:") >= len(flags) + 2
+
+
 MARK = 1e6  # a finite input value no digit has: the batch holding it is poisoned
 
 
