@@ -158,7 +158,8 @@ class DEQ(linen.Module):
       cell: ``f`` by its former name (``DEQ(cell=MLPCell(64))``).
 
     Call as ``layer(x, z0)``; ``z0`` may be omitted for a jdeq cell. Returns the equilibrium, shaped
-    like ``z0``. A jdeq cell's parameters live under ``params["cell"]``, a module's under ``params["f"]``.
+    like ``z0``. A jdeq cell's parameters live under ``params["cell"]``, a module's under ``params["f"]``
+    (or under its parent's name for it, when the module is created inside a parent's compact method).
     """
 
     f: Any = None

@@ -58,3 +58,38 @@ def tanh_map(z, x, w):
 
 def linear_map(z, a, b):
     return a @ z + b
+
+
+@pytest.fixture
+def interrupted_training(monkeypatch):
+    """A context manager ``interrupted_training(epoch, step)``: inside it, ``jdeq.train.fit`` raises
+    KeyboardInterrupt when it reaches batch ``step`` of epoch ``epoch`` (both 0-based), as a killed run would."""
+    import contextlib
+
+    import jdeq.train as train
+
+    original = train.epoch_batches
+
+    @contextlib.contextmanager
+    def interrupted(at_epoch, at_step):
+        def batches(seed, epoch, n, batch_size):
+            for i, index in enumerate(original(seed, epoch, n, batch_size)):
+                if (epoch, i) == (at_epoch, at_step):
+                    raise KeyboardInterrupt
+                yield index
+
+        monkeypatch.setattr(train, "epoch_batches", batches)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(train, "epoch_batches", original)
+
+    return interrupted
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Drop JAX's compiled executables after each test module: a worker compiles hundreds of programs in one
+    suite, and XLA's CPU compiler has crashed in such long processes (never with the caches cleared)."""
+    yield
+    jax.clear_caches()

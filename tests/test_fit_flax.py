@@ -115,23 +115,13 @@ def test_nnx_model_trains_in_place_with_a_custom_loss(digits, per_sample):
     assert not leaves_equal(before, result.state.params)
 
 
-def test_nnx_run_resumes_bit_for_bit(digits, tmp_path, monkeypatch):
+def test_nnx_run_resumes_bit_for_bit(digits, tmp_path, interrupted_training):
     def run(**kwargs):
         return train.fit(NNXClassifier(nnx.Rngs(0)), optax.adam(1e-2), digits, epochs=3, progress=False, **kwargs)
 
     uninterrupted = run()
-    original = train.epoch_batches
-
-    def interrupt_in_third_epoch(seed, epoch, n, batch_size):
-        for i, index in enumerate(original(seed, epoch, n, batch_size)):
-            if epoch == 2 and i == 1:
-                raise KeyboardInterrupt
-            yield index
-
-    monkeypatch.setattr(train, "epoch_batches", interrupt_in_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_training(2, 1), pytest.raises(KeyboardInterrupt):
         run(checkpoint_dir=tmp_path)
-    monkeypatch.setattr(train, "epoch_batches", original)
     resumed = run(checkpoint_dir=tmp_path)
     assert leaves_equal(resumed.state.params, uninterrupted.state.params)
     assert resumed.history == uninterrupted.history

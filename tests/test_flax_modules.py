@@ -162,3 +162,14 @@ def test_nnx_backward_probe_reports_the_backward_solves():
     grads = nnx.grad(lambda m: jnp.sum(m(x, z0) ** 2), argnums=nnx.DiffState(0, jdeq.nn.BackwardProbe))(layer)
     stats = jdeq.read_backward_stats(grads.probe[...])
     assert int(stats.num_solves) == 3 and bool(stats.converged)
+
+
+def test_init_under_jit_leaks_no_tracer_and_equals_eager_init():
+    x, z0 = inputs(), jnp.zeros((3, WIDTH))
+    layer = DEQ(DenseCell(), solver=TIGHT)
+    with jax.checking_leaks():
+        jitted = jax.jit(layer.init)(jax.random.PRNGKey(0), x, z0)
+    eager = layer.init(jax.random.PRNGKey(0), x, z0)
+    assert jax.tree_util.tree_structure(jitted) == jax.tree_util.tree_structure(eager)
+    for a, b in zip(jax.tree_util.tree_leaves(jitted), jax.tree_util.tree_leaves(eager)):
+        np.testing.assert_array_equal(a, b)

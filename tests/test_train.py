@@ -59,20 +59,10 @@ def test_same_seed_same_parameters_other_seed_differs(small_digits):
     assert not leaves_equal(a.state.params, c.state.params)
 
 
-def test_interrupted_run_resumes_to_exactly_the_uninterrupted_parameters(small_digits, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_exactly_the_uninterrupted_parameters(small_digits, tmp_path, interrupted_training):
     uninterrupted = run(small_digits, epochs=3)
-    original = train.epoch_batches
-
-    def interrupt_in_third_epoch(seed, epoch, n, batch_size):
-        for i, index in enumerate(original(seed, epoch, n, batch_size)):
-            if epoch == 2 and i == 2:
-                raise KeyboardInterrupt
-            yield index
-
-    monkeypatch.setattr(train, "epoch_batches", interrupt_in_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_training(2, 2), pytest.raises(KeyboardInterrupt):
         run(small_digits, epochs=3, checkpoint_dir=tmp_path)
-    monkeypatch.setattr(train, "epoch_batches", original)
     assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [1, 2]
     resumed = run(small_digits, epochs=3, checkpoint_dir=tmp_path)
     assert leaves_equal(resumed.state.params, uninterrupted.state.params)
