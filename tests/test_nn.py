@@ -21,8 +21,11 @@ CELLS = {
 }
 
 
-@pytest.fixture(params=list(CELLS), ids=list(CELLS))
-def cell_and_shape(request):
+@pytest.fixture(
+    params=[pytest.param(name, marks=pytest.mark.slow) if name == "mlp_normalized" else name for name in CELLS],
+    ids=list(CELLS),
+)
+def cell_and_shape(request):  # the normalised MLP cell only under `make test-slow`: mlp and conv cover the paths
     return CELLS[request.param]
 
 
