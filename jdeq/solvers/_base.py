@@ -36,14 +36,19 @@ class Solution(NamedTuple):
     state: Any = None
 
 
+def at_least_float32(dtype) -> jnp.dtype:
+    """``dtype`` if it has 32 bits or more, else float32 (no implicit promotion: works under strict promotion)."""
+    return jnp.dtype(dtype) if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
 def norm(v: Array) -> Array:
     """Euclidean norm over the last axis, in at least float32 (safe for bfloat16/float16 iterates).
 
     Scaled by ``max|v|`` before squaring, so a finite ``v`` has a finite norm (``Σ v²`` of an
     entry of 1e19 overflows float32); NaN and inf entries give NaN and inf.
     """
-    v = v.astype(jnp.promote_types(v.dtype, jnp.float32))
-    scale = jnp.max(jnp.abs(v), axis=-1, initial=0.0)
+    v = v.astype(at_least_float32(v.dtype))
+    scale = jnp.max(jnp.abs(v), axis=-1, initial=jnp.zeros((), v.dtype))
     safe = jnp.where((scale > 0) & jnp.isfinite(scale), scale, jnp.ones_like(scale))
     return safe * jnp.sqrt(jnp.sum(jnp.square(v / safe[..., None]), axis=-1))
 

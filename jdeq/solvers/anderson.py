@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._base import Solver, _check
+from ._base import Solver, _check, at_least_float32
 
 
 class AndersonState(NamedTuple):
@@ -81,7 +81,7 @@ class Anderson(Solver):
 
     def init(self, x, fx):
         (n,) = x.shape
-        wide = jnp.promote_types(x.dtype, jnp.float32)
+        wide = at_least_float32(x.dtype)
         rows = min(self.m, n + 1)  # n + 1 iterates span the state space; more only make the system singular
         zeros = jnp.zeros((rows, n), x.dtype)
         return AndersonState(zeros, zeros, jnp.zeros((rows, rows), wide), jnp.zeros((), jnp.int32))
@@ -129,19 +129,21 @@ class Anderson(Solver):
         """
         rows = state.gs.shape[0]
         last = (state.count - 1) % rows
-        valid = (jnp.arange(rows) < state.count) & (jnp.arange(rows) != last)
+        slots = jnp.arange(rows, dtype=state.count.dtype)
+        valid = (slots < state.count) & (slots != last)
         xs = state.fs - state.gs  # the memory holds images f_i and residuals g_i; x_i = f_i − g_i
-        dx = jnp.where(valid[:, None], xs - xs[last], 0.0)
-        dg = jnp.where(valid[:, None], state.gs - state.gs[last], 0.0)
+        dx = jnp.where(valid[:, None], xs - xs[last][None], 0.0)
+        dg = jnp.where(valid[:, None], state.gs - state.gs[last][None], 0.0)
         gram = dg @ dg.T
-        lam = self.ridge * jnp.sum(jnp.diag(gram)) / jnp.maximum(jnp.sum(valid), 1) + jnp.finfo(gram.dtype).tiny
+        filled = jnp.maximum(jnp.sum(valid), 1).astype(gram.dtype)
+        lam = self.ridge * jnp.sum(jnp.diag(gram)) / filled + jnp.finfo(gram.dtype).tiny
         system = gram + jnp.diag(jnp.where(valid, lam, 1.0))
         return -self.beta * v + dg.T @ jnp.linalg.solve(system, (dx + self.beta * dg) @ v)
 
     def coefficients(self, gram, count):
         """Solve the constrained least squares for α over the filled slots of the memory."""
         rows = gram.shape[0]
-        valid = jnp.arange(rows) < count
+        valid = jnp.arange(rows, dtype=count.dtype) < count
         both = valid[:, None] & valid[None, :]
         newest = (count - 1) % rows
         lam = self.ridge * gram[newest, newest] + jnp.finfo(gram.dtype).tiny  # scaled by ‖g_k‖², not old residuals

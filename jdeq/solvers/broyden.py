@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._base import Solver, _check, norm
+from ._base import Solver, _check, at_least_float32, norm
 
 
 class BroydenState(NamedTuple):
@@ -21,7 +21,7 @@ class BroydenState(NamedTuple):
 
 def _in_use(count, m):
     """Mask of the memory rows that make up H: the ``count mod (m + 1)`` written since the last restart."""
-    return jnp.arange(m) < count % (m + 1)
+    return jnp.arange(m, dtype=count.dtype) < count % (m + 1)
 
 
 def apply_inverse(us, vs, count, g):
@@ -83,7 +83,8 @@ class Broyden(Solver):
         denom = jnp.vdot(v, g_new - g)
         terms = state.count % (self.m + 1)
         restart = terms == self.m  # the memory is full: H⁺ = −I, the rows fall out of use
-        ok = (jnp.abs(denom) > 1e-12 * norm(s) * norm(h_y)) & ~restart
+        wide = at_least_float32(denom.dtype)  # norm's dtype: compared without implicit promotion
+        ok = (jnp.abs(denom).astype(wide) > 1e-12 * norm(s) * norm(h_y)) & ~restart
         u = jnp.where(ok, (s - h_y) / jnp.where(ok, denom, 1.0), 0.0)
         v = jnp.where(ok, v, 0.0)
         slot = terms % self.m
