@@ -36,9 +36,9 @@ def clock_for(device: str) -> Callable[[], float]:
     return time.process_time if device == "cpu" else time.perf_counter
 
 
-def spread_ms(seconds: list[float], per: float = 1.0) -> dict:
-    """``{"min", "median", "max", "repeats"}`` of ``seconds`` in milliseconds, each divided by ``per``."""
-    ms = [1e3 * s / per for s in seconds]
+def spread_ms(seconds: list[float]) -> dict:
+    """``{"min", "median", "max", "repeats"}`` of ``seconds`` in milliseconds."""
+    ms = [1e3 * s for s in seconds]
     return {"min": min(ms), "median": statistics.median(ms), "max": max(ms), "repeats": len(ms)}
 
 
