@@ -105,9 +105,12 @@ class LinenModel:
 
     def __init__(self, model: linen.Module):
         self.model = model
+        self.probe_layout: Any = {}  # the "deq_probe" collection's structure, recorded by init
 
     def init(self, seed: int, x: jax.Array) -> Any:
-        return self.model.init(jax.random.PRNGKey(seed), x)["params"]
+        variables = self.model.init(jax.random.PRNGKey(seed), x)
+        self.probe_layout = variables.get(PROBE_COLLECTION, {})
+        return variables["params"]
 
     def apply(self, params: Any, probes: Any, x: jax.Array) -> tuple[jax.Array, list]:
         variables = {"params": params} if probes is None else {"params": params, PROBE_COLLECTION: probes}
@@ -115,8 +118,8 @@ class LinenModel:
         return outputs, forward_stats(sown)
 
     def probes(self, x: jax.Array) -> Any:
-        shapes = jax.eval_shape(self.model.init, jax.random.PRNGKey(0), x).get(PROBE_COLLECTION, {})
-        return jax.tree_util.tree_map(lambda _: stats_probe(x.shape[:1]), shapes)
+        """A per-sample probe for each DEQ layer of the model :meth:`init` built (no second trace of ``init``)."""
+        return jax.tree_util.tree_map(lambda _: stats_probe(x.shape[:1]), self.probe_layout)
 
     def fields(self) -> dict:
         return model_fields(self.model)
