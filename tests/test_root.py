@@ -37,7 +37,9 @@ def test_root_converges_for_either_sign_of_the_jacobian(name, sign):
 
 
 @pytest.mark.parametrize(
-    "solver", [jdeq.Broyden(), jdeq.Anderson(), jdeq.FixedPoint(), jdeq.Newton(line_search=True)], ids=str
+    "solver",
+    [jdeq.Broyden(), jdeq.Anderson(), jdeq.FixedPoint(), jdeq.Newton(line_search=True)],
+    ids=["broyden", "anderson", "fixed_point", "newton_line_search"],
 )
 def test_root_without_a_root_is_not_converged_and_throw_raises(solver):
     def g(z):
@@ -116,7 +118,11 @@ def test_newton_converges_quadratically():
     assert len(logs) >= 2 and np.all(logs[1:] <= 1.8 * logs[:-1])
 
 
-@pytest.mark.parametrize("solver", [jdeq.Newton(), jdeq.Chord(refresh=2), jdeq.Newton(linear_solver=jdeq.GMRES())])
+@pytest.mark.parametrize(
+    "solver",
+    [jdeq.Newton(), jdeq.Chord(refresh=2), jdeq.Newton(linear_solver=jdeq.GMRES())],
+    ids=["newton", "chord", "newton_gmres"],
+)
 def test_newton_type_batch_solve_matches_vmap(solver):
     xs = jax.random.normal(jax.random.PRNGKey(1), (5, 4))
 
@@ -259,3 +265,31 @@ def test_optimistix_root_find_and_jvp(problem, solver_name):
     expected = _finite_difference_jvp(solve, (init, args), tangents)
     for got, want in zip(jax.tree_util.tree_leaves(tangent_out), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "solver", [jdeq.Newton(tol=1e-12), jdeq.Chord(tol=1e-12, max_steps=100)], ids=["newton", "chord"]
+)
+def test_newton_type_solvers_in_a_linen_layer_with_implicit_gradients(solver):
+    import flax.linen as linen
+
+    class Cell(linen.Module):  # a user's module: the map z ↦ tanh(0.4·Dense(z) + Dense(x))
+        @linen.compact
+        def __call__(self, z, x):
+            dense = lambda: linen.Dense(5, param_dtype=jnp.float64)  # noqa: E731
+            return jnp.tanh(0.4 * dense()(z) + dense()(x))
+
+    x = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    layer = jdeq.nn.DEQ(Cell(), solver=solver)
+    reference = jdeq.nn.DEQ(Cell(), solver=jdeq.FixedPoint(tol=1e-13, max_steps=400))
+    params = layer.init(jax.random.PRNGKey(0), x, jnp.zeros((2, 5)))
+
+    def loss(params, layer):
+        return jnp.sum(jnp.sin(layer.apply(params, x, jnp.zeros((2, 5)))))
+
+    np.testing.assert_allclose(
+        layer.apply(params, x, jnp.zeros((2, 5))), reference.apply(params, x, jnp.zeros((2, 5))), atol=1e-11
+    )
+    got, want = jax.grad(loss)(params, layer)["params"], jax.grad(loss)(params, reference)["params"]
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g, w, atol=1e-9)

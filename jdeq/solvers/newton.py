@@ -153,7 +153,8 @@ class Chord(_NewtonType):
         def factorise(_):
             return _lu_factor(_identity_minus(dense_jacobian(fn, x)))
 
-        lu, pivots = lax.cond(state.count % self.refresh == 0, factorise, lambda _: (state.lu, state.pivots), None)
+        due = jnp.any(state.count % self.refresh == 0)  # one count for a batch (also when the state is per sample)
+        lu, pivots = lax.cond(due, factorise, lambda _: (state.lu, state.pivots), None)
         return _lu_solve(lu, pivots, g), ChordState(lu, pivots, state.count + 1)
 
     @property
