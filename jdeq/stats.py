@@ -122,7 +122,7 @@ def encode_backward_stats(stats: Stats, probe: Array) -> Array:
 def read_backward_stats(probe_grad: Array) -> BackwardStats:
     """Decode the gradient of a :func:`stats_probe` (any leading batch shape) into :class:`BackwardStats`."""
     counts = jnp.round(probe_grad[..., : len(Result.FINAL)]).astype(jnp.int32)
-    num_solves = jnp.sum(counts, axis=-1)
+    num_solves = jnp.sum(counts, axis=-1, dtype=jnp.int32)
     steps, residual_sum = probe_grad[..., -2], probe_grad[..., -1]
     present = counts > 0
     worst = jnp.max(jnp.where(present, jnp.asarray(Result.FINAL, jnp.int32), Result.RUNNING), axis=-1)

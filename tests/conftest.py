@@ -42,9 +42,9 @@ ADJOINTS = {
 
 @pytest.fixture
 def standard_promotion():
-    """Standard dtype promotion inside one test, for a user's Flax module whose own layers are not strict-clean
-    (``linen.GroupNorm``/``BatchNorm`` compute ``jnp.promote_types(dtype, float32)``, which strict promotion
-    rejects for float64 inputs)."""
+    """Standard dtype promotion inside one test, for third-party code that is not strict-clean: a user's Flax
+    module with ``linen.GroupNorm``/``BatchNorm`` (``jnp.promote_types(dtype, float32)`` is rejected for float64
+    inputs), or a test's own training loop calling ``optax.adam`` (``decay**count`` with an int32 count)."""
     with jax.numpy_dtype_promotion("standard"):
         yield
 

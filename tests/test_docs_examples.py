@@ -29,7 +29,7 @@ EXAMPLES += [
 
 
 @pytest.mark.parametrize("source", [block for _, block in EXAMPLES], ids=[name for name, _ in EXAMPLES])
-def test_example_runs(source):
+def test_example_runs(source, standard_promotion):  # user code, written for JAX's default promotion
     exec(compile(source, "<example>", "exec"), {})
 
 
