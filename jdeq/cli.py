@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import Anderson, Broyden, FixedPoint, Result, fixed_point_batch, summarize
+from . import Anderson, Broyden, FixedPoint, Newton, Result, fixed_point_batch, summarize
 
 
 def tanh_problem(key, batch: int, width: int, radius: float):
@@ -38,6 +38,7 @@ def solver_table(batch: int = 256, width: int = 64, radii: Sequence[float] = (0.
         "Anderson(m=5)": Anderson(tol=1e-5, max_steps=200, m=5),
         "Broyden(m=20)": Broyden(tol=1e-5, max_steps=200, m=20),
         "Broyden+LS": Broyden(tol=1e-5, max_steps=200, m=20, line_search=True),
+        "Newton": Newton(tol=1e-5, max_steps=200),
     }
     rows = []
     for radius in radii:

@@ -8,6 +8,7 @@ in :mod:`jdeq.gradients`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -134,18 +135,32 @@ def _one_sample(z0: Any, args: tuple, axes: tuple) -> tuple[Any, tuple]:
     return one[0], one[1:]
 
 
-def root(g: Callable, z0: Any, *args: Any, **kwargs: Any) -> Solution:
+def root(g: Callable, z0: Any, *args: Any, solver: Optional[Solver] = None, **kwargs: Any) -> Solution:
     """Solve ``g(z, *args) = 0`` as the fixed point of ``f(z) = z − g(z, *args)``.
 
-    Takes the keyword arguments of :func:`fixed_point`; ``stats`` residuals are ``‖g(z)‖`` based.
+    Takes the keyword arguments of :func:`fixed_point`. A root-finder's stopping rule tests ``g`` itself:
+    the solve converges when ``‖g(z)‖ <= max(atol, tol·‖g(z₀)‖)``, relative to the initial residual (the
+    solver's ``relative_to="initial"``), a scale that cannot grow with ``z``; ``stats.residual`` is
+    ``‖g(z)‖/‖g(z₀)‖`` and ``stats.abs_residual`` is ``‖g(z)‖``. The sign of ``∂g/∂z`` matters to the
+    iterations of :class:`FixedPoint` and :class:`Anderson` (they iterate ``z − g``, which expands when
+    ``∂g/∂z`` has eigenvalues outside the disc of radius 1 around 1); :class:`Newton`, :class:`Chord` and
+    :class:`Broyden` (which estimates its initial inverse Jacobian from the first step) do not assume it.
     """
 
     check_same_structure(g, z0, args, name="g")
+    solver = dataclasses.replace(DEFAULT_SOLVER if solver is None else solver, relative_to="initial")
+    return fixed_point(_MinusResidual(g), z0, *args, solver=solver, **kwargs)
 
-    def f(z, *a):
-        return jax.tree_util.tree_map(lambda zi, gi: zi - gi, z, g(z, *a))
 
-    return fixed_point(f, z0, *args, **kwargs)
+@dataclasses.dataclass(frozen=True)
+class _MinusResidual:
+    """``f(z) = z − g(z, *args)``, equal (and hashing equal) for the same ``g``: repeated eager calls of
+    :func:`root` with one ``g`` hit the compiled-solve cache of :func:`fixed_point`."""
+
+    g: Callable
+
+    def __call__(self, z, *args):
+        return jax.tree_util.tree_map(lambda zi, gi: zi - gi, z, self.g(z, *args))
 
 
 def fixed_point_batch(

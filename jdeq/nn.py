@@ -231,7 +231,7 @@ class DEQClassifier(linen.Module):
     def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None) -> jax.Array:
         z = self.deq(x, z0)
         pooled = jnp.mean(z, axis=tuple(range(1, z.ndim - 1)))
-        return linen.Dense(self.num_classes)(pooled)
+        return linen.Dense(self.num_classes, param_dtype=pooled.dtype)(pooled)  # no implicit promotion
 
 
 def _set_value(variable: nnx.Variable, value: Any) -> None:

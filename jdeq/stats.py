@@ -111,7 +111,8 @@ def encode_backward_stats(stats: Stats, probe: Array) -> Array:
     for a batched probe go to every row.
     """
     dtype = probe.dtype
-    one_hot = (jnp.asarray(Result.FINAL, jnp.int32) == stats.result[..., None]).astype(dtype)
+    codes = jnp.asarray(Result.FINAL, jnp.int32).reshape((1,) * stats.result.ndim + (-1,))
+    one_hot = (codes == stats.result[..., None]).astype(dtype)  # explicit ranks: rank promotion may raise
     rest = jnp.stack([stats.num_steps.astype(dtype), stats.residual.astype(dtype)], axis=-1)
     encoded = jnp.concatenate([one_hot, rest], axis=-1)
     extra = encoded.ndim - probe.ndim
@@ -121,7 +122,7 @@ def encode_backward_stats(stats: Stats, probe: Array) -> Array:
 def read_backward_stats(probe_grad: Array) -> BackwardStats:
     """Decode the gradient of a :func:`stats_probe` (any leading batch shape) into :class:`BackwardStats`."""
     counts = jnp.round(probe_grad[..., : len(Result.FINAL)]).astype(jnp.int32)
-    num_solves = jnp.sum(counts, axis=-1)
+    num_solves = jnp.sum(counts, axis=-1, dtype=jnp.int32)
     steps, residual_sum = probe_grad[..., -2], probe_grad[..., -1]
     present = counts > 0
     worst = jnp.max(jnp.where(present, jnp.asarray(Result.FINAL, jnp.int32), Result.RUNNING), axis=-1)
@@ -129,7 +130,7 @@ def read_backward_stats(probe_grad: Array) -> BackwardStats:
         num_solves=num_solves,
         counts=counts,
         num_steps=jnp.round(steps).astype(jnp.int32),
-        residual=residual_sum / jnp.maximum(num_solves, 1),
+        residual=residual_sum / jnp.maximum(num_solves, 1).astype(residual_sum.dtype),
         converged=(num_solves > 0) & (counts[..., Result.CONVERGED] == num_solves),
         result=worst.astype(jnp.int32),
     )

@@ -1,8 +1,15 @@
-"""Shared fixtures: float64 everywhere (exactness claims), and the solver / gradient-mode grids."""
+"""Shared fixtures: float64 everywhere (exactness claims), strict promotion, and the solver / gradient-mode grids.
+
+The whole suite runs under ``jax.numpy_dtype_promotion("strict")`` and ``jax.numpy_rank_promotion("raise")``
+(as optimistix runs its own): jdeq must never rely on implicit dtype or rank promotion. Tests that exercise a
+user's code written for the default settings switch them back locally.
+"""
 
 import jax
 
 jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -19,6 +26,8 @@ SOLVERS = {
     "anderson_m1": jdeq.Anderson(tol=TOL, max_steps=500, m=1),
     "broyden": jdeq.Broyden(tol=TOL, max_steps=300, m=30),
     "broyden_ls": jdeq.Broyden(tol=TOL, max_steps=300, m=30, line_search=True),
+    "newton": jdeq.Newton(tol=TOL, max_steps=50),
+    "chord": jdeq.Chord(tol=TOL, max_steps=200, refresh=3),
 }
 
 ADJOINTS = {
@@ -29,6 +38,15 @@ ADJOINTS = {
     "gmres": jdeq.Implicit(jdeq.GMRES(tol=TOL, max_steps=20, restart=20)),
     "bicgstab": jdeq.Implicit(jdeq.BiCGStab(tol=TOL, max_steps=200)),
 }
+
+
+@pytest.fixture
+def standard_promotion():
+    """Standard dtype promotion inside one test, for third-party code that is not strict-clean: a user's Flax
+    module with ``linen.GroupNorm``/``BatchNorm`` (``jnp.promote_types(dtype, float32)`` is rejected for float64
+    inputs), or a test's own training loop calling ``optax.adam`` (``decay**count`` with an int32 count)."""
+    with jax.numpy_dtype_promotion("standard"):
+        yield
 
 
 @pytest.fixture(params=list(SOLVERS), ids=list(SOLVERS))

@@ -21,6 +21,8 @@ SOLVERS = {
     "broyden": jdeq.Broyden(tol=1e-10, max_steps=60, m=3),  # m=3: the memory fills and restarts
     "broyden_line_search": jdeq.Broyden(tol=1e-10, max_steps=60, line_search=True),
     "fallback": jdeq.Fallback(stages=(jdeq.Broyden(m=3), jdeq.FixedPoint(damping=0.5)), tol=1e-10, max_steps=80),
+    "newton_line_search": jdeq.Newton(tol=1e-10, max_steps=30, line_search=True),
+    "chord": jdeq.Chord(tol=1e-10, max_steps=60, refresh=2),
 }
 
 
@@ -170,13 +172,15 @@ def test_broyden_loop_does_not_copy_its_memory(batched):
     assert not copies, copies
 
 
-def test_broyden_restarts_from_minus_identity_when_its_memory_is_full():
-    """After m updates the next step restarts: no rank-one term is in use, so Hᵀv = −v."""
+def test_broyden_restarts_from_its_initial_scale_when_its_memory_is_full():
+    """After m updates the next step restarts: no rank-one term is in use, so Hᵀv = γv (γ from the first step)."""
     m = 3
     solver = jdeq.Broyden(m=m, tol=1e-14, max_steps=m + 1)
     sol = jdeq.fixed_point(tanh_map, jnp.zeros(N), XS[1], W, solver=solver)
     assert int(sol.stats.num_steps) == m + 1
     v = jnp.arange(N, dtype=W.dtype)
-    np.testing.assert_allclose(solver.inverse_jacobian_transpose(sol.state, v), -v)
+    gamma = sol.state.gamma
+    assert float(gamma) != -1.0  # estimated, not the fixed-point step's −1
+    np.testing.assert_allclose(solver.inverse_jacobian_transpose(sol.state, v), gamma * v)
     before = jdeq.fixed_point(tanh_map, jnp.zeros(N), XS[1], W, solver=jdeq.Broyden(m=m, tol=1e-14, max_steps=m))
-    assert not np.allclose(solver.inverse_jacobian_transpose(before.state, v), -v)
+    assert not np.allclose(solver.inverse_jacobian_transpose(before.state, v), before.state.gamma * v)

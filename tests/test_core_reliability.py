@@ -1,5 +1,7 @@
 """What the core guarantees when things go wrong: nonfinite solves, failed backward solves, long memories, init."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,18 +123,31 @@ def test_a_large_finite_float32_iterate_is_not_reported_nonfinite():
     assert int(sol.stats.result) == jdeq.Result.MAX_STEPS and bool(jnp.isfinite(sol.stats.abs_residual))
 
 
-def test_eager_calls_with_the_same_map_trace_once():
-    """A loop calling fixed_point outside jit reuses one compiled solve (f is traced on the first call only)."""
+def _resident_mb() -> float:
+    """This process's resident memory in MB (Linux /proc)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.parametrize("entry", [jdeq.fixed_point, jdeq.root], ids=["fixed_point", "root"])
+def test_eager_calls_with_the_same_map_trace_once_and_keep_memory_flat(entry):
+    """A loop calling fixed_point/root outside jit reuses one compiled solve (f is traced on the first call only).
+
+    Memory bound (our choice): 200 further calls may grow the resident set by at most 30 MB; a recompile per
+    call kept one executable per call, about 5.7 MB each (over 1 GB for 200 calls).
+    """
     traces = []
 
     def f(z, x):
         traces.append(1)
-        return jnp.tanh(0.5 * z + x)
+        image = jnp.tanh(0.5 * z + x)
+        return z - image if entry is jdeq.root else image  # the root of z − F(z) is F's fixed point
 
-    jdeq.fixed_point(f, jnp.zeros(5), jnp.ones(5))
-    first = len(traces)
-    for scale in range(1, 30):
-        sol = jdeq.fixed_point(f, jnp.zeros(5), scale * jnp.ones(5))
+    entry(f, jnp.zeros(5), jnp.ones(5))
+    first, before = len(traces), _resident_mb()
+    for scale in range(1, 201):
+        sol = entry(f, jnp.zeros(5), (scale % 7) * jnp.ones(5))
     assert len(traces) == first and bool(sol.stats.converged)
+    assert _resident_mb() - before < 30
     with pytest.raises(jdeq.SolveError):  # throw still raises SolveError itself when called eagerly
         jdeq.fixed_point(f, jnp.zeros(5), jnp.ones(5), solver=jdeq.FixedPoint(max_steps=2), throw=True)

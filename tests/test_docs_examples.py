@@ -1,5 +1,5 @@
-"""The Python examples in README.md, docs/index.md, docs/flax_modules.md and docs/training.md's "Bring your own Flax
-module" run as written."""
+"""The Python examples in README.md, docs/index.md, docs/flax_modules.md, docs/root_finding.md and the section
+"Bring your own Flax module" of docs/training.md run as written."""
 
 import re
 from pathlib import Path
@@ -23,13 +23,13 @@ EXAMPLES = [(f"README.md#{i}", block) for i, block in enumerate(python_blocks(RO
 ]
 EXAMPLES += [
     (f"{page}#{i}", block)
-    for page in ("index.md", "flax_modules.md")
+    for page in ("index.md", "flax_modules.md", "root_finding.md")
     for i, block in enumerate(python_blocks(ROOT / "docs" / page))
 ]
 
 
 @pytest.mark.parametrize("source", [block for _, block in EXAMPLES], ids=[name for name, _ in EXAMPLES])
-def test_example_runs(source):
+def test_example_runs(source, standard_promotion):  # user code, written for JAX's default promotion
     exec(compile(source, "<example>", "exec"), {})
 
 

@@ -69,7 +69,7 @@ class NNXClassifier(nnx.Module):
 
 def smoothed_loss(outputs, y):
     """A user's own loss: label-smoothed cross-entropy."""
-    targets = optax.smooth_labels(jax.nn.one_hot(y, 10), 0.1)
+    targets = optax.smooth_labels(jax.nn.one_hot(y, 10, dtype=outputs.dtype), 0.1)
     return jnp.mean(optax.softmax_cross_entropy(outputs, targets))
 
 

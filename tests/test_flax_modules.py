@@ -81,7 +81,7 @@ def test_linen_module_output_is_its_fixed_point_with_params_where_flax_puts_them
     assert "f/Dense_0" in linen.tabulate(layer, jax.random.PRNGKey(0))(x, z0)
 
 
-def test_linen_conv_groupnorm_module_per_sample_equals_whole_batch():
+def test_linen_conv_groupnorm_module_per_sample_equals_whole_batch(standard_promotion):
     x, z0 = inputs(2, (5, 5, 2)), jnp.zeros((2, 5, 5, 4))
     per_sample = DEQ(ConvCell(), solver=jdeq.Anderson(tol=1e-10, max_steps=200))
     variables = per_sample.init(jax.random.PRNGKey(1), x, z0)
@@ -127,7 +127,7 @@ def test_dropout_mask_is_the_same_at_every_iteration_of_one_solve():
     assert len({tuple(np.round(np.asarray(row), 8)) for row in z}) == 4  # each sample its own mask
 
 
-def test_stateful_modules_and_a_missing_start_are_clear_errors():
+def test_stateful_modules_and_a_missing_start_are_clear_errors(standard_promotion):
     x, z0 = inputs(), jnp.zeros((3, WIDTH))
     with pytest.raises(ValueError, match=r"state besides its parameters \(batch_stats\).*GroupNorm"):
         DEQ(BatchNormCell()).init(jax.random.PRNGKey(0), x, z0)

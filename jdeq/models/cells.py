@@ -14,6 +14,7 @@ so the layer's output is the fixed point ``z* = f(z*, x) = cell(params, z*, inje
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -46,11 +47,31 @@ def group_norm(h: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, eps
     g = h.reshape(*lead, height, width, groups, channels // groups)
     axes = (-4, -3, -1)
     g = (g - jnp.mean(g, axis=axes, keepdims=True)) * lax.rsqrt(jnp.var(g, axis=axes, keepdims=True) + eps)
-    return g.reshape(h.shape) * scale + bias
+    return g.reshape(h.shape) * channelwise(scale, h) + channelwise(bias, h)
+
+
+def channelwise(v: jax.Array, h: jax.Array) -> jax.Array:
+    """A per-channel ``(C,)`` vector shaped to broadcast against ``h`` (``(..., C)``) at the same rank."""
+    return v.reshape((1,) * (h.ndim - 1) + (-1,))
+
+
+def promote(*arrays: jax.Array) -> tuple:
+    """The arrays cast to their common dtype under JAX's standard promotion rules, explicitly: float32 data with
+    float64 parameters works under ``jax.numpy_dtype_promotion("strict")`` as it does by default."""
+    with jax.numpy_dtype_promotion("standard"):  # only the dtype lattice; the casts below are explicit
+        common = functools.reduce(jnp.promote_types, [a.dtype for a in arrays])
+    return tuple(a.astype(common) for a in arrays)
+
+
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` in the two operands' common dtype (see :func:`promote`)."""
+    a, b = promote(a, b)
+    return a @ b
 
 
 def conv(h: jax.Array, kernel: jax.Array) -> jax.Array:
     """'SAME' 2-D convolution of one ``(H, W, C_in)`` sample with an ``(k, k, C_in, C_out)`` kernel."""
+    h, kernel = promote(h, kernel)
     return lax.conv_general_dilated(h[None], kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
 
 
@@ -86,10 +107,10 @@ class MLPCell:
         }
 
     def inject(self, params: dict, x: jax.Array) -> jax.Array:
-        return params["U"] @ x + params["b"]
+        return matmul(params["U"], x) + params["b"]
 
     def __call__(self, params: dict, z: jax.Array, u: jax.Array) -> jax.Array:
-        h = params["W"] @ z + u
+        h = matmul(params["W"], z) + u
         return self.activation(layer_norm(h) if self.normalize else h)
 
 
@@ -137,7 +158,8 @@ class ConvCell:
         }
 
     def inject(self, params: dict, x: jax.Array) -> jax.Array:
-        return conv(x, params["K_in"]) + params["b"]
+        h = conv(x, params["K_in"])
+        return h + channelwise(params["b"], h)
 
     def __call__(self, params: dict, z: jax.Array, u: jax.Array) -> jax.Array:
         def norm(h, i):

@@ -6,17 +6,20 @@ from .broyden import Broyden
 from .fallback import Fallback
 from .fixed_point import FixedPoint
 from .linear import GMRES, BiCGStab, LinearSolver, Lineax, Neumann
+from .newton import Chord, Newton
 
 __all__ = [
     "Anderson",
     "BiCGStab",
     "Broyden",
+    "Chord",
     "Fallback",
     "FixedPoint",
     "GMRES",
     "Lineax",
     "LinearSolver",
     "Neumann",
+    "Newton",
     "Result",
     "Solution",
     "Solver",

@@ -60,12 +60,15 @@ def relative(abs_res: Array, scale: Array) -> Array:
     return jnp.where(jnp.isnan(abs_res) | jnp.isnan(scale), jnp.nan, ratio)
 
 
+RESIDUAL_SCALES = ("image", "initial")
+
+
 @dataclasses.dataclass(frozen=True)
 class Solver:
     """Fields shared by every root-finder; subclasses add their own and implement ``init``/``step``.
 
     Attributes:
-      tol: relative tolerance: stop when ``‖f(z) − z‖ <= max(atol, tol·‖f(z)‖)``.
+      tol: relative tolerance: stop when ``‖f(z) − z‖ <= max(atol, tol·s)``, ``s`` the scale ``relative_to`` names.
       atol: absolute tolerance (0 disables it; use it when the solution may be exactly zero).
       max_steps: iteration budget.
       divergence: stop with ``Result.DIVERGED`` once the residual exceeds this multiple of the
@@ -74,6 +77,9 @@ class Solver:
         (a finite one even when the solve ended nonfinite). Otherwise a ``Result.NONFINITE`` solve
         returns NaN in every entry of the value and in its residuals, so it cannot pass for a solution.
       trace: record the relative residual of every step in ``Stats.trace``.
+      relative_to: the scale ``s`` of the relative residual: ``"image"``, ``‖f(z)‖`` (fixed points), or
+        ``"initial"``, the initial residual ``‖f(z₀) − z₀‖``, a scale that cannot grow with ``z`` (the rule of
+        :func:`jdeq.root`, where ``f(z) − z = −g(z)`` and ``‖f(z)‖`` grows with a runaway ``z``).
     """
 
     tol: float = 1e-5
@@ -82,9 +88,14 @@ class Solver:
     divergence: float = 1e6
     return_best: bool = False
     trace: bool = False
+    relative_to: str = "image"
 
     def __post_init__(self):
         check_stopping(self.tol, self.atol, self.max_steps)
+        _check(
+            self.relative_to in RESIDUAL_SCALES,
+            f"relative_to must be one of {RESIDUAL_SCALES}, got {self.relative_to!r}",
+        )
         _check(self.divergence > 1, f"divergence must be > 1, got {self.divergence}")
 
     def init(self, x: Array, fx: Array) -> Any:
@@ -152,9 +163,13 @@ def check_stopping(tol: float, atol: float, max_steps: int) -> None:
     _check(isinstance(max_steps, int) and max_steps >= 1, f"max_steps must be an int >= 1, got {max_steps!r}")
 
 
-def settle(code, tol, atol, abs_res, fx_norm) -> Array:
-    """Override ``code`` with CONVERGED when ``abs_res <= max(atol, tol·‖f‖)``, NONFINITE on NaN/inf."""
-    code = jnp.where(abs_res <= jnp.maximum(atol, tol * fx_norm), Result.CONVERGED, code)
+def settle(code, tol, atol, abs_res, fx_norm, scale=None) -> Array:
+    """Override ``code`` with CONVERGED when ``abs_res <= max(atol, tol·scale)``, NONFINITE on NaN/inf.
+
+    ``scale`` defaults to ``fx_norm`` (``‖f‖``); NONFINITE is decided on ``abs_res`` and ``fx_norm``.
+    """
+    scale = fx_norm if scale is None else scale
+    code = jnp.where(abs_res <= jnp.maximum(atol, tol * scale), Result.CONVERGED, code)
     return jnp.where(jnp.isfinite(abs_res) & jnp.isfinite(fx_norm), code, Result.NONFINITE).astype(jnp.int32)
 
 
@@ -165,11 +180,20 @@ def residuals(x: Array, fx: Array) -> tuple[Array, Array, Array]:
 
 
 def _measure(solver: Solver, step, x, fx, res0):
-    """Residuals of ``x`` and the result code after ``step`` iterations (RUNNING to go on); not differentiated."""
+    """Residuals of ``x`` and the result code after ``step`` iterations (RUNNING to go on); not differentiated.
+
+    ``res0`` is the initial residual (``inf`` when it was zero): the divergence test's reference, and the
+    scale of the relative residual when ``solver.relative_to == "initial"`` (a zero initial residual
+    makes any nonzero residual infinitely large relative to it).
+    """
     abs_res, rel_res, fx_norm = residuals(*lax.stop_gradient((x, fx)))
+    scale = fx_norm
+    if solver.relative_to == "initial":
+        scale = jnp.where(jnp.isfinite(res0), res0, 0.0).astype(abs_res.dtype)
+        rel_res = relative(abs_res, scale)
     code = jnp.where(step >= solver.max_steps, Result.MAX_STEPS, Result.RUNNING)
     code = jnp.where(abs_res > solver.divergence * res0, Result.DIVERGED, code)
-    return abs_res, rel_res, settle(code, solver.tol, solver.atol, abs_res, fx_norm)
+    return abs_res, rel_res, settle(code, solver.tol, solver.atol, abs_res, fx_norm, scale)
 
 
 def per_row(fn: FlatMap, batch: Array) -> FlatMap:
@@ -292,7 +316,9 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
         step = functools.partial(solver.step, fn)
     fx0 = fn(x0)
     zero = jnp.zeros(x0.shape[:-1], jnp.int32)
-    abs0, rel0, code0 = _measure(solver, zero, x0, fx0, jnp.inf)
+    abs0 = norm(lax.stop_gradient(fx0 - x0))
+    res0 = jnp.where(abs0 > 0, abs0, jnp.inf)
+    _, rel0, code0 = _measure(solver, zero, x0, fx0, res0)
     trace = None
     if solver.trace:
         trace = jnp.full((*x0.shape[:-1], solver.max_steps + 1), jnp.nan, rel0.dtype).at[..., 0].set(rel0)
@@ -304,7 +330,7 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
         fx=fx0,
         abs_res=abs0,
         rel_res=rel0,
-        res0=jnp.where(abs0 > 0, abs0, jnp.inf),
+        res0=res0,
         best_x=x0 if solver.return_best else None,
         best_abs=jnp.where(jnp.isfinite(abs0), abs0, jnp.inf),
         best_rel=rel0,

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import math
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from ._base import Solver, _check, at_least_float32, norm
+from ._line_search import advance, check_line_search
 
 
 class BroydenState(NamedTuple):
-    us: jax.Array  # (m, n): H = −I + Σ_{i<k} u_i v_iᵀ, the inverse-Jacobian estimate of g(x) = f(x) − x
+    us: jax.Array  # (m, n): H = γI + Σ_{i<k} u_i v_iᵀ, the inverse-Jacobian estimate of g(x) = f(x) − x
     vs: jax.Array  # (m, n)
     hg: jax.Array  # H g at the current iterate (the next step is −H g)
-    count: jax.Array  # steps taken; rows i < count mod (m + 1) are in use (none: H = −I)
+    count: jax.Array  # steps taken; rows i < count mod (m + 1) are in use (none: H = γI)
+    gamma: jax.Array  # γ, the scale of the initial inverse Jacobian (x's dtype)
 
 
 def _in_use(count, m):
@@ -24,37 +26,55 @@ def _in_use(count, m):
     return jnp.arange(m, dtype=count.dtype) < count % (m + 1)
 
 
-def apply_inverse(us, vs, count, g):
-    """``H g`` for ``H = −I + Σ u_i v_iᵀ`` over the rows in use."""
-    return -g + ((vs @ g) * _in_use(count, us.shape[0]).astype(g.dtype)) @ us
+def apply_inverse(state: BroydenState, g):
+    """``H g`` for ``H = γI + Σ u_i v_iᵀ`` over the rows in use."""
+    return state.gamma * g + ((state.vs @ g) * _in_use(state.count, state.us.shape[0]).astype(g.dtype)) @ state.us
 
 
-def apply_inverse_transpose(us, vs, count, s):
-    """``Hᵀ s`` for ``H = −I + Σ u_i v_iᵀ`` over the rows in use."""
-    return -s + ((us @ s) * _in_use(count, us.shape[0]).astype(s.dtype)) @ vs
+def apply_inverse_transpose(state: BroydenState, s):
+    """``Hᵀ s`` for ``H = γI + Σ u_i v_iᵀ`` over the rows in use."""
+    return state.gamma * s + ((state.us @ s) * _in_use(state.count, state.us.shape[0]).astype(s.dtype)) @ state.vs
+
+
+def secant_scale(s, y):
+    """``γ = sᵀy / yᵀy``, the scalar ``γ`` with ``γ y ≈ s`` in least squares (Barzilai & Borwein 1988); −1 when undefined.
+
+    From the first step ``s = x₁ − x₀``, ``y = g(x₁) − g(x₀)``, ``γI`` is the scalar estimate of the inverse
+    Jacobian of ``g`` along that step, with its sign: ``−1`` for ``∂f/∂z ≈ 0`` (a contraction), ``+1`` for
+    the residual ``g = z − F(z)`` of a root problem with ``∂F/∂z ≈ 0`` written as ``f = z − g``.
+    """
+    yy = jnp.vdot(y, y)
+    gamma = jnp.vdot(s, y) / jnp.where(yy > 0, yy, 1.0)
+    return jnp.where((yy > 0) & jnp.isfinite(gamma) & (gamma != 0), gamma, -1.0).astype(s.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class Broyden(Solver):
     """Broyden's "good" method on ``g(z) = f(z) − z`` with a bounded low-rank inverse Jacobian.
 
-    The inverse Jacobian estimate is ``H_k = −I + Σ u_i v_iᵀ`` (Broyden 1965; the form used for
-    DEQs by Bai et al., arXiv 1909.01377). A step is ``z⁺ = z − α H g(z)`` and the update, with
+    The inverse Jacobian estimate is ``H_k = γI + Σ u_i v_iᵀ`` (Broyden 1965; the form used for
+    DEQs by Bai et al., arXiv 1909.01377, with ``γ = −1``). The first step is taken with ``H₀ = −I``
+    (a fixed-point step); then, unless ``gamma`` fixes it, ``γ`` is estimated from that step
+    (:func:`secant_scale`, ``γ = sᵀy/yᵀy``), so the method does not assume the sign or scale of the
+    Jacobian: a root problem ``g = 0`` solved as ``f = z − g`` with ``∂g/∂z ≈ −I`` gets ``γ ≈ +1``. A step is ``z⁺ = z − α H g(z)`` and the update, with
     ``s = z⁺ − z``, ``y = g(z⁺) − g(z)`` and ``v = Hᵀs``, is ``H⁺ = H + (s − H y) vᵀ / (vᵀ y)``, which
     keeps the secant condition ``H⁺ y = s``. When ``m`` rank-one terms fill the memory, the next step
-    restarts H from ``−I`` (dropping only the oldest term would break the secant conditions of the others).
+    restarts H from ``γI`` (dropping only the oldest term would break the secant conditions of the others).
     Updates with ``|vᵀ y|`` below ``1e-12·‖s‖‖H y‖`` are skipped (a zero term is written). ``H g`` is
     carried from step to step (``H⁺ g⁺ = H g⁺ + u (v·g⁺)``), so a step makes 4 passes over the memory:
     ``H g⁺`` and ``Hᵀ s``.
 
     Attributes:
       m: number of rank-one terms kept, >= 1.
+      gamma: the initial inverse Jacobian ``γI`` after the first step (finite, nonzero); ``None``
+        estimates it from the first step.
       line_search: backtrack ``α = 1, ½, ¼, …`` until ``‖g(z⁺)‖ <= (1 − c α)‖g(z)‖``.
       ls_steps: most backtracking evaluations per step (each costs one evaluation of f).
       ls_c: sufficient-decrease constant ``c`` in ``(0, 1)``.
     """
 
     m: int = 20
+    gamma: Optional[float] = None
     line_search: bool = False
     ls_steps: int = 4
     ls_c: float = 1e-4
@@ -63,24 +83,30 @@ class Broyden(Solver):
         super().__post_init__()
         _check(isinstance(self.m, int) and self.m >= 1, f"m must be an int >= 1, got {self.m!r}")
         _check(
-            isinstance(self.ls_steps, int) and self.ls_steps >= 1,
-            f"ls_steps must be an int >= 1, got {self.ls_steps!r}",
+            self.gamma is None or (math.isfinite(self.gamma) and self.gamma != 0),
+            f"gamma must be None or a finite nonzero number, got {self.gamma!r}",
         )
-        _check(0.0 < self.ls_c < 1.0, f"ls_c must be in (0, 1), got {self.ls_c}")
+        check_line_search(self.ls_steps, self.ls_c)
 
     def init(self, x, fx):
         zeros = jnp.zeros((self.m, x.shape[0]), x.dtype)
-        return BroydenState(zeros, zeros, x - fx, jnp.zeros((), jnp.int32))  # H = −I: H g = −(f − x)
+        minus_one = -jnp.ones((), x.dtype)  # the first step is a fixed-point step: H g = −(f − x)
+        return BroydenState(zeros, zeros, x - fx, jnp.zeros((), jnp.int32), minus_one)
 
     def step(self, fn, x, fx, state):
         g = fx - x
-        x_new, fx_new, used = self._advance(fn, x, -state.hg, norm(g))
+        x_new, fx_new, used = advance(fn, x, -state.hg, norm(g), self.line_search, self.ls_steps, self.ls_c)
         g_new = fx_new - x_new
         s = x_new - x
-        hg_new = apply_inverse(state.us, state.vs, state.count, g_new)
-        h_y = hg_new - state.hg
-        v = apply_inverse_transpose(state.us, state.vs, state.count, s)
-        denom = jnp.vdot(v, g_new - g)
+        y = g_new - g
+        first = state.count == 0
+        gamma = secant_scale(s, y) if self.gamma is None else jnp.asarray(self.gamma, x.dtype)
+        state = state._replace(gamma=jnp.where(first, gamma, state.gamma))
+        hg = jnp.where(first, state.gamma * g, state.hg)  # H g under the (new) γ; no rows are in use yet
+        hg_new = apply_inverse(state, g_new)
+        h_y = hg_new - hg
+        v = apply_inverse_transpose(state, s)
+        denom = jnp.vdot(v, y)
         terms = state.count % (self.m + 1)
         restart = terms == self.m  # the memory is full: H⁺ = −I, the rows fall out of use
         wide = at_least_float32(denom.dtype)  # norm's dtype: compared without implicit promotion
@@ -88,13 +114,13 @@ class Broyden(Solver):
         u = jnp.where(ok, (s - h_y) / jnp.where(ok, denom, 1.0), 0.0)
         v = jnp.where(ok, v, 0.0)
         slot = terms % self.m
-        hg_next = jnp.where(restart, -g_new, hg_new + u * jnp.vdot(v, g_new))
-        state = BroydenState(state.us.at[slot].set(u), state.vs.at[slot].set(v), hg_next, state.count + 1)
+        hg_next = jnp.where(restart, state.gamma * g_new, hg_new + u * jnp.vdot(v, g_new))
+        state = BroydenState(state.us.at[slot].set(u), state.vs.at[slot].set(v), hg_next, state.count + 1, state.gamma)
         return x_new, fx_new, state, used
 
     @property
     def batch_axes(self):
-        return BroydenState(us=0, vs=0, hg=0, count=None)
+        return BroydenState(us=0, vs=0, hg=0, count=None, gamma=0)
 
     @property
     def unrollable(self) -> bool:
@@ -105,26 +131,4 @@ class Broyden(Solver):
         return True
 
     def inverse_jacobian_transpose(self, state, v):
-        return apply_inverse_transpose(state.us, state.vs, state.count, v)
-
-    def _advance(self, fn, x, direction, g_norm):
-        """Full step, or backtracking from it when ``line_search`` is on; returns ``(x⁺, f(x⁺), evals)``."""
-        x_new = x + direction
-        fx_new = fn(x_new)
-        one = jnp.ones((), jnp.int32)
-        if not self.line_search:
-            return x_new, fx_new, one
-
-        def insufficient(c):
-            alpha, x_try, fx_try, k = c
-            return (k < self.ls_steps) & ~(norm(fx_try - x_try) <= (1 - self.ls_c * alpha) * g_norm)
-
-        def halve(c):
-            alpha, _, _, k = c
-            alpha = alpha / 2
-            x_try = x + alpha.astype(x.dtype) * direction  # alpha is float32: keep x's dtype
-            return alpha, x_try, fn(x_try), k + 1
-
-        start = (jnp.ones((), g_norm.dtype), x_new, fx_new, one)
-        _, x_new, fx_new, evals = lax.while_loop(insufficient, halve, start)
-        return x_new, fx_new, evals
+        return apply_inverse_transpose(state, v)
