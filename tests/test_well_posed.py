@@ -1,0 +1,255 @@
+"""Well-posed cells (jdeq.models.well_posed), forward–backward splitting and the optax projection (jdeq.optim)."""
+
+import functools
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import jdeq
+from jdeq.models import InfNormCell, MLPCell, MonotoneCell, ScaledCell, SoftmaxCell
+from jdeq.nn import DEQ, NNXDEQ, DEQClassifier, forward_stats
+from jdeq.optim import project_inf_norm, project_rows_l1, record, recorded
+from jdeq.solvers.splitting import contraction_factor
+
+PROPERTY = settings(max_examples=12, deadline=None, derandomize=True)
+EPS = float(jnp.finfo(jnp.float64).eps)
+WIDTH, IN_DIM = 6, 3
+TOL = 1e-11
+BUDGET = 20_000
+# cells certified for every parameter value (InfNormCell: on the set its initialisation and projection keep)
+CERTIFIED = {
+    "monotone": MonotoneCell(WIDTH),
+    "inf_norm": InfNormCell(WIDTH),
+    "softmax": SoftmaxCell(WIDTH),
+    "softmax_tanh": SoftmaxCell(WIDTH, activation=jnp.tanh),
+}
+CELLS = {**CERTIFIED, "scaled": ScaledCell(WIDTH)}
+SLOW = {"softmax_tanh", "scaled"}  # same code paths as softmax / monotone: run in `make test-slow`
+
+
+@functools.cache
+def cell_map(cell):
+    """The map ``f(z, u, params)`` of ``cell``, one function per cell (jdeq's compile cache is keyed on ``f``)."""
+    return lambda z, u, params: cell(params, z, u)
+
+
+@functools.cache
+def solve_from(cell):
+    """``z*`` of one sample from a given start, jitted once per cell; FixedPoint: the certified iteration."""
+    solver = jdeq.FixedPoint(tol=TOL, max_steps=BUDGET)
+
+    @jax.jit
+    def solve(params, u, z0):
+        sol = jdeq.fixed_point(cell_map(cell), z0, u, params, solver=solver)
+        return sol.value, sol.stats.converged
+
+    return solve
+
+
+def draw_params(cell, seed: int, scale: float) -> tuple[dict, jax.Array]:
+    """Random parameters (the mixing matrices scaled by ``scale``, then re-projected for InfNormCell) and an injection."""
+    k_init, k_x = jax.random.split(jax.random.PRNGKey(seed))
+    params = cell.init(k_init, (IN_DIM,))
+    for name in ("A", "B"):
+        if name in params:
+            params[name] = scale * params[name]
+    if isinstance(cell, InfNormCell):
+        params["A"] = project_rows_l1(params["A"], cell.kappa)
+    return params, cell.inject(params, jax.random.normal(k_x, (IN_DIM,)))
+
+
+seeds = st.integers(0, 2**16)
+scales = st.floats(0.1, 4.0)
+
+
+@pytest.mark.parametrize("name", list(CERTIFIED))
+@PROPERTY
+@given(seed=seeds, scale=scales)
+def test_certified_cells_reach_one_equilibrium_from_any_two_starts(name, seed, scale):
+    cell = CERTIFIED[name]
+    params, u = draw_params(cell, seed, scale)
+    q = float(cell.well_posedness(params))
+    assert q < 1
+    # a q-contraction reaches a relative residual TOL within log(TOL (1 − q) / 2) / log q steps (from ‖z₀‖ <=
+    # 10‖z*‖-ish starts); the certified rate can be arbitrarily slow (q → 1 as ‖I − W‖₂/m grows): run only
+    # the draws whose a-priori step count fits the budget
+    assume(np.log(TOL * (1 - q) / 20) / np.log(q) <= BUDGET)
+    start = 10 * jax.random.normal(jax.random.PRNGKey(seed + 1), (WIDTH,))
+    z_a, ok_a = solve_from(cell)(params, u, jnp.zeros(WIDTH))
+    z_b, ok_b = solve_from(cell)(params, u, start)
+    assert ok_a and ok_b
+    # both within TOL·‖z*‖/(1 − q) of z* (a contraction's a-posteriori bound), so within twice that of each other
+    bound = 2 * TOL * float(jnp.linalg.norm(z_a)) / (1 - q) * np.sqrt(WIDTH)
+    np.testing.assert_allclose(z_a, z_b, atol=bound + 100 * EPS)
+
+
+@PROPERTY
+@given(seed=seeds, scale=scales, m=st.floats(0.01, 2.0))
+def test_monotone_weight_is_strongly_monotone_and_its_map_contracts(seed, scale, m):
+    cell = MonotoneCell(WIDTH, m=m)
+    params, u = draw_params(cell, seed, scale)
+    w = cell.weight(params)
+    symmetric = jnp.eye(WIDTH) - (w + w.T) / 2
+    assert float(jnp.linalg.eigvalsh(symmetric)[0]) >= m - 1e3 * EPS * (1 + float(jnp.linalg.norm(w, 2)))
+    z1, z2 = jax.random.normal(jax.random.PRNGKey(seed + 2), (2, WIDTH))
+    q = float(cell.well_posedness(params))
+    moved = jnp.linalg.norm(cell(params, z1, u) - cell(params, z2, u))
+    assert q < 1 and float(moved) <= q * float(jnp.linalg.norm(z1 - z2)) * (1 + 1e3 * EPS)
+
+
+@PROPERTY
+@given(seed=seeds, scale=scales)
+def test_monotone_fixed_point_solves_the_networks_own_equation(seed, scale):
+    """The forward–backward operator's fixed point is the MON equilibrium ``z = relu(W z + u)``."""
+    cell = MonotoneCell(WIDTH)
+    params, u = draw_params(cell, seed, scale)
+    z, ok = solve_from(cell)(params, u, jnp.zeros(WIDTH))
+    residual = jax.nn.relu(cell.weight(params) @ z + u) - z
+    q = float(cell.well_posedness(params))
+    # ‖T(z) − z‖ <= TOL‖z‖; relu(Wz+u) − z is the α = 1 operator's residual, at most max(1, 1/α) times T's
+    alpha = cell.m / float(jnp.linalg.norm(jnp.eye(WIDTH) - cell.weight(params), 2)) ** 2
+    assert ok and float(jnp.linalg.norm(residual)) <= max(1, 1 / alpha) * TOL * float(jnp.linalg.norm(z)) / (1 - q)
+
+
+def test_fixed_step_size_reports_a_factor_above_one_when_it_does_not_contract():
+    cell = MonotoneCell(WIDTH, alpha=10.0)
+    params, _ = draw_params(cell, 0, 2.0)
+    lipschitz = jnp.linalg.norm(jnp.eye(WIDTH) - cell.weight(params), 2)
+    assert float(cell.well_posedness(params)) == pytest.approx(float(contraction_factor(10.0, cell.m, lipschitz)))
+    assert 10.0 > 2 * cell.m / float(lipschitz) ** 2 and float(cell.well_posedness(params)) > 1
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CELLS])
+def test_implicit_gradients_match_unrolled_and_finite_differences(name):
+    cell = CELLS[name]
+    params, u = draw_params(cell, 3, 1.0)
+    weights = jax.random.normal(jax.random.PRNGKey(4), (WIDTH,))
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def loss(params, u, grad):
+        solver = jdeq.FixedPoint(tol=1e-13, max_steps=1000)
+        sol = jdeq.fixed_point(cell_map(cell), jnp.zeros(WIDTH), u, params, solver=solver, grad=grad)
+        return weights @ sol.value, sol.stats.converged
+
+    def value(params, u, grad):
+        return loss(params, u, grad)[0]
+
+    assert loss(params, u, jdeq.Implicit())[1]
+    implicit = jax.grad(value, argnums=(0, 1))(params, u, jdeq.Implicit())
+    unrolled = jax.grad(value, argnums=(0, 1))(params, u, jdeq.Unrolled())
+    for got, want in zip(jax.tree_util.tree_leaves(implicit), jax.tree_util.tree_leaves(unrolled)):
+        np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9)
+    check_grads(lambda p, u: value(p, u, jdeq.Implicit()), (params, u), order=1, modes=["rev"], eps=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: MonotoneCell(4, m=0.0), "m=.*> 0"),
+        (lambda: MonotoneCell(4, alpha=-1.0), "alpha"),
+        (lambda: MonotoneCell(0), "features"),
+        (lambda: InfNormCell(4, kappa=1.0), r"kappa.*\(0, 1\)"),
+        (lambda: SoftmaxCell(4, gamma=1.0), r"gamma.*\(0, 1\)"),
+        (lambda: ScaledCell(4, gamma=0.0), "gamma"),
+        (lambda: project_inf_norm(1.2), r"kappa.*\(0, 1\)"),
+        (lambda: record(lambda p: 0.0, 0), "num_steps"),
+        (lambda: project_inf_norm(0.9).init({"W": jnp.eye(2)}), "no parameter is called 'A'"),
+        (lambda: project_inf_norm(0.9).init({"A": jnp.ones(3)}), "must be matrices"),
+        (lambda: project_inf_norm(0.9).update({"A": jnp.eye(2)}, optax.EmptyState()), "needs the parameters"),
+        (lambda: MonotoneCell(4).init(jax.random.PRNGKey(0), (2, 2)), "per-sample shape"),
+    ],
+)
+def test_bad_parameters_raise_a_clear_error(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+rows = st.lists(st.floats(-5, 5), min_size=5, max_size=5)  # one shape: one compilation
+
+
+@PROPERTY
+@given(row=rows, other=rows, radius=st.floats(0.05, 3.0))
+def test_row_projection_is_the_euclidean_projection_onto_the_l1_ball(row, other, radius):
+    a = jnp.asarray([row])
+    p = project_rows_l1(a, radius)
+    assert float(jnp.abs(p).sum()) <= radius * (1 + 16 * EPS) + 16 * EPS
+    if float(jnp.abs(a).sum()) <= radius:
+        np.testing.assert_array_equal(p, a)
+    np.testing.assert_allclose(project_rows_l1(p, radius), p, atol=16 * EPS * (1 + radius))
+    # variational inequality of the projection onto a convex set: <a − p, q − p> <= 0 for every q in the ball
+    q = project_rows_l1(jnp.resize(jnp.asarray(other), a.shape), radius)
+    assert float(jnp.vdot(a - p, q - p)) <= 1e3 * EPS * (1 + float(jnp.abs(a).sum())) ** 2
+
+
+@pytest.mark.parametrize("optimizer", [optax.adam(0.5), optax.sgd(2.0, momentum=0.9)], ids=["adam", "sgd"])
+def test_projection_keeps_the_constraint_through_optax_updates(optimizer):
+    kappa = 0.8
+    params = {"cell": {"A": jnp.zeros((5, 5)), "U": jnp.zeros((5, 2))}}
+    projected = optax.chain(optimizer, project_inf_norm(kappa))
+    state, plain_state = projected.init(params), optimizer.init(params)
+    plain = params
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def step(transformation, grads, state, params):
+        updates, state = transformation.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for seed in range(5):
+        grads = jax.tree_util.tree_map(lambda p: 3 * jax.random.normal(jax.random.PRNGKey(seed), p.shape), params)
+        params, state = step(projected, grads, state, params)
+        plain, plain_state = step(optimizer, grads, plain_state, plain)
+        # rounding of θ + (Π(θ + Δ) − θ): a few ulps per entry, summed over a row of 5
+        assert float(jdeq.models.well_posed.inf_norm(params["cell"]["A"])) <= kappa * (1 + 5 * 4 * EPS)
+        np.testing.assert_allclose(params["cell"]["U"], plain["cell"]["U"])  # other leaves pass through
+    assert float(jdeq.models.well_posed.inf_norm(plain["cell"]["A"])) > kappa  # the constraint was active
+
+
+def test_record_keeps_one_value_per_step_and_drops_steps_past_its_length():
+    params = {"A": jnp.zeros((2, 2))}
+    optimizer = optax.chain(optax.sgd(1.0), record(lambda p: jnp.sum(p["A"]), 3))
+    state = optimizer.init(params)
+    for _ in range(4):
+        updates, state = optimizer.update({"A": -jnp.ones((2, 2))}, state, params)
+        params = optax.apply_updates(params, updates)
+    (values,) = recorded(state)
+    np.testing.assert_array_equal(values, [4.0, 8.0, 12.0])
+
+
+def test_layers_solve_a_batch_of_one_and_report_nan_input():
+    cell = MonotoneCell(8)
+    model = DEQClassifier(DEQ(cell, solver=jdeq.FixedPoint(tol=1e-6, max_steps=500)), num_classes=3)
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 5))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+    apply = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))
+    logits, sown = apply(variables, x)
+    assert logits.shape == (1, 3) and bool(forward_stats(sown)[0].converged.all())
+    _, sown = apply(variables, x.at[0, 0].set(jnp.nan))
+    assert int(forward_stats(sown)[0].result[0]) == int(jdeq.Result.NONFINITE)
+
+
+def test_projection_finds_the_matrix_in_linen_and_nnx_parameters():
+    x = jnp.ones((2, IN_DIM))
+    linen_params = DEQ(InfNormCell(WIDTH)).init(jax.random.PRNGKey(0), x)["params"]
+    nnx_params = nnx.state(NNXDEQ(InfNormCell(WIDTH), (IN_DIM,), rngs=nnx.Rngs(0)), nnx.Param)
+    for params in (linen_params, nnx_params):
+        optimizer = optax.chain(optax.sgd(10.0), project_inf_norm(0.5))
+        grads = jax.tree_util.tree_map(jnp.ones_like, params)
+        updates, _ = optimizer.update(grads, optimizer.init(params), params)
+        new = optax.apply_updates(params, updates)
+        (a,) = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(new) if "'A'" in jax.tree_util.keystr(path)]
+        assert float(jdeq.models.well_posed.inf_norm(a)) <= 0.5 * (1 + 4 * WIDTH * EPS)
+
+
+def test_unconstrained_mlp_cell_has_no_certificate_to_keep():
+    """The reference the notebook compares against: nothing in MLPCell bounds ‖W‖₂."""
+    params = MLPCell(WIDTH, w_scale=2.0).init(jax.random.PRNGKey(0), (IN_DIM,))
+    assert float(jnp.linalg.norm(params["W"], 2)) > 1
+    assert isinstance(linen.Module, type)
