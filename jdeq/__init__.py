@@ -2,8 +2,7 @@
 
 from importlib.metadata import version
 
-from . import nn  # the Flax layers: jdeq.nn.DEQ works after `import jdeq`
-from . import optim  # optax transformations: jdeq.optim.project_inf_norm, jdeq.optim.record
+from . import nn, optim  # the Flax layers (jdeq.nn.DEQ) and optax transformations (jdeq.optim) after `import jdeq`
 from ._errors import SolveError
 from .gradients import AdjointMode, GradientMode, Implicit, ImplicitJVP, Phantom, Shine, Unrolled
 from .implicit import DEFAULT_SOLVER, fixed_point, fixed_point_batch, root

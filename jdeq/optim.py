@@ -99,7 +99,9 @@ def record(quantity: Callable[[Any], jax.Array], num_steps: int) -> optax.Gradie
     with ``fit``'s checkpoints) and are read with :func:`recorded`. A step that ``fit`` skips (nonfinite)
     records nothing. Use it to follow a well-posedness quantity (``cell.well_posedness``) through training.
     """
-    _check(isinstance(num_steps, int) and num_steps >= 1, f"record(num_steps=...) must be an int >= 1, got {num_steps!r}")
+    _check(
+        isinstance(num_steps, int) and num_steps >= 1, f"record(num_steps=...) must be an int >= 1, got {num_steps!r}"
+    )
 
     def init(params):
         return RecordState(jnp.full((num_steps,), jnp.nan, jnp.float32), jnp.zeros((), jnp.int32))

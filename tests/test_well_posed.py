@@ -202,8 +202,8 @@ def test_projection_keeps_the_constraint_through_optax_updates(optimizer):
         updates, state = transformation.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    for seed in range(5):
-        grads = jax.tree_util.tree_map(lambda p: 3 * jax.random.normal(jax.random.PRNGKey(seed), p.shape), params)
+    for key in jax.random.split(jax.random.PRNGKey(0), 5):
+        grads = jax.tree_util.tree_map(lambda p, key=key: 3 * jax.random.normal(key, p.shape), params)
         params, state = step(projected, grads, state, params)
         plain, plain_state = step(optimizer, grads, plain_state, plain)
         # rounding of θ + (Π(θ + Δ) − θ): a few ulps per entry, summed over a row of 5
