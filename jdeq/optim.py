@@ -86,7 +86,7 @@ def project_inf_norm(kappa: float, name: str = "A") -> optax.GradientTransformat
 
 
 class RecordState(NamedTuple):
-    """The values recorded so far (NaN after ``count``) and their number."""
+    """The values recorded so far (zero after ``count``: a finite state, as ``fit``'s nonfinite check wants) and their number."""
 
     values: jax.Array
     count: jax.Array
@@ -104,7 +104,7 @@ def record(quantity: Callable[[Any], jax.Array], num_steps: int) -> optax.Gradie
     )
 
     def init(params):
-        return RecordState(jnp.full((num_steps,), jnp.nan, jnp.float32), jnp.zeros((), jnp.int32))
+        return RecordState(jnp.zeros((num_steps,), jnp.float32), jnp.zeros((), jnp.int32))
 
     def update(updates, state, params=None):
         _check(params is not None, "record needs the parameters: call optimizer.update(grads, state, params)")

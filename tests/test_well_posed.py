@@ -1,6 +1,8 @@
 """Well-posed cells (jdeq.models.well_posed), forward–backward splitting and the optax projection (jdeq.optim)."""
 
 import functools
+import re
+from pathlib import Path
 
 import flax.linen as linen
 import jax
@@ -253,3 +255,11 @@ def test_unconstrained_mlp_cell_has_no_certificate_to_keep():
     params = MLPCell(WIDTH, w_scale=2.0).init(jax.random.PRNGKey(0), (IN_DIM,))
     assert float(jnp.linalg.norm(params["W"], 2)) > 1
     assert isinstance(linen.Module, type)
+
+
+def test_the_docs_page_examples_run():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "well_posed.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/well_posed.md", "exec"), {})
