@@ -19,10 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+from .solvers._base import _check
 
 
 def project_rows_l1(a: jax.Array, radius: float) -> jax.Array:

@@ -7,7 +7,7 @@ so the equilibrium exists, is unique, and plain iteration converges to it from a
 
 | cell | map ``f(z)`` | ``well_posedness`` | certified |
 | --- | --- | --- | --- |
-| MonotoneCell | ``relu(z − α((I − W)z − u))``, ``I − W ⪰ mI`` | forward–backward factor (2-norm) | every parameter value |
+| MonotoneCell | splitting map of ``relu(W z + u)``, ``I − W ⪰ mI`` | the splitting's contraction factor | every parameter value |
 | InfNormCell | ``φ(A z + u)`` | ``‖A‖∞`` | while ``‖A‖∞ < 1`` (kept by a projection) |
 | SoftmaxCell | ``φ(γ σ(A) z + u)`` | ``‖γσ(A)‖₁ = γ`` | every parameter value |
 | ScaledCell | ``relu(γ A z + u)`` | ``γ‖A‖₂`` | while ``γ‖A‖₂ < 1`` (monitored only) |
@@ -25,11 +25,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from ..linalg import largest_singular_value
 from ..optim import project_rows_l1
-from ..solvers.splitting import contraction_factor, forward_backward, step_size
+from ..solvers._base import _check
+from ..solvers.splitting import MonotoneProblem, PeacemanRachford, Splitting
 from . import gao
 from .cells import _check_shape, _normal
 from .kawaguchi import column_softmax
@@ -37,11 +36,6 @@ from .kawaguchi import column_softmax
 
 def _identity(h: jax.Array) -> jax.Array:
     return h
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 def inf_norm(a: jax.Array) -> jax.Array:
@@ -83,36 +77,40 @@ class _InjectedCell:
 class MonotoneCell(_InjectedCell):
     """Monotone operator equilibrium network (Winston & Kolter 2020, arXiv 2006.08591).
 
-    ``W = (1 − m) I − AᵀA + B − Bᵀ`` gives ``I − W = m I + AᵀA + (Bᵀ − B) ⪰ m I`` for every ``A, B``, so
-    ``F(z) = (I − W) z − u`` is ``m``-strongly monotone and the equilibrium ``z = relu(W z + u)`` exists and
-    is unique for every parameter value (Winston & Kolter, Theorem 1). The cell's map is the
-    forward–backward operator of :mod:`jdeq.solvers.splitting`,
+    ``W = (1 − m) I − AᵀA + B − Bᵀ`` gives ``K = I − W = m I + AᵀA + (Bᵀ − B) ⪰ m I`` for every ``A, B``, so
+    ``F(z) = K z − u`` is ``m``-strongly monotone and the equilibrium ``z = relu(W z + u)`` exists and is
+    unique for every parameter value (Winston & Kolter, Theorem 1). Iterating ``relu(W z + u)`` itself
+    carries no guarantee (``‖W‖₂`` is unbounded); the cell's map is instead an operator-splitting map of
+    :mod:`jdeq.solvers.splitting` whose only fixed point is that equilibrium:
 
-        f(z) = relu(z − α F(z)) = relu((1 − α) z + α (W z + u)),
+    * :class:`~jdeq.solvers.splitting.PeacemanRachford` (default): ``M(x) = R_F(2 relu(x − αF(x)) − x + αF(x))``,
+      a contraction for every ``α > 0``, factor ``√(1 − 4αm/(1 + αL)²)``, ``L = ‖I − W‖₂``;
+    * :class:`~jdeq.solvers.splitting.ForwardBackward`: ``T(z) = relu(z − α F(z))``, factor
+      ``√(1 − 2αm + α²L²)``, below 1 for ``α < 2m/L²``.
 
-    whose fixed points are those equilibria (``relu`` is a projection: its resolvent is the same for every
-    ``α``), with ``α = m / L²``, ``L = ‖I − W‖₂``, computed from the parameters at every call, so ``f`` is a
-    2-norm contraction with factor ``√(1 − m²/L²) < 1`` (:meth:`well_posedness`) whatever the parameters.
-    ``α`` enters the map without gradient: at a fixed point ``∂f/∂α = 0`` (where ``z_i > 0``, ``F_i(z) = 0``;
-    elsewhere ``relu' = 0``), so the implicit gradient is the equilibrium's.
+    With ``alpha=None`` the step minimises the factor and is computed from the parameters at each call,
+    without gradient: at a fixed point both maps are stationary in ``α`` (there ``relu(z* − αF(z*)) = z*``
+    for every ``α``), so the implicit gradient is the equilibrium's. :meth:`well_posedness` is the factor:
+    below 1 for every parameter value (with a fixed forward–backward ``α``, only while ``α < 2m/L²``).
 
     Attributes:
       features: width of ``z``.
       m: strong-monotonicity margin ``m > 0`` (larger: faster solves, less expressive ``W``).
-      alpha: a fixed step size ``α > 0`` instead of ``m / L²``; it contracts only while ``α < 2m/L²``
-        (:meth:`well_posedness` then reports ``√(1 − 2αm + α²L²)``, which may exceed 1).
-      w_scale: ``A, B ~ N(0, w_scale²/features)`` at init. ``L`` grows like ``w_scale²``, and the factor
-        ``√(1 − m²/L²)`` with it: at width 64, ``w_scale = 1`` starts at ≈ 0.995 and 0.5 at ≈ 0.96 (m = 0.5).
+      splitting: the splitting map (default ``PeacemanRachford()``, step ``1/L``).
+      w_scale: ``A, B ~ N(0, w_scale²/features)`` at init; ``L`` grows like ``w_scale²``.
     """
 
     m: float = 0.5
-    alpha: float | None = None
+    splitting: Splitting = PeacemanRachford()
     w_scale: float = 0.5
 
     def __post_init__(self):
         super().__post_init__()
         _check(self.m > 0, f"MonotoneCell(m=...) must be > 0 (the strong-monotonicity margin), got {self.m}")
-        _check(self.alpha is None or self.alpha > 0, f"MonotoneCell(alpha=...) must be > 0 or None, got {self.alpha}")
+        _check(
+            isinstance(self.splitting, Splitting),
+            f"MonotoneCell(splitting=...) must be ForwardBackward() or PeacemanRachford(), got {self.splitting!r}",
+        )
 
     def init_mixing(self, key: jax.Array) -> dict:
         """``A, B ~ N(0, w_scale²/features)``."""
@@ -125,21 +123,16 @@ class MonotoneCell(_InjectedCell):
         a, b = params["A"], params["B"]
         return (1 - self.m) * jnp.eye(self.features, dtype=a.dtype) - a.T @ a + b - b.T
 
-    def _step_and_lipschitz(self, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``(α, L)`` with ``L = ‖I − W‖₂`` (no gradient) and ``α = m / L²`` unless fixed."""
-        lipschitz = largest_singular_value(lax.stop_gradient(jnp.eye(self.features, dtype=w.dtype) - w))
-        alpha = step_size(self.m, lipschitz) if self.alpha is None else jnp.asarray(self.alpha, w.dtype)
-        return alpha, lipschitz
+    def problem(self, params: dict, u: jax.Array) -> MonotoneProblem:
+        """The inclusion ``0 ∈ (I − W) z − u + N(z)`` of one sample."""
+        return MonotoneProblem(jnp.eye(self.features, dtype=u.dtype) - self.weight(params), u, self.m)
 
     def __call__(self, params: dict, z: jax.Array, u: jax.Array) -> jax.Array:
-        w = self.weight(params)
-        alpha, _ = self._step_and_lipschitz(w)
-        return forward_backward(lambda z: z - w @ z - u, jax.nn.relu, alpha)(z)
+        return self.splitting.operator(self.problem(params, u), jax.nn.relu)(z)
 
     def well_posedness(self, params: dict) -> jax.Array:
-        """The forward–backward contraction factor ``√(1 − 2αm + α²L²)`` (``√(1 − m²/L²)`` at the default ``α``)."""
-        alpha, lipschitz = self._step_and_lipschitz(self.weight(params))
-        return contraction_factor(alpha, self.m, lipschitz)
+        """The splitting map's certified contraction factor (``u`` plays no part in it)."""
+        return self.splitting.contraction(self.problem(params, jnp.zeros(self.features, params["A"].dtype)))
 
 
 @dataclasses.dataclass(frozen=True)
