@@ -140,8 +140,8 @@ class InfNormCell(_InjectedCell):
     """Implicit model with an ∞-norm constraint (El Ghaoui, Gu, Travacca, Askari & Tsai 2019, arXiv 1908.06315).
 
     ``f(z) = φ(A z + u)`` with ``φ`` componentwise 1-Lipschitz: ``‖f(z) − f(z')‖∞ <= ‖A‖∞ ‖z − z'‖∞``, so
-    ``‖A‖∞ < 1`` makes the model well posed (a unique equilibrium, reached by plain iteration; El Ghaoui et
-    al., Sec. 3 and Theorem 3.2's sufficient condition ``λ_pf(|A|) <= ‖A‖∞ < 1``). Training keeps
+    ``‖A‖∞ < 1`` makes the model well posed: a unique equilibrium, reached by plain iteration (El Ghaoui et
+    al., Sec. 3: their sufficient condition ``λ_pf(|A|) < 1`` holds, as ``λ_pf(|A|) <= ‖|A|‖∞ = ‖A‖∞``). Training keeps
     ``‖A‖∞ <= κ`` by projecting ``A`` after each optimiser step: chain :func:`jdeq.optim.project_inf_norm`
     with the same ``κ`` after the optimiser. The initial ``A`` is projected too.
 

@@ -8,7 +8,7 @@ non-negative orthant), is the zero of the monotone inclusion (Winston & Kolter 2
 ``N_C`` the normal cone of ``C``, whose resolvent is ``P`` for every step size. With ``L = ‖K‖₂``:
 
 * **Forward–backward**: ``T(z) = P(z − α F(z))``. A 2-norm contraction with factor ``√(1 − 2αm + α²L²)``,
-  below 1 for ``0 < α < 2m/L²``, smallest (``√(1 − m²/L²)``) at ``α = m/L²`` (Ryu & Boyd, arXiv 1506.07150).
+  below 1 for ``0 < α < 2m/L²``, smallest (``√(1 − m²/L²)``) at ``α = m/L²`` (Ryu & Boyd 2016, "A primer on monotone operator methods").
 * **Peaceman–Rachford**: ``z̄ ← C_P C_F z̄`` with the reflected resolvents ``C = 2R − I`` and
   ``R_F(v) = (I + αK)⁻¹(v + αu)``; ``C_F`` is a contraction with factor ``√(1 − 4αm/(1 + αL)²)`` and
   ``C_P`` is nonexpansive, so the iteration converges for **every** ``α > 0`` (Winston & Kolter, Sec. 4);
