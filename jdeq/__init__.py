@@ -2,7 +2,7 @@
 
 from importlib.metadata import version
 
-from . import nn  # the Flax layers: jdeq.nn.DEQ works after `import jdeq`
+from . import nn, optim  # the Flax layers (jdeq.nn.DEQ) and optax transformations (jdeq.optim) after `import jdeq`
 from ._errors import SolveError
 from .gradients import AdjointMode, GradientMode, Implicit, ImplicitJVP, Phantom, Shine, Unrolled
 from .implicit import DEFAULT_SOLVER, fixed_point, fixed_point_batch, root
@@ -72,6 +72,7 @@ __all__ = [
     "fixed_point_batch",
     "jacobian_penalty",
     "nn",
+    "optim",
     "power_iteration",
     "read_backward_stats",
     "root",

@@ -1,6 +1,18 @@
-"""Pure equilibrium maps: practical DEQ cells and the models of the global-convergence papers."""
+"""Pure equilibrium maps: practical DEQ cells, well-posed cells and the models of the global-convergence papers."""
 
-from . import gao, kawaguchi, ling
+from . import gao, kawaguchi, ling, well_posed
 from .cells import ConvCell, MLPCell
+from .well_posed import InfNormCell, MonotoneCell, ScaledCell, SoftmaxCell
 
-__all__ = ["ConvCell", "MLPCell", "gao", "kawaguchi", "ling"]
+__all__ = [
+    "ConvCell",
+    "InfNormCell",
+    "MLPCell",
+    "MonotoneCell",
+    "ScaledCell",
+    "SoftmaxCell",
+    "gao",
+    "kawaguchi",
+    "ling",
+    "well_posed",
+]

@@ -1,5 +1,6 @@
 """Root-finders sharing one driver loop (:func:`run`) and the linear solvers of the backward pass."""
 
+from . import splitting
 from ._base import Result, Solution, Solver, Stats, run
 from .anderson import Anderson
 from .broyden import Broyden
@@ -25,4 +26,5 @@ __all__ = [
     "Solver",
     "Stats",
     "run",
+    "splitting",
 ]
