@@ -15,15 +15,35 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
+from ..stats import Result
+
+
+CLAIM_KINDS = ("rate", "bound", "scaling", "property")
+
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
-    """A checkable statement: ``holds`` is ``measured <= threshold`` (or ``>=`` when ``at_least``)."""
+    """A checkable statement: ``holds`` is ``measured <= threshold`` (or ``>=`` when ``at_least``).
+
+    ``kind`` is one of ``CLAIM_KINDS``; ``provenance`` says where the threshold comes from, either
+    ``"paper: <where>"`` or ``"our choice: <why>"``; ``seeds`` is how many runs the claim summarises.
+    """
 
     claim: str
+    kind: str
     measured: float
     threshold: float
+    provenance: str
+    seeds: int = 1
     at_least: bool = False
+
+    def __post_init__(self):
+        if self.kind not in CLAIM_KINDS:
+            raise ValueError(f"claim kind must be one of {CLAIM_KINDS}, got {self.kind!r}")
+        if not self.provenance.startswith(("paper: ", "our choice: ")):
+            raise ValueError(f"provenance must start with 'paper: ' or 'our choice: ', got {self.provenance!r}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
 
     @property
     def holds(self) -> bool:
@@ -34,10 +54,38 @@ class Claim:
     def as_dict(self) -> dict:
         return {
             "claim": self.claim,
+            "kind": self.kind,
             "measured": float(self.measured),
             "threshold": float(self.threshold),
             "comparison": ">=" if self.at_least else "<=",
             "holds": bool(self.holds),
+            "provenance": self.provenance,
+            "seeds": int(self.seeds),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """One training run's equilibrium solves: the worst ``Result`` code seen and the largest residual.
+
+    ``valid`` is False when any solve did not converge; such a run is flagged in ``results.json`` and
+    never plotted or averaged as if valid.
+    """
+
+    run: str
+    result: int
+    residual: float
+
+    @property
+    def valid(self) -> bool:
+        return self.result == Result.CONVERGED and bool(np.isfinite(self.residual))
+
+    def as_dict(self) -> dict:
+        return {
+            "run": self.run,
+            "result": Result.NAMES[self.result],
+            "residual": float(self.residual),
+            "valid": self.valid,
         }
 
 
@@ -52,6 +100,7 @@ class Results:
     config: dict[str, Any]
     figures: dict[str, Any] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
+    runs: list[RunRecord] = dataclasses.field(default_factory=list)
 
     @property
     def all_hold(self) -> bool:
@@ -77,6 +126,7 @@ def save_results(results: Results, out_dir: str | Path) -> Path:
     payload = {
         "name": results.name,
         "claims": [c.as_dict() for c in results.claims],
+        "runs": [r.as_dict() for r in results.runs],
         "measurements": _jsonable(results.measurements),
         "config": _jsonable(results.config),
         "seconds": results.seconds,
