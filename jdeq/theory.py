@@ -136,6 +136,24 @@ def fit_linear_rate(values: np.ndarray, floor: float = 0.0) -> LinearFit:
     return LinearFit(float(np.exp(slope)), float(intercept), float(r2))
 
 
+def fit_tail_rate(values: np.ndarray, floor: float = 0.0, tail: float = 0.5) -> tuple[LinearFit, int, int]:
+    """:func:`fit_linear_rate` over the tail of the steps before ``values`` first reaches ``floor``.
+
+    With ``T`` the first step where ``values <= floor`` (or the last step), the fit covers the steps
+    ``first..last = T − 1 − ⌈tail·(T − 1)⌉ .. T − 1`` (at least 3 of them). Returns ``(fit, first, last)``.
+    """
+    values = np.asarray(values, np.float64)
+    if not 0.0 < tail <= 1.0:
+        raise ValueError(f"tail must be in (0, 1], got {tail}")
+    below = np.flatnonzero(values <= floor)
+    last = (int(below[0]) if below.size else values.size) - 1
+    first = max(last - int(np.ceil(tail * last)), 0)
+    if last - first < 2:
+        raise ValueError(f"need at least 3 values above floor={floor} to fit a rate, got {last - first + 1}")
+    fit = fit_linear_rate(values[first : last + 1])
+    return fit, first, last
+
+
 def power_law_exponent(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Fit ``y ≈ c · xᵅ``; returns ``(α, c)``."""
     alpha, log_c = np.polyfit(np.log(x), np.log(y), 1)

@@ -15,8 +15,8 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
+from .. import theory
 from ..stats import Result
-
 
 CLAIM_KINDS = ("rate", "bound", "scaling", "property")
 
@@ -76,6 +76,14 @@ class RunRecord:
     result: int
     residual: float
 
+    @classmethod
+    def from_metrics(cls, run: str, metrics: dict) -> RunRecord:
+        """The worst ``solve_result`` and largest ``solve_residual`` (NaN if any is NaN) that ``metrics`` recorded.
+
+        ``metrics`` holds the per-step arrays written by :func:`solve_aux` (e.g. :func:`gradient_descent`'s).
+        """
+        return cls(run, int(np.max(metrics["solve_result"])), float(np.max(metrics["solve_residual"])))
+
     @property
     def valid(self) -> bool:
         return self.result == Result.CONVERGED and bool(np.isfinite(self.residual))
@@ -87,6 +95,77 @@ class RunRecord:
             "residual": float(self.residual),
             "valid": self.valid,
         }
+
+
+def solve_aux(stats) -> dict:
+    """Aux metrics of one equilibrium solve (a :class:`jdeq.Stats`, batched or not): worst code, largest residual.
+
+    Return them from a loss's aux so that :func:`gradient_descent` records them at every step and
+    :meth:`RunRecord.from_metrics` can summarise the run.
+    """
+    return {"solve_result": stats.result.max(), "solve_residual": stats.residual.max()}
+
+
+def seed_spread(values) -> dict:
+    """``{min, median, max, seeds}`` of one number per seed (NaN entries count as seeds and propagate)."""
+    values = np.asarray(values, np.float64)
+    if values.size == 0:
+        raise ValueError("seed_spread needs at least one value")
+    return {
+        "min": float(np.min(values)),
+        "median": float(np.median(values)),
+        "max": float(np.max(values)),
+        "seeds": int(values.size),
+    }
+
+
+def steps_to_threshold(values, threshold: float) -> int:
+    """The first step ``t`` with ``values[t] <= threshold``, or ``-1`` when never reached (information, not a claim)."""
+    reached = np.flatnonzero(np.asarray(values) <= threshold)
+    return int(reached[0]) if reached.size else -1
+
+
+def worst_bound_ratio(values, bound, floor: float = 0.0) -> float:
+    """``max_t values_t / bound_t`` over the steps with ``values_t > floor``: ``<= 1`` iff the bound holds at every step.
+
+    ``floor`` leaves out the round-off plateau, where ``values`` no longer measures anything.
+    """
+    values, bound = np.asarray(values, np.float64), np.asarray(bound, np.float64)
+    if values.shape != bound.shape:
+        raise ValueError(f"values {values.shape} and bound {bound.shape} must have the same shape")
+    above = values > floor
+    return float(np.max(values[above] / bound[above])) if above.any() else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class RateRecord:
+    """A run's fitted tail rate ``ρ`` per step (``log v_t ≈ c + t log ρ`` over steps ``first..last``, inclusive) with ``r²``.
+
+    ``predicted`` is the theory's rate over the same steps (the geometric mean of its per-step factors),
+    NaN when no theory rate was given.
+    """
+
+    fitted: float
+    r2: float
+    first: int
+    last: int
+    predicted: float = float("nan")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def rate_record(values, predicted_factors=None, floor: float = 0.0, tail: float = 0.5) -> RateRecord:
+    """Fit the last ``tail`` fraction of the steps with ``values > floor`` (see :func:`jdeq.theory.fit_tail_rate`).
+
+    ``predicted_factors[t]`` is the theory's contraction factor for step ``t → t+1``; their geometric mean
+    over the fitted transitions ``first → last`` is the predicted rate to compare with the fitted one.
+    """
+    fit, first, last = theory.fit_tail_rate(values, floor, tail)
+    predicted = float("nan")
+    if predicted_factors is not None:
+        predicted = float(np.exp(np.mean(np.log(np.asarray(predicted_factors, np.float64)[first:last]))))
+    return RateRecord(fit.rate, fit.r2, first, last, predicted)
 
 
 @dataclasses.dataclass
