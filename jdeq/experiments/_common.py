@@ -40,8 +40,7 @@ class Claim:
     def __post_init__(self):
         if self.kind not in CLAIM_KINDS:
             raise ValueError(f"claim kind must be one of {CLAIM_KINDS}, got {self.kind!r}")
-        if not self.provenance.startswith(("paper: ", "our choice: ")):
-            raise ValueError(f"provenance must start with 'paper: ' or 'our choice: ', got {self.provenance!r}")
+        _check_provenance(self.provenance, self.claim)
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
 
@@ -95,6 +94,25 @@ class RunRecord:
             "residual": float(self.residual),
             "valid": self.valid,
         }
+
+
+def _check_provenance(text: str, what: str) -> None:
+    if not text.startswith(("paper: ", "our choice: ")):
+        raise ValueError(f"{what}: provenance must start with 'paper: ' or 'our choice: ', got {text!r}")
+
+
+def documented_config(cfg, provenance: dict[str, str]) -> dict:
+    """``{field: {"value": ..., "provenance": ...}}`` for a ``Config`` dataclass; every field must be documented.
+
+    ``provenance[field]`` is ``"paper: <where>"`` or ``"our choice: <why>"``; a missing or extra entry raises.
+    """
+    values = dataclasses.asdict(cfg)
+    if set(values) != set(provenance):
+        missing, extra = sorted(set(values) - set(provenance)), sorted(set(provenance) - set(values))
+        raise ValueError(f"provenance must document exactly the Config fields: missing {missing}, extra {extra}")
+    for name, text in provenance.items():
+        _check_provenance(text, name)
+    return {name: {"value": value, "provenance": provenance[name]} for name, value in values.items()}
 
 
 def solve_aux(stats) -> dict:
