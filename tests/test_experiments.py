@@ -3,12 +3,14 @@
 import dataclasses
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jdeq.plots
 from jdeq import cli
-from jdeq.experiments import gao2022, kawaguchi2021, ling2023, save_results
+from jdeq.experiments import _data, gao2022, kawaguchi2021, ling2023, save_results
 from jdeq.experiments._common import Claim
 
 
@@ -36,24 +38,36 @@ def test_kawaguchi_trust_region_paths_meet_at_the_optimum():
     assert measurements["max_distance_deq_trust_region"] > 0
 
 
-def test_gao_equilibrium_stays_well_posed_and_wide_nets_converge():
-    cfg = dataclasses.replace(gao2022.QUICK, samples=8, width_ratios=(2.0,), seeds=2, steps=300)
-    results = gao2022.run(cfg)
-    for name in ("digits", "synthetic"):
-        assert results.measurements[name]["max_gamma_norm_A"][0] < 1
-        assert results.measurements[name]["fraction_converged"] == [1.0]
-    assert results.all_hold
+def _tiny_digits(n):
+    return tuple(jnp.asarray(a) for a in _data.binary_digits(n, 0))
 
 
-def test_ling_bound_holds_at_every_step_and_equilibrium_is_unique():
-    cfg = dataclasses.replace(ling2023.QUICK, samples=8, gram_widths=(16, 64), gram_seeds=1, width=64, steps=200)
-    results = ling2023.run(cfg)
-    training = results.curves["training"]
-    assert np.all(training["loss"] <= training["bound"])
-    assert len(training["loss"]) == cfg.steps + 1
-    assert max(results.measurements["training"]["equilibrium_disagreement_at_checkpoints"]) < 1e-9
-    assert np.all(results.curves["gram"]["lambda0"] > 0)
-    assert results.all_hold
+def test_gao_run_records_each_solve_and_flags_a_failed_equilibrium():
+    x, y = _tiny_digits(4)
+    cfg = dataclasses.replace(gao2022.QUICK, kernel_every=5)
+    with jax.enable_x64(True):
+        run = gao2022.train(x, y, 8, 0, cfg.gamma, 12, cfg)
+        broken = gao2022.train(x, y, 8, 0, 5.0, 12, cfg)  # γ‖A₀‖₂ ≈ 10: the iteration cannot converge
+    assert run["record"].valid and len(run["loss"]) == 13 and len(run["eta"]) == len(run["lambda_min"]) == 12
+    assert np.all(run["eta"][:5] == run["eta"][0]) and np.all(run["lambda_min"][5:10] == run["lambda_min"][5])  # per kernel
+    summary = gao2022.rate_summary(run, cfg)
+    np.testing.assert_allclose(
+        summary["bound"], run["loss"][0] * np.cumprod(np.r_[1.0, 1.0 - 0.5 * run["eta"] * run["lambda_min"]])
+    )
+    assert not broken["record"].valid and broken["record"].as_dict()["valid"] is False
+    assert not gao2022.converges(broken, cfg)
+
+
+def test_ling_run_summary_is_computed_from_its_own_quantities():
+    x, y = _tiny_digits(4)
+    cfg = dataclasses.replace(ling2023.QUICK, steps=20, snapshot_every=10)
+    with jax.enable_x64(True):
+        run = ling2023.train(x, y, 16, 0, cfg.step_scale, cfg)
+    s = run["summary"]
+    assert run["record"].valid and len(run["loss"]) == 21 and len(run["norm_W"]) == 3
+    np.testing.assert_allclose(run["bound"], run["loss"][0] * (1 - 0.5 * s["eta_lambda0"]) ** np.arange(21))
+    assert s["rate"]["predicted"] == pytest.approx(1 - 0.5 * s["eta_lambda0"])
+    assert s["eta_lambda0"] == pytest.approx(s["eta"] * s["lambda0"]) and s["drift_W"] > 0
 
 
 def test_claim_reports_failure_and_save_results_writes_json_and_figures(tmp_path):
