@@ -32,6 +32,15 @@ def draw_seeds(ax, curves: list[np.ndarray], valid: list[bool], label: str, colo
         )
 
 
+def draw_rate(ax, values: np.ndarray, rate: dict) -> None:
+    """The fitted tail rate ``ρ`` as a line ``v_first · ρ^(t − first)`` over the fitted steps (a ``RateRecord`` dict)."""
+    if not np.isfinite(rate["fitted"]):
+        return
+    steps = np.arange(rate["first"], rate["last"] + 1)
+    line = values[rate["first"]] * rate["fitted"] ** (steps - rate["first"])
+    ax.plot(steps, line, "k-.", lw=1, label=f"fitted tail rate (seed 0) ρ={rate['fitted']:.4g}, r²={rate['r2']:.3f}")
+
+
 def finish(ax, xlabel: str, ylabel: str, title: str = "", logy: bool = True, logx: bool = False) -> None:
     """Labels, scales, grid and a legend without repeated entries."""
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
