@@ -13,23 +13,7 @@ from jdeq.experiments import _data, gao2022, kawaguchi2021, ling2023, save_resul
 from jdeq.experiments._common import CLAIM_KINDS, Claim, Results, RunRecord, documented_config
 from jdeq.models import kawaguchi
 
-TINY_KAWAGUCHI = dataclasses.replace(
-    kawaguchi2021.QUICK,
-    digits_train=60,
-    digits_widths=(3,),
-    synthetic_samples=40,
-    synthetic_widths=(),
-    sweep_samples=6,
-    sweep_widths=(2, 8),
-    steps=60,
-    seeds=2,
-    kernel_every=20,
-    trust_region_width=3,
-    trust_region_steps=20,
-    bias_train=20,
-    bias_test=40,
-    bias_steps=60,
-)
+TINY_KAWAGUCHI = kawaguchi2021.SMOKE
 
 
 def test_kawaguchi_run_is_measured_against_its_own_bound_and_rate():

@@ -126,6 +126,23 @@ FULL = Config(
     bias_steps=10000,
     bias_target=1e-3,
 )
+# Tiny sizes that exercise every code path in seconds (tests, the notebook's smoke run); measures nothing.
+SMOKE = dataclasses.replace(
+    QUICK,
+    digits_train=60,
+    digits_widths=(3,),
+    synthetic_widths=(),
+    sweep_samples=6,
+    sweep_widths=(2, 8),
+    steps=60,
+    seeds=2,
+    kernel_every=20,
+    trust_region_width=3,
+    trust_region_steps=20,
+    bias_train=20,
+    bias_test=40,
+    bias_steps=60,
+)
 
 
 def _deq_loss(params, data, loss):
