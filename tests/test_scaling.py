@@ -106,3 +106,10 @@ def test_gram_limit_rejects_an_expanding_recurrence():
 def test_relative_drift():
     w0 = jnp.array([[3.0, 0.0], [0.0, 4.0]])
     assert _scaling.relative_drift(w0 + jnp.array([[0.0, 1.0], [0.0, 0.0]]), w0) == pytest.approx(0.2)
+
+
+def test_valid_spreads_leave_out_runs_whose_equilibrium_did_not_converge():
+    runs = [{"valid": True, "x": 1.0}, {"valid": False, "x": float("nan")}, {"valid": True, "x": 3.0}]
+    spreads = _scaling.valid_spreads(runs, ["x"])
+    assert spreads["x"] == {"min": 1.0, "median": 2.0, "max": 3.0, "seeds": 2} and spreads["invalid_runs"] == 1
+    assert _scaling.valid_spreads(runs[1:2], ["x"])["x"]["seeds"] == 0

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import theory
 from ..models._relu import gaussian, relu_map
-from ._common import RateRecord, rate_record
+from ._common import RateRecord, rate_record, seed_spread
 
 
 class MinimalWidth(NamedTuple):
@@ -77,6 +77,17 @@ def finite_rate_record(values: np.ndarray, predicted_factors: np.ndarray, floor:
     if np.count_nonzero(values[:end] > floor) < 3:
         return RateRecord(float("nan"), float("nan"), 0, end - 1)
     return rate_record(values[:end], predicted_factors[:end], floor=floor)
+
+
+def valid_spreads(summaries: list[dict], keys: Sequence[str]) -> dict:
+    """``{key: seed_spread}`` over the runs whose ``summary["valid"]`` is true, plus ``invalid_runs`` (their count).
+
+    A run with a non-converged equilibrium measures nothing and is left out of every spread (NaN when none is valid).
+    """
+    valid = [s for s in summaries if s["valid"]]
+    nothing = {"min": float("nan"), "median": float("nan"), "max": float("nan"), "seeds": 0}
+    spreads = {k: seed_spread([s[k] for s in valid]) if valid else nothing for k in keys}
+    return spreads | {"invalid_runs": len(summaries) - len(valid)}
 
 
 def relu_expectation(cov: jax.Array) -> jax.Array:

@@ -34,7 +34,6 @@ from ._common import (
     RunRecord,
     documented_config,
     gradient_descent,
-    seed_spread,
     solve_aux,
     steps_to_threshold,
     timed,
@@ -172,21 +171,8 @@ def width_table(name: str, x, y, steps: int, cfg: Config) -> tuple[list[Claim], 
         runs[m, s] = train(x, y, m, cfg.seed + s, cfg.gamma, steps, cfg)
         summaries[m, s] = rate_summary(runs[m, s], cfg)
     wide = [k for k in runs if k[0] >= n and summaries[k]["valid"]]
-    per_width = {
-        m: {
-            key: seed_spread([summaries[m, s][key] for s in range(cfg.seeds)])
-            for key in (
-                "bound_ratio",
-                "rate_over_predicted",
-                "final_ratio",
-                "steps_to_1e-3",
-                "kappa0",
-                "max_gamma_norm_A",
-            )
-        }
-        | {"invalid_runs": sum(not summaries[m, s]["valid"] for s in range(cfg.seeds))}
-        for m in widths
-    }
+    keys = ("bound_ratio", "rate_over_predicted", "final_ratio", "steps_to_1e-3", "kappa0", "max_gamma_norm_A")
+    per_width = {m: _scaling.valid_spreads([summaries[m, s] for s in range(cfg.seeds)], keys) for m in widths}
     where = f"{name}, N={n}, widths m >= N, {len(wide)} valid runs"
     claims = [
         Claim(

@@ -207,9 +207,7 @@ def train(x, y, width: int, seed: int, scale: float, cfg: Config) -> dict:
 def _spreads(runs: list[dict]) -> dict:
     keys = ("bound_ratio", "rate_over_predicted", "final_ratio", "final_bound_ratio", "max_norm_W", "drift_W")
     keys += ("eta_lambda0", "eta_lambda_max_final", "far_start_gap_final")
-    return {k: seed_spread([r["summary"][k] for r in runs]) for k in keys} | {
-        "invalid_runs": sum(not r["record"].valid for r in runs)
-    }
+    return _scaling.valid_spreads([r["summary"] for r in runs], keys)
 
 
 def training(x, y, cfg: Config) -> tuple[list[Claim], dict, dict, list[RunRecord]]:
