@@ -50,13 +50,13 @@ class Config:
     synthetic_dim: int = 4
     width_ratios: tuple[float, ...] = (0.25, 1.0, 4.0)
     seeds: int = 5
-    steps: int = 600
+    steps: int = 400
     synthetic_steps: int = 1500
     gamma: float = gao.DEFAULT_GAMMA
     step_scale: float = 0.5
     kernel_every: int = 50
     round_off: float = 1e-20
-    sweep_samples: tuple[int, ...] = (8, 16, 32)
+    sweep_samples: tuple[int, ...] = (4, 8, 16)
     sweep_widths: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
     steps_per_sample: int = 20
     target_ratio: float = 1e-3
