@@ -390,7 +390,7 @@ def trust_region_relation(cfg: Config) -> tuple[list[Claim], dict, dict, list[Ru
         "checked_steps": metrics["snapshot_step"],
         "relative_error": errors,
         "slope_per_step": slopes,
-        "relative_error_at_run_lr": seed_spread(errors[:, 0]),
+        "relative_error_at_run_lr": {k: v for k, v in seed_spread(errors[:, 0]).items() if k != "seeds"},
         "valid": record.valid,
     }
     claim = Claim(
