@@ -188,6 +188,13 @@ LOSSES = {
     "logistic": (_deq_logistic, theory.logistic_optimum, "logistic_step_scale"),
 }
 LOSS_FUNCTIONS = {"square": kawaguchi.square_loss, "logistic": kawaguchi.logistic_loss}
+_kernel = jax.jit(theory.function_space_kernel)  # module level: compiled once per width, not once per run
+
+
+@jax.jit
+def _square_losses(weights: jax.Array, phi: jax.Array, targets: jax.Array) -> jax.Array:
+    """The square loss of ``W_t Φ`` for every ``W_t`` of a path."""
+    return jax.vmap(lambda w: kawaguchi.square_loss(w @ phi, targets))(weights)
 
 
 def _step_size(phi: jax.Array, scale: float) -> float:
@@ -233,8 +240,9 @@ def convergence_run(cfg: Config, x, labels, loss_name: str, width: int, seed: in
     lr = _step_size(phi, getattr(cfg, scale_field))
     params = kawaguchi.init(jax.random.PRNGKey(seed), width, cfg.out_dim)
     data = {"phi": phi, "y": targets, "gamma": cfg.gamma}
-    kernel = jax.jit(functools.partial(theory.function_space_kernel, gamma=cfg.gamma))
-    _, metrics = gradient_descent(loss, params, data, lr, cfg.steps, desc=name, chunk=cfg.kernel_every, snapshot=kernel)
+    _, metrics = gradient_descent(
+        loss, params, data, lr, cfg.steps, desc=name, chunk=cfg.kernel_every, snapshot=lambda p: _kernel(p, cfg.gamma)
+    )
     gap = metrics["loss"] - float(best.value)
     relative = gap / gap[0]
     above = relative > cfg.gap_floor
@@ -418,10 +426,9 @@ def _bias_seed(cfg: Config, seed: int) -> tuple[dict, dict, RunRecord]:
     _, deq = gradient_descent(_deq_square_tracking_weight, params, data, lr, cfg.bias_steps)
     _, shallow = gradient_descent(_shallow_square, {"W": deq["W"][0]}, data, lr, cfg.bias_steps)
     target = cfg.bias_target * float(deq["loss"][0])
-    test_loss = jax.jit(jax.vmap(lambda w: kawaguchi.square_loss(w @ phi_test, y_test)))
     measurements, curves = {"target_train_loss": target, "lr": lr}, {}
     for name, run in (("deq", deq), ("shallow", shallow)):
-        test = np.asarray(test_loss(jnp.asarray(run["W"])))
+        test = np.asarray(_square_losses(jnp.asarray(run["W"]), phi_test, y_test))
         step = steps_to_threshold(run["loss"], target)
         curves[name] = {"train": run["loss"], "test": test, "step": step}
         measurements[f"{name}_step_at_target"] = step
