@@ -70,8 +70,8 @@ def test_kawaguchi_results_json_has_the_claim_and_run_schema(tmp_path):
     assert payload["claims"] and all(set(c) == keys for c in payload["claims"])
     assert {c["kind"] for c in payload["claims"]} <= set(CLAIM_KINDS)
     assert all(r["result"] in Result.NAMES.values() and "residual" in r for r in payload["runs"])
-    # digits: 2 losses × 1 width, width sweep: square × 2 widths, per seed; one trust-region run; bias per seed
-    assert len(payload["runs"]) == (2 + 2) * TINY_KAWAGUCHI.seeds + 1 + TINY_KAWAGUCHI.seeds
+    # digits: 2 losses × 1 width, width sweep: square × 1 width, per seed; one trust-region run; bias per seed
+    assert len(payload["runs"]) == (2 + 1) * TINY_KAWAGUCHI.seeds + 1 + TINY_KAWAGUCHI.seeds
     assert payload["config"]["seeds"] == {"value": 2, "provenance": kawaguchi2021.PROVENANCE["seeds"]}
     assert all((tmp_path / "kawaguchi2021" / name).stat().st_size > 0 for name in payload["figures"])
 
