@@ -34,6 +34,7 @@ from ..models import kawaguchi
 from . import _data
 from ._common import (
     Claim,
+    RateRecord,
     Results,
     RunRecord,
     documented_config,
@@ -245,15 +246,18 @@ def convergence_run(cfg: Config, x, labels, loss_name: str, width: int, seed: in
     )
     gap = metrics["loss"] - float(best.value)
     relative = gap / gap[0]
+    record = RunRecord.from_metrics(name, metrics)
+    if not record.valid:  # a non-converged equilibrium measures nothing: no fit, no bound
+        unmeasured = RateRecord(float("nan"), float("nan"), 0, 0)
+        measurements = {"n": int(phi.shape[1]), "lr": lr, "rate": unmeasured.as_dict(), "valid": False}
+        measurements |= {"worst_gap_over_bound": float("nan"), "steps_to_report_gap": -1}
+        return measurements, {"gap": relative, "bound": np.full_like(relative, np.nan), "rate": unmeasured}, record
     above = relative > cfg.gap_floor
     kappa = _pl_constant(loss_name, phi, gap, metrics["grad_w_sq"], above)
     lam = metrics["kernel_lower_bound"][:-1]
     bound = theory.pl_bound(1.0, lr, kappa, lam)
     rate = rate_record(relative, theory.pl_rate_factors(lr, kappa, lam), cfg.gap_floor, cfg.rate_tail)
     kernel_min = np.linalg.eigvalsh(metrics.pop("snapshot"))[:, 0]
-    record = RunRecord.from_metrics(name, metrics)
-    if not record.valid:  # a non-converged equilibrium: nothing to fit
-        rate = dataclasses.replace(rate, fitted=float("nan"), predicted=float("nan"))
     measurements = {
         "n": int(phi.shape[1]),
         "lr": lr,
@@ -269,7 +273,7 @@ def convergence_run(cfg: Config, x, labels, loss_name: str, width: int, seed: in
         "rate": rate.as_dict(),
         "worst_gap_over_bound": worst_bound_ratio(relative[1:], bound[1:], cfg.gap_floor),  # equal at t = 0
         "steps_to_report_gap": steps_to_threshold(np.abs(relative), cfg.report_gap),
-        "valid": record.valid,
+        "valid": True,
     }
     return measurements, {"gap": relative, "bound": bound, "rate": rate}, record
 
