@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -34,12 +35,14 @@ class Optimum(NamedTuple):
     grad_norm: jax.Array
 
 
+@jax.jit
 def least_squares_optimum(phi: jax.Array, targets: jax.Array) -> Optimum:
     """``min_W (1/2n)‖W Φ − Y‖²_F`` in closed form (``W* = Y Φ⁺``); ``Φ`` is ``m × n``, ``Y`` is ``m_y × n``."""
     weight = jnp.linalg.lstsq(phi.T, targets.T)[0].T
     return Optimum(weight, square_loss(weight @ phi, targets), jnp.zeros((), phi.dtype))
 
 
+@functools.partial(jax.jit, static_argnames="max_steps")
 def logistic_optimum(phi: jax.Array, labels: jax.Array, max_steps: int = 5000, gtol: float = 1e-12) -> Optimum:
     """``min_W`` of the softmax cross-entropy of ``W Φ`` (labels one-hot, ``m_y × n``) by L-BFGS (optax).
 
