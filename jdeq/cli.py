@@ -228,6 +228,9 @@ def _reproduce_command(args) -> None:
         print(results.summary())
         print(f"  -> {folder / 'results.json'}")
         failed += [f"{name}: {c.claim}" for c in results.claims if not c.holds]
+        invalid = [r.run for r in results.runs if not r.valid]
+        if invalid:
+            print(f"  {len(invalid)} run(s) with a non-converged equilibrium (valid=false in results.json): {invalid}")
     if failed:
         print(f"{len(failed)} claim(s) did not hold as measured (reported with holds=false in results.json).")
 

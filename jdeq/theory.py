@@ -3,7 +3,9 @@
 * Optimal values of the convex problems that the deep equilibrium linear model (Kawaguchi 2021,
   arXiv 2102.07346) can represent: ``L* = min_W L(W Φ)``; square loss in closed form, logistic loss by
   L-BFGS on the convex problem in ``W``.
-* The trust-region Newton step on the shallow model ``W Φ`` that Kawaguchi relates the DEQ's dynamics to.
+* Kawaguchi's rate: the loss's Polyak–Łojasiewicz constant ``κ`` times ``λ_min`` of the function-space
+  kernel ``K_t = J_t J_tᵀ`` (``J_t = ∂vec W/∂θ`` at ``θ_t``), and the bound it implies along a run; the
+  preconditioned step ``−η K_t ∇L(W_t)``, a trust-region Newton step on the shallow model ``W Φ``.
 * Gram-matrix eigenvalues ``λ₀`` (Ling et al. 2023, arXiv 2205.13814) and the loss bound
   ``Φ(t) ≤ (1 − ηλ₀/2)ᵗ Φ(0)``; the neural tangent kernel used to pick step sizes.
 * Well-posedness ``γ‖A‖₂ < 1`` (Gao & Gao 2022, arXiv 2205.07463) and fitted linear rates.
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -20,6 +23,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from .models import kawaguchi
 from .models.kawaguchi import logistic_loss, square_loss
 
 
@@ -31,12 +35,14 @@ class Optimum(NamedTuple):
     grad_norm: jax.Array
 
 
+@jax.jit
 def least_squares_optimum(phi: jax.Array, targets: jax.Array) -> Optimum:
     """``min_W (1/2n)‖W Φ − Y‖²_F`` in closed form (``W* = Y Φ⁺``); ``Φ`` is ``m × n``, ``Y`` is ``m_y × n``."""
     weight = jnp.linalg.lstsq(phi.T, targets.T)[0].T
     return Optimum(weight, square_loss(weight @ phi, targets), jnp.zeros((), phi.dtype))
 
 
+@functools.partial(jax.jit, static_argnames="max_steps")
 def logistic_optimum(phi: jax.Array, labels: jax.Array, max_steps: int = 5000, gtol: float = 1e-12) -> Optimum:
     """``min_W`` of the softmax cross-entropy of ``W Φ`` (labels one-hot, ``m_y × n``) by L-BFGS (optax).
 
@@ -90,6 +96,67 @@ def trust_region_step(grad: jax.Array, hess: jax.Array, radius: jax.Array, bisec
     return -evecs @ (g / jnp.maximum(evals + lam, tiny))
 
 
+def function_space_kernel(params: dict, gamma: float) -> jax.Array:
+    """``K = J Jᵀ`` with ``J = ∂vec W(θ)/∂θ``, ``W(θ) = B (I − γσ(A))⁻¹`` (Kawaguchi 2021): ``m_y m × m_y m``.
+
+    Gradient descent on ``θ`` moves ``W`` by ``−η K ∇_W L + O(η²)``; ``W`` is row-major flattened.
+    """
+    return ntk(lambda p: kawaguchi.dense_function_weight(p, gamma).ravel(), params)
+
+
+def kernel_lower_bound(params: dict, gamma: float) -> jax.Array:
+    """``1/σ_max(I − γσ(A))² ≤ λ_min(K)``: the ``B`` block of ``K`` alone is ``I ⊗ (U⁻ᵀU⁻¹)``, ``U = I − γσ(A)``.
+
+    It does not depend on the width, which is why Kawaguchi's rate needs no width condition.
+    """
+    m = params["A"].shape[0]
+    u = jnp.eye(m, dtype=params["A"].dtype) - gamma * kawaguchi.column_softmax(params["A"])
+    return 1.0 / jnp.linalg.norm(u, 2) ** 2
+
+
+def square_loss_pl_constant(phi: jax.Array, rtol: float = 1e-10) -> jax.Array:
+    """``κ = λ⁺_min(ΦΦᵀ/n)``: ``‖∇L(W)‖² ≥ 2κ (L(W) − L*)`` for ``L(W) = (1/2n)‖WΦ − Y‖²_F``.
+
+    The smallest eigenvalue above ``rtol·λ_max`` (the gradient lies in the row space of ``Φ``).
+    """
+    evals = jnp.linalg.eigvalsh(phi @ phi.T / phi.shape[1])
+    return jnp.min(jnp.where(evals > rtol * evals[-1], evals, jnp.inf))
+
+
+def pl_rate_factors(lr: float, kappa: float, kernel_min: np.ndarray) -> np.ndarray:
+    """Kawaguchi's per-step factors ``exp(−2ηκ λ_min(K_t))``: gradient flow's guaranteed decay over time ``η``.
+
+    Along gradient flow ``d(L − L*)/dt = −∇Lᵀ K ∇L ≤ −2κ λ_min(K_t) (L − L*)`` (arXiv 2102.07346, Theorem 1).
+    """
+    return np.exp(-2.0 * lr * kappa * np.asarray(kernel_min, np.float64))
+
+
+def pl_bound(gap0: float, lr: float, kappa: float, kernel_min: np.ndarray) -> np.ndarray:
+    """``(L_0 − L*) · Π_{s<t} exp(−2ηκ λ_min(K_s))`` for ``t = 0..len(kernel_min)``: the bound at every step."""
+    factors = pl_rate_factors(lr, kappa, kernel_min)
+    return gap0 * np.concatenate([[1.0], np.cumprod(factors)])
+
+
+def preconditioned_step(grad_w: jax.Array, kernel: jax.Array, lr: float) -> jax.Array:
+    """``v = −η K ∇_W L``: the minimiser of ``∇Lᵀv + (1/2η) vᵀK⁻¹v``, a trust-region Newton step on ``W Φ``.
+
+    Kawaguchi (2021) relates the DEQ's function-space update to this step of the shallow model;
+    it is the DEQ's update up to ``O(η²)``. ``grad_w`` is ``m_y × m``, ``kernel`` row-major as in
+    :func:`function_space_kernel`.
+    """
+    return -lr * (kernel @ grad_w.ravel()).reshape(grad_w.shape)
+
+
+def hessian_condition(loss: Callable, w: jax.Array, rtol: float = 1e-10) -> jax.Array:
+    """``λ_max/λ⁺_min`` of the Hessian of ``loss`` at ``w``, ignoring eigenvalues below ``rtol·λ_max``.
+
+    Softmax cross-entropy is flat along ``W + 1vᵀ`` (the same shift of every output), hence the cut.
+    """
+    hess = jax.hessian(lambda flat: loss(flat.reshape(w.shape)))(w.ravel())
+    evals = jnp.linalg.eigvalsh(hess)
+    return evals[-1] / jnp.min(jnp.where(evals > rtol * evals[-1], evals, jnp.inf))
+
+
 def gram_min_eigenvalue(z: jax.Array) -> jax.Array:
     """``λ₀ = λ_min(Zᵀ Z)`` for the ``m × n`` matrix ``Z`` of the samples' equilibria (Ling et al. 2023)."""
     return jnp.linalg.eigvalsh(z.T @ z)[0]
@@ -134,6 +201,24 @@ def fit_linear_rate(values: np.ndarray, floor: float = 0.0) -> LinearFit:
     residual = logs - (slope * steps + intercept)
     r2 = 1.0 - residual.var() / max(logs.var(), np.finfo(np.float64).tiny)
     return LinearFit(float(np.exp(slope)), float(intercept), float(r2))
+
+
+def fit_tail_rate(values: np.ndarray, floor: float = 0.0, tail: float = 0.5) -> tuple[LinearFit, int, int]:
+    """:func:`fit_linear_rate` over the tail of the steps before ``values`` first reaches ``floor``.
+
+    With ``T`` the first step where ``values <= floor`` (or the last step), the fit covers the steps
+    ``first..last = T − 1 − ⌈tail·(T − 1)⌉ .. T − 1`` (at least 3 of them). Returns ``(fit, first, last)``.
+    """
+    values = np.asarray(values, np.float64)
+    if not 0.0 < tail <= 1.0:
+        raise ValueError(f"tail must be in (0, 1], got {tail}")
+    below = np.flatnonzero(values <= floor)
+    last = (int(below[0]) if below.size else values.size) - 1
+    first = max(last - int(np.ceil(tail * last)), 0)
+    if last - first < 2:
+        raise ValueError(f"need at least 3 values above floor={floor} to fit a rate, got {last - first + 1}")
+    fit = fit_linear_rate(values[first : last + 1])
+    return fit, first, last
 
 
 def power_law_exponent(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

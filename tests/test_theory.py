@@ -7,6 +7,7 @@ import pytest
 
 import jdeq
 from jdeq import theory
+from jdeq.experiments._common import rate_record, seed_spread, steps_to_threshold, worst_bound_ratio
 from jdeq.models import gao, kawaguchi, ling
 
 
@@ -106,6 +107,96 @@ def test_fit_linear_rate_recovers_a_geometric_sequence():
     assert fit.rate == pytest.approx(0.9, rel=1e-10) and fit.r2 == pytest.approx(1.0)
     with pytest.raises(ValueError, match="at least 3"):
         theory.fit_linear_rate(np.array([1.0, 0.0, 0.0]), floor=0.5)
+
+
+def test_fit_tail_rate_fits_the_tail_before_the_floor():
+    # a fast start, then an exact geometric tail at 0.95, then a round-off plateau below the floor
+    values = np.concatenate([0.5 ** np.arange(10), 0.5**9 * 0.95 ** np.arange(1, 91), np.full(20, 1e-30)])
+    fit, first, last = theory.fit_tail_rate(values, floor=1e-20, tail=0.5)
+    assert (first, last) == (49, 99)  # the last half of steps 0..99
+    assert fit.rate == pytest.approx(0.95, rel=1e-12) and fit.r2 == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="tail"):
+        theory.fit_tail_rate(values, tail=0.0)
+    with pytest.raises(ValueError, match="at least 3"):
+        theory.fit_tail_rate(np.array([1.0, 0.5, 0.0]), floor=0.1)
+
+
+def test_rate_record_predicts_the_geometric_mean_of_the_factors_over_the_fitted_steps():
+    values = 0.9 ** np.arange(41)
+    factors = np.where(np.arange(40) < 20, 0.5, 0.8)  # the fit covers steps 20..40: only the 0.8 factors
+    record = rate_record(values, factors, tail=0.5)
+    assert (record.first, record.last) == (20, 40)
+    assert record.fitted == pytest.approx(0.9) and record.predicted == pytest.approx(0.8)
+    assert np.isnan(rate_record(values).predicted)
+
+
+def test_worst_bound_ratio_spread_and_steps_to_threshold():
+    values, bound = np.array([1.0, 0.5, 0.3, 1e-20]), np.array([1.0, 0.6, 0.2, 1e-30])
+    assert worst_bound_ratio(values, bound) == pytest.approx(1e10)  # the round-off step dominates
+    assert worst_bound_ratio(values, bound, floor=1e-15) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="same shape"):
+        worst_bound_ratio(values, bound[:2])
+    assert seed_spread([3.0, 1.0, 2.0, 10.0, 0.5]) == {"min": 0.5, "median": 2.0, "max": 10.0, "seeds": 5}
+    assert np.isnan(seed_spread([1.0, np.nan])["max"])
+    assert steps_to_threshold(values, 0.4) == 2 and steps_to_threshold(values, 0.0) == -1
+
+
+def test_square_loss_pl_constant_is_attained_along_the_weakest_direction():
+    rng = np.random.default_rng(0)
+    n, singular = 30, np.array([3.0, 2.0, 0.5])
+    q, _ = np.linalg.qr(rng.standard_normal((n, 3)))
+    phi = np.diag(singular) @ q.T  # ΦΦᵀ/n = diag(s²)/n
+    kappa = theory.square_loss_pl_constant(jnp.asarray(phi))
+    assert kappa == pytest.approx(0.25 / n)
+    y = rng.standard_normal((2, n))
+    best = theory.least_squares_optimum(jnp.asarray(phi), jnp.asarray(y))
+
+    def pl_ratio(w):
+        grad = jax.grad(lambda v: kawaguchi.square_loss(v @ phi, y))(w)
+        return float(jnp.sum(grad**2) / (2 * (kawaguchi.square_loss(w @ phi, y) - best.value)))
+
+    weakest = best.weight + jnp.outer(jnp.array([1.0, -2.0]), jnp.eye(3)[2])
+    assert pl_ratio(weakest) == pytest.approx(float(kappa), rel=1e-8)
+    assert pl_ratio(best.weight + jax.random.normal(jax.random.PRNGKey(0), (2, 3))) >= kappa
+    # a rank-deficient Φ (more features than samples): the smallest *nonzero* eigenvalue
+    wide = jnp.array([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # ΦΦᵀ/n = diag(2, 0.5, 0)
+    assert theory.square_loss_pl_constant(wide) == pytest.approx(0.5)
+
+
+def test_function_space_kernel_is_the_identity_at_gamma_zero_and_above_its_lower_bound(kawaguchi_problem):
+    params, _, _ = kawaguchi_problem
+    # γ = 0: W = B, so K = ∂vec B/∂θ (∂vec B/∂θ)ᵀ = I and the lower bound 1/σ_max(I)² = 1 is exact
+    np.testing.assert_allclose(theory.function_space_kernel(params, 0.0), np.eye(15), atol=1e-12)
+    assert theory.kernel_lower_bound(params, 0.0) == pytest.approx(1.0)
+    kernel = theory.function_space_kernel(params, 0.8)
+    u = np.eye(5) - 0.8 * np.asarray(kawaguchi.column_softmax(params["A"]))
+    inv = np.linalg.inv(u)
+    b_block = np.kron(np.eye(3), inv.T @ inv)  # K = (B block) + (A block ⪰ 0), W row-major
+    assert np.linalg.eigvalsh(np.asarray(kernel) - b_block)[0] > -1e-10
+    lower = theory.kernel_lower_bound(params, 0.8)
+    assert lower == pytest.approx(np.linalg.eigvalsh(b_block)[0]) and lower <= np.linalg.eigvalsh(kernel)[0]
+
+
+def test_pl_bound_and_rate_factors_match_the_closed_form():
+    bound = theory.pl_bound(2.0, 0.1, 0.5, np.full(10, 0.3))
+    np.testing.assert_allclose(bound, 2.0 * np.exp(-2 * 0.1 * 0.5 * 0.3 * np.arange(11)), rtol=1e-13)
+    np.testing.assert_allclose(theory.pl_rate_factors(0.1, 0.5, [0.3, 0.0]), [np.exp(-0.03), 1.0])
+
+
+def test_preconditioned_step_is_the_trust_region_newton_step_of_the_preconditioned_model():
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((6, 6))
+    kernel, grad_w, lr = jnp.asarray(q @ q.T + 0.5 * np.eye(6)), jnp.asarray(rng.standard_normal((2, 3))), 0.05
+    step = theory.preconditioned_step(grad_w, kernel, lr)
+    np.testing.assert_allclose(step.ravel(), -lr * np.asarray(kernel) @ np.asarray(grad_w).ravel(), rtol=1e-12)
+    # the minimiser of ∇Lᵀv + (1/2η) vᵀK⁻¹v inside a radius that does not bind
+    newton = theory.trust_region_step(grad_w.ravel(), jnp.linalg.inv(kernel) / lr, 10 * jnp.linalg.norm(step))
+    np.testing.assert_allclose(newton, step.ravel(), rtol=1e-8)
+
+
+def test_hessian_condition_ignores_flat_directions():
+    d = jnp.array([4.0, 0.5, 0.0, 2.0])
+    assert theory.hessian_condition(lambda w: 0.5 * jnp.sum(d * w.ravel() ** 2), jnp.ones((2, 2))) == pytest.approx(8.0)
 
 
 def test_gram_ntk_and_bound():

@@ -15,15 +15,34 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
+from .. import theory
+from ..stats import Result
+
+CLAIM_KINDS = ("rate", "bound", "scaling", "property")
+
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
-    """A checkable statement: ``holds`` is ``measured <= threshold`` (or ``>=`` when ``at_least``)."""
+    """A checkable statement: ``holds`` is ``measured <= threshold`` (or ``>=`` when ``at_least``).
+
+    ``kind`` is one of ``CLAIM_KINDS``; ``provenance`` says where the threshold comes from, either
+    ``"paper: <where>"`` or ``"our choice: <why>"``; ``seeds`` is how many runs the claim summarises.
+    """
 
     claim: str
+    kind: str
     measured: float
     threshold: float
+    provenance: str
+    seeds: int = 1
     at_least: bool = False
+
+    def __post_init__(self):
+        if self.kind not in CLAIM_KINDS:
+            raise ValueError(f"claim kind must be one of {CLAIM_KINDS}, got {self.kind!r}")
+        _check_provenance(self.provenance, self.claim)
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
 
     @property
     def holds(self) -> bool:
@@ -34,11 +53,137 @@ class Claim:
     def as_dict(self) -> dict:
         return {
             "claim": self.claim,
+            "kind": self.kind,
             "measured": float(self.measured),
             "threshold": float(self.threshold),
             "comparison": ">=" if self.at_least else "<=",
             "holds": bool(self.holds),
+            "provenance": self.provenance,
+            "seeds": int(self.seeds),
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """One training run's equilibrium solves: the worst ``Result`` code seen and the largest residual.
+
+    ``valid`` is False when any solve did not converge; such a run is flagged in ``results.json`` and
+    never plotted or averaged as if valid.
+    """
+
+    run: str
+    result: int
+    residual: float
+
+    @classmethod
+    def from_metrics(cls, run: str, metrics: dict) -> RunRecord:
+        """The worst ``solve_result`` and largest ``solve_residual`` (NaN if any is NaN) that ``metrics`` recorded.
+
+        ``metrics`` holds the per-step arrays written by :func:`solve_aux` (e.g. :func:`gradient_descent`'s).
+        """
+        return cls(run, int(np.max(metrics["solve_result"])), float(np.max(metrics["solve_residual"])))
+
+    @property
+    def valid(self) -> bool:
+        return self.result == Result.CONVERGED and bool(np.isfinite(self.residual))
+
+    def as_dict(self) -> dict:
+        return {
+            "run": self.run,
+            "result": Result.NAMES[self.result],
+            "residual": float(self.residual),
+            "valid": self.valid,
+        }
+
+
+def _check_provenance(text: str, what: str) -> None:
+    if not text.startswith(("paper: ", "our choice: ")):
+        raise ValueError(f"{what}: provenance must start with 'paper: ' or 'our choice: ', got {text!r}")
+
+
+def documented_config(cfg, provenance: dict[str, str]) -> dict:
+    """``{field: {"value": ..., "provenance": ...}}`` for a ``Config`` dataclass; every field must be documented.
+
+    ``provenance[field]`` is ``"paper: <where>"`` or ``"our choice: <why>"``; a missing or extra entry raises.
+    """
+    values = dataclasses.asdict(cfg)
+    if set(values) != set(provenance):
+        missing, extra = sorted(set(values) - set(provenance)), sorted(set(provenance) - set(values))
+        raise ValueError(f"provenance must document exactly the Config fields: missing {missing}, extra {extra}")
+    for name, text in provenance.items():
+        _check_provenance(text, name)
+    return {name: {"value": value, "provenance": provenance[name]} for name, value in values.items()}
+
+
+def solve_aux(stats) -> dict:
+    """Aux metrics of one equilibrium solve (a :class:`jdeq.Stats`, batched or not): worst code, largest residual.
+
+    Return them from a loss's aux so that :func:`gradient_descent` records them at every step and
+    :meth:`RunRecord.from_metrics` can summarise the run.
+    """
+    return {"solve_result": stats.result.max(), "solve_residual": stats.residual.max()}
+
+
+def seed_spread(values) -> dict:
+    """``{min, median, max, seeds}`` of one number per seed (NaN entries count as seeds and propagate)."""
+    values = np.asarray(values, np.float64)
+    if values.size == 0:
+        raise ValueError("seed_spread needs at least one value")
+    return {
+        "min": float(np.min(values)),
+        "median": float(np.median(values)),
+        "max": float(np.max(values)),
+        "seeds": int(values.size),
+    }
+
+
+def steps_to_threshold(values, threshold: float) -> int:
+    """The first step ``t`` with ``values[t] <= threshold``, or ``-1`` when never reached (information, not a claim)."""
+    reached = np.flatnonzero(np.asarray(values) <= threshold)
+    return int(reached[0]) if reached.size else -1
+
+
+def worst_bound_ratio(values, bound, floor: float = 0.0) -> float:
+    """``max_t values_t / bound_t`` over the steps with ``values_t > floor``: ``<= 1`` iff the bound holds at every step.
+
+    ``floor`` leaves out the round-off plateau, where ``values`` no longer measures anything.
+    """
+    values, bound = np.asarray(values, np.float64), np.asarray(bound, np.float64)
+    if values.shape != bound.shape:
+        raise ValueError(f"values {values.shape} and bound {bound.shape} must have the same shape")
+    above = values > floor
+    return float(np.max(values[above] / bound[above])) if above.any() else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class RateRecord:
+    """A run's fitted tail rate ``ρ`` per step (``log v_t ≈ c + t log ρ`` over steps ``first..last``, inclusive) with ``r²``.
+
+    ``predicted`` is the theory's rate over the same steps (the geometric mean of its per-step factors),
+    NaN when no theory rate was given.
+    """
+
+    fitted: float
+    r2: float
+    first: int
+    last: int
+    predicted: float = float("nan")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def rate_record(values, predicted_factors=None, floor: float = 0.0, tail: float = 0.5) -> RateRecord:
+    """Fit the last ``tail`` fraction of the steps with ``values > floor`` (see :func:`jdeq.theory.fit_tail_rate`).
+
+    ``predicted_factors[t]`` is the theory's contraction factor for step ``t → t+1``; their geometric mean
+    over the fitted transitions ``first → last`` is the predicted rate to compare with the fitted one.
+    """
+    fit, first, last = theory.fit_tail_rate(values, floor, tail)
+    predicted = float("nan")
+    if predicted_factors is not None:
+        predicted = float(np.exp(np.mean(np.log(np.asarray(predicted_factors, np.float64)[first:last]))))
+    return RateRecord(fit.rate, fit.r2, first, last, predicted)
 
 
 @dataclasses.dataclass
@@ -52,6 +197,7 @@ class Results:
     config: dict[str, Any]
     figures: dict[str, Any] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
+    runs: list[RunRecord] = dataclasses.field(default_factory=list)
 
     @property
     def all_hold(self) -> bool:
@@ -77,6 +223,7 @@ def save_results(results: Results, out_dir: str | Path) -> Path:
     payload = {
         "name": results.name,
         "claims": [c.as_dict() for c in results.claims],
+        "runs": [r.as_dict() for r in results.runs],
         "measurements": _jsonable(results.measurements),
         "config": _jsonable(results.config),
         "seconds": results.seconds,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ..implicit import fixed_point
-from ..solvers import FixedPoint, Solver
+from ..solvers import FixedPoint, Solution, Solver
 
 DEFAULT_SOLVER = FixedPoint(tol=1e-12, max_steps=500)  # the maps are contractions (‖M‖₂ < 1): plain iteration suffices
 
@@ -20,12 +20,20 @@ def relu_map(z: jax.Array, mixing: jax.Array, injection: jax.Array) -> jax.Array
     return jax.nn.relu(mixing @ z + injection)
 
 
+def relu_solve(
+    mixing: jax.Array, injection: jax.Array, solver: Solver = DEFAULT_SOLVER, z0: jax.Array | None = None
+) -> Solution:
+    """``Z* = ReLU(M Z* + V)`` by :func:`jdeq.fixed_point` from ``z0`` (default zeros): the :class:`Solution`
+    (``value`` with implicit gradients, and the solve's ``stats``)."""
+    z0 = jnp.zeros_like(injection) if z0 is None else z0
+    return fixed_point(relu_map, z0, mixing, injection, solver=solver)
+
+
 def relu_equilibrium(
     mixing: jax.Array, injection: jax.Array, solver: Solver = DEFAULT_SOLVER, z0: jax.Array | None = None
 ) -> jax.Array:
-    """``Z* = ReLU(M Z* + V)`` by :func:`jdeq.fixed_point` from ``z0`` (default zeros); implicit gradients."""
-    z0 = jnp.zeros_like(injection) if z0 is None else z0
-    return fixed_point(relu_map, z0, mixing, injection, solver=solver).value
+    """``Z* = ReLU(M Z* + V)`` (the value of :func:`relu_solve`)."""
+    return relu_solve(mixing, injection, solver, z0).value
 
 
 def gaussian(key: jax.Array, shape: tuple[int, ...], variance: float, dtype) -> jax.Array:

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from ..linalg import largest_singular_value
-from ..solvers import Solver
-from ._relu import DEFAULT_SOLVER, gaussian, relu_equilibrium
+from ..solvers import Solution, Solver
+from ._relu import DEFAULT_SOLVER, gaussian, relu_solve
 
 DEFAULT_GAMMA = 0.2
 
@@ -40,14 +40,29 @@ def init(
     }
 
 
+def solve(
+    params: dict, x: jax.Array, gamma: float = DEFAULT_GAMMA, solver: Solver = DEFAULT_SOLVER, z0=None
+) -> Solution:
+    """``Z* = ReLU(γ A Z* + U X)`` (``m × n``) by :func:`jdeq.fixed_point`: the :class:`Solution` with its ``stats``."""
+    return relu_solve(gamma * params["A"], params["U"] @ x, solver, z0)
+
+
 def equilibrium(params: dict, x: jax.Array, gamma: float = DEFAULT_GAMMA, solver: Solver = DEFAULT_SOLVER, z0=None):
-    """``Z* = ReLU(γ A Z* + U X)`` (``m × n``) by :func:`jdeq.fixed_point`."""
-    return relu_equilibrium(gamma * params["A"], params["U"] @ x, solver, z0)
+    """``Z* = ReLU(γ A Z* + U X)`` (``m × n``), the value of :func:`solve`."""
+    return solve(params, x, gamma, solver, z0).value
 
 
 def predict(params: dict, x: jax.Array, gamma: float = DEFAULT_GAMMA, solver: Solver = DEFAULT_SOLVER) -> jax.Array:
     """``ŷ = uᵀ Z*`` (length ``n``)."""
     return params["u"] @ equilibrium(params, x, gamma, solver)
+
+
+def quadratic_loss_and_stats(
+    params: dict, x: jax.Array, y: jax.Array, gamma: float = DEFAULT_GAMMA, solver=DEFAULT_SOLVER
+):
+    """``(½‖uᵀZ* − y‖², stats)``: the loss and the equilibrium solve's :class:`jdeq.Stats`."""
+    sol = solve(params, x, gamma, solver)
+    return 0.5 * jnp.sum(jnp.square(params["u"] @ sol.value - y)), sol.stats
 
 
 def well_posedness(params: dict, gamma: float = DEFAULT_GAMMA) -> jax.Array:

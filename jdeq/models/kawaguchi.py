@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ..implicit import fixed_point
-from ..solvers import Anderson, Solver
+from ..solvers import Anderson, Solution, Solver
 
 DEFAULT_SOLVER = Anderson(tol=1e-12, max_steps=200, m=5)
 
@@ -32,9 +32,14 @@ def equilibrium_map(z: jax.Array, phi: jax.Array, a: jax.Array, gamma: float) ->
     return gamma * column_softmax(a) @ z + phi
 
 
+def solve(params: dict, phi: jax.Array, gamma: float, solver: Solver = DEFAULT_SOLVER) -> Solution:
+    """``Z* = (I − γσ(A))⁻¹ Φ`` by :func:`jdeq.fixed_point`: the :class:`Solution` with the solve's ``stats``."""
+    return fixed_point(equilibrium_map, jnp.zeros_like(phi), phi, params["A"], gamma, solver=solver)
+
+
 def equilibrium(params: dict, phi: jax.Array, gamma: float, solver: Solver = DEFAULT_SOLVER) -> jax.Array:
     """``Z* = (I − γσ(A))⁻¹ Φ`` by :func:`jdeq.fixed_point` (implicit gradients in ``A`` and ``Φ``)."""
-    return fixed_point(equilibrium_map, jnp.zeros_like(phi), phi, params["A"], gamma, solver=solver).value
+    return solve(params, phi, gamma, solver).value
 
 
 def predict(params: dict, phi: jax.Array, gamma: float, solver: Solver = DEFAULT_SOLVER) -> jax.Array:
@@ -52,6 +57,11 @@ def dense_predict(params: dict, phi: jax.Array, gamma: float) -> jax.Array:
     """Reference ``B (I − γσ(A))⁻¹ Φ`` by a dense linear solve (for checks, not for training)."""
     m = params["A"].shape[0]
     return params["B"] @ jnp.linalg.solve(jnp.eye(m, dtype=phi.dtype) - gamma * column_softmax(params["A"]), phi)
+
+
+def dense_function_weight(params: dict, gamma: float) -> jax.Array:
+    """``W(θ) = B (I − γσ(A))⁻¹`` by a dense solve: the measurements differentiate it (no solver in the way)."""
+    return dense_predict(params, jnp.eye(params["A"].shape[0], dtype=params["A"].dtype), gamma)
 
 
 def init(key: jax.Array, width: int, out_dim: int, scale: float = 1.0, dtype=jnp.float64) -> dict:

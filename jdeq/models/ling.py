@@ -12,8 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..solvers import Solver
-from ._relu import DEFAULT_SOLVER, gaussian, relu_equilibrium
+from ..solvers import Solution, Solver
+from ._relu import DEFAULT_SOLVER, gaussian, relu_solve
 
 DEFAULT_SIGMA_W = 0.1
 
@@ -36,9 +36,14 @@ def init(
     }
 
 
+def solve(params: dict, x: jax.Array, solver: Solver = DEFAULT_SOLVER, z0=None) -> Solution:
+    """``Z* = ReLU(W Z* + U X)`` (``m × n``) by :func:`jdeq.fixed_point` from ``z0`` (default zeros), with ``stats``."""
+    return relu_solve(params["W"], params["U"] @ x, solver, z0)
+
+
 def equilibrium(params: dict, x: jax.Array, solver: Solver = DEFAULT_SOLVER, z0=None) -> jax.Array:
-    """``Z* = ReLU(W Z* + U X)`` (``m × n``) by :func:`jdeq.fixed_point` from ``z0`` (default zeros)."""
-    return relu_equilibrium(params["W"], params["U"] @ x, solver, z0)
+    """``Z* = ReLU(W Z* + U X)`` (``m × n``), the value of :func:`solve`."""
+    return solve(params, x, solver, z0).value
 
 
 def predict(params: dict, x: jax.Array, solver: Solver = DEFAULT_SOLVER) -> jax.Array:
@@ -48,4 +53,10 @@ def predict(params: dict, x: jax.Array, solver: Solver = DEFAULT_SOLVER) -> jax.
 
 def quadratic_loss(params: dict, x: jax.Array, y: jax.Array, solver: Solver = DEFAULT_SOLVER) -> jax.Array:
     """``Φ(θ) = ½ ‖ŷ − y‖²`` (a sum over samples, as in the paper's bound)."""
-    return 0.5 * jnp.sum(jnp.square(predict(params, x, solver) - y))
+    return quadratic_loss_and_stats(params, x, y, solver)[0]
+
+
+def quadratic_loss_and_stats(params: dict, x: jax.Array, y: jax.Array, solver: Solver = DEFAULT_SOLVER):
+    """``(Φ(θ), stats)``: the loss and the equilibrium solve's :class:`jdeq.Stats`."""
+    sol = solve(params, x, solver)
+    return 0.5 * jnp.sum(jnp.square(params["a"] @ sol.value - y)), sol.stats
