@@ -84,8 +84,8 @@ def cold_vs_warm(
     """One row per (epoch, variant): ``model_for(None)`` trained from cold starts and ``model_for(n)`` with a
     fixed-point cache of the ``n`` training examples, epoch by epoch interleaved with :mod:`jdeq.train`'s own
     steps (``fit``'s seed, batch order and metrics). Each row: the epoch's ``clock`` seconds, its mean forward
-    steps per sample, the mean over steps of the batch's largest forward step count, its training loss and
-    accuracy; the last epoch's rows add the test accuracy."""
+    steps per sample, the mean over steps of the batch's largest forward step count, the mean backward (adjoint)
+    steps per sample, its training loss and accuracy; the last epoch's rows add the test accuracy."""
     runs = {}
     for variant, cache_size in (("cold", None), ("warm", len(data.x_train))):
         trainable = as_trainable(model_for(cache_size))
@@ -114,6 +114,7 @@ def _epoch_metrics(steps: list[dict]) -> dict:
     return {
         "fwd_mean_steps": mean("fwd_mean_steps"),
         "fwd_batch_max_steps": mean("fwd_max_steps"),
+        "bwd_mean_steps": mean("bwd_mean_steps"),
         "loss": mean("loss"),
         "accuracy": mean("accuracy"),
     }

@@ -241,6 +241,7 @@ def solve_from_cache(
     cached, seen = cache
     check_cache(name, cached, seen, z_cold)
     check_index(name, index, len(z_cold), len(seen))
+    index = jnp.asarray(index)
     sol = solve(cached_start(cached, seen, index, z_cold))
     return sol, updated_cache(cached, seen, index, sol)
 
@@ -317,11 +318,11 @@ def _layer_cache(layer: DEQ, z_cold: jax.Array) -> Optional[tuple]:
     """The layer's ``"deq_cache"`` variables ``(z, seen)``: created at init, used when the caller passes them."""
     if layer.cache_size is None or not (layer.is_initializing() or layer.has_variable(CACHE_COLLECTION, "z")):
         return None
-    cached, seen = (
-        layer.variable(CACHE_COLLECTION, name, lambda i=i: empty_cache(layer.cache_size, z_cold)[i])
-        for i, name in enumerate(("z", "seen"))
-    )
-    return cached, seen
+
+    def empty(part: int) -> jax.Array:
+        return empty_cache(layer.cache_size, z_cold)[part]
+
+    return tuple(layer.variable(CACHE_COLLECTION, name, empty, part) for part, name in enumerate(("z", "seen")))
 
 
 def _solve_linen(layer: DEQ, name: str, solve: Callable, z_cold: jax.Array, index: Optional[jax.Array]) -> Solution:
