@@ -249,3 +249,19 @@ def test_resumed_warm_run_restores_the_cache_and_matches_the_uninterrupted_run(
     resumed = run(checkpoint_dir=tmp_path)
     assert leaves_equal(resumed.state, uninterrupted.state)  # parameters, optimizer state and cache
     assert resumed.history == uninterrupted.history
+
+
+@pytest.mark.slow
+def test_cold_vs_warm_benchmark_runs_the_same_first_epoch(small_digits):
+    """benchmarks.training: epoch 1 is all cold starts in both runs, so the two runs are the same until then."""
+    from benchmarks import training
+
+    def model_for(cache_size):
+        return DEQClassifier(DEQ(MLPCell(WIDTH), solver=FIT_SOLVER, cache_size=cache_size), 10)
+
+    rows = training.cold_vs_warm(model_for, optax.adam(1e-2), small_digits, epochs=2, batch_size=50)
+    assert [(r["variant"], r["epoch"]) for r in rows] == [("cold", 1), ("warm", 1), ("cold", 2), ("warm", 2)]
+    cold, warm = rows[0], rows[1]
+    assert cold["fwd_mean_steps"] == warm["fwd_mean_steps"] and cold["loss"] == warm["loss"]
+    summary = training.summary(rows)
+    assert summary["cold"]["epochs_timed"] == 1 and 0 < summary["cold"]["test_accuracy"] <= 1
