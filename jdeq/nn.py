@@ -156,14 +156,14 @@ def _one_of_batch(module_call):
     return lambda z, x, *rest: module_call(z[None], x[None], *rest)[0]
 
 
-def cell_start(cell: Any, params: Any, x: jax.Array) -> jax.Array:
+def _cell_start(cell: Any, params: Any, x: jax.Array) -> jax.Array:
     """A jdeq cell's cold start for the batch ``x``: zeros shaped like its injection ``inject(params, x_i)``."""
     check_input(cell, params, x)
     state = jax.eval_shape(jax.vmap(cell.inject, in_axes=(None, 0)), params, x)
     return jnp.zeros(state.shape, state.dtype)
 
 
-def check_cache(name: str, cached: jax.Array, seen: jax.Array, z_cold: jax.Array) -> None:
+def _check_cache(name: str, cached: jax.Array, seen: jax.Array, z_cold: jax.Array) -> None:
     """ValueError unless the cache ``(cached, seen)`` holds states shaped and typed like one sample of ``z_cold``."""
     expected = (len(seen), *z_cold.shape[1:])
     if seen.ndim != 1 or seen.dtype != jnp.bool_ or cached.shape != expected or cached.dtype != z_cold.dtype:
@@ -174,7 +174,7 @@ def check_cache(name: str, cached: jax.Array, seen: jax.Array, z_cold: jax.Array
         )
 
 
-def check_index(name: str, index: Optional[jax.Array], batch: int, size: int) -> None:
+def _check_index(name: str, index: Optional[jax.Array], batch: int, size: int) -> None:
     """ValueError unless ``index`` is ``batch`` integers, each in ``[0, size)`` (a value check only outside jit)."""
     if index is None:
         raise ValueError(
@@ -231,7 +231,7 @@ def updated_cache(cached: jax.Array, seen: jax.Array, index: jax.Array, sol: Sol
     return cached.at[slots].set(value, mode="drop"), seen.at[slots].set(True, mode="drop")
 
 
-def solve_from_cache(
+def _solve_from_cache(
     name: str, solve: Callable[[jax.Array], Solution], z_cold: jax.Array, index: Optional[jax.Array], cache
 ) -> tuple[Solution, Optional[tuple]]:
     """``(solve(start), new cache)``: without a ``cache`` (``None``) a cold start from ``z_cold`` and ``None``;
@@ -239,14 +239,14 @@ def solve_from_cache(
     if cache is None:
         return solve(z_cold), None
     cached, seen = cache
-    check_cache(name, cached, seen, z_cold)
-    check_index(name, index, len(z_cold), len(seen))
+    _check_cache(name, cached, seen, z_cold)
+    _check_index(name, index, len(z_cold), len(seen))
     index = jnp.asarray(index)
     sol = solve(cached_start(cached, seen, index, z_cold))
     return sol, updated_cache(cached, seen, index, sol)
 
 
-def empty_cache(size: int, z_cold: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _empty_cache(size: int, z_cold: jax.Array) -> tuple[jax.Array, jax.Array]:
     """A cache of ``size`` examples with no entry: zero states shaped like one sample of ``z_cold``, none seen."""
     return jnp.zeros((size, *z_cold.shape[1:]), z_cold.dtype), jnp.zeros((size,), bool)
 
@@ -284,7 +284,7 @@ class DEQ(linen.Module):
     def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None, index: Optional[jax.Array] = None) -> jax.Array:
         if (self.f is None) == (self.cell is None):
             raise ValueError("DEQ takes one map: DEQ(f) with a linen module or a jdeq cell (or DEQ(cell=...))")
-        check_cache_size(self.cache_size)
+        _check_cache_size(self.cache_size)
         options = dict(
             solver=self.solver, grad=self.grad, per_sample=self.per_sample, backward_stats=_layer_probe(self)
         )
@@ -306,7 +306,7 @@ def _layer_probe(layer: DEQ) -> Optional[jax.Array]:
     return None
 
 
-def check_cache_size(cache_size: Optional[int]) -> None:
+def _check_cache_size(cache_size: Optional[int]) -> None:
     """ValueError unless ``cache_size`` is ``None`` or a positive int."""
     if cache_size is not None and not (isinstance(cache_size, (int, np.integer)) and cache_size >= 1):
         raise ValueError(
@@ -320,13 +320,13 @@ def _layer_cache(layer: DEQ, z_cold: jax.Array) -> Optional[tuple]:
         return None
 
     def empty(part: int) -> jax.Array:
-        return empty_cache(layer.cache_size, z_cold)[part]
+        return _empty_cache(layer.cache_size, z_cold)[part]
 
     return tuple(layer.variable(CACHE_COLLECTION, name, empty, part) for part, name in enumerate(("z", "seen")))
 
 
 def _solve_linen(layer: DEQ, name: str, solve: Callable, z_cold: jax.Array, index: Optional[jax.Array]) -> Solution:
-    """``solve`` from the layer's cache (:func:`solve_from_cache`) when the caller passed it, else from ``z_cold``."""
+    """``solve`` from the layer's cache (``_solve_from_cache``) when the caller passed it, else from ``z_cold``."""
     variables = _layer_cache(layer, z_cold)  # created at init, where the solve starts cold
     if variables is None or layer.is_initializing():
         return solve(z_cold)
@@ -335,7 +335,7 @@ def _solve_linen(layer: DEQ, name: str, solve: Callable, z_cold: jax.Array, inde
             f"DEQ({name}): the 'deq_cache' collection was passed but is not mutable: apply with "
             "mutable=['deq_cache'] to keep the new equilibria, or leave it out for a cold start"
         )
-    sol, new = solve_from_cache(name, solve, z_cold, index, tuple(v.value for v in variables))
+    sol, new = _solve_from_cache(name, solve, z_cold, index, tuple(v.value for v in variables))
     for variable, value in zip(variables, new):
         variable.value = value
     return sol
@@ -351,7 +351,7 @@ def _linen_cell_solver(layer: DEQ, cell: Any, x: jax.Array, options: dict) -> tu
 
 def _cell_solver(cell: Any, params: Any, x: jax.Array, options: dict) -> tuple[jax.Array, Callable]:
     """``(cold start, solve(start) -> Solution)`` for a jdeq cell with ``params``."""
-    return cell_start(cell, params, x), lambda start: solve_cell(cell, params, x, z0=start, **options)
+    return _cell_start(cell, params, x), lambda start: solve_cell(cell, params, x, z0=start, **options)
 
 
 def _linen_module_solver(layer: DEQ, module: linen.Module, x: jax.Array, z0: Optional[jax.Array], options):
@@ -416,7 +416,7 @@ def _nnx_cache(name: str, cache_size: Optional[int], state_shape, state_dtype) -
             "say the shape of its state)"
         )
     template = jnp.zeros((1, *state_shape), state_dtype or jnp.zeros(()).dtype)
-    return tuple(FixedPointCache(value) for value in empty_cache(cache_size, template))
+    return tuple(FixedPointCache(value) for value in _empty_cache(cache_size, template))
 
 
 class NNXDEQ(nnx.Module):
@@ -454,7 +454,7 @@ class NNXDEQ(nnx.Module):
         state_shape: Optional[tuple] = None,
         state_dtype: Any = None,
     ):
-        check_cache_size(cache_size)
+        _check_cache_size(cache_size)
         self.solver, self.grad, self.per_sample = solver, grad, per_sample
         self.probe = BackwardProbe(stats_probe())
         self.deq_stats = nnx.Intermediate(None)
@@ -478,7 +478,7 @@ class NNXDEQ(nnx.Module):
             z_cold, solve = self._module_solver(x, z0, options)
         use_cache = self.warm_start and self.cached_states is not None
         cache = (self.cached_states[...], self.cached_seen[...]) if use_cache else None
-        sol, new = solve_from_cache(type(self.f or self.cell).__name__, solve, z_cold, index, cache)
+        sol, new = _solve_from_cache(type(self.f or self.cell).__name__, solve, z_cold, index, cache)
         if new is not None:
             _set_value(self.cached_states, new[0])
             _set_value(self.cached_seen, new[1])
