@@ -37,7 +37,7 @@ def table(result: dict) -> str:
     for (name, batch, shape, sweep), rows in groups.items():
         title = f"{name}, batch {batch} × state {'×'.join(map(str, shape))}" + (" (sweep)" if sweep else "")
         out.append(f"\n**{title}**\n")
-        out += _step_table(rows) if name == "step_cost" else _solve_table(rows)
+        out += _TABLES.get(name, _solve_table)(rows)
     return "\n".join(out)
 
 
@@ -66,6 +66,30 @@ def _step_table(rows: list[dict]) -> list[str]:
     out = ["| method | mode | µs per step (min–max) | steps |", "|---|---|---:|---:|"]
     out += [f"| {r['method']} | {r['mode']} | {_spread(r, 'us_per_step')} | {r['steps']} |" for r in rows]
     return out
+
+
+def _warm_table(rows: list[dict]) -> list[str]:
+    """The cold-vs-warm training rows: per-epoch CPU s and forward steps over epochs 2..E, final test accuracy."""
+    out = [
+        "| starts | epoch CPU s, median (min–max) | fwd steps / sample | batch max fwd steps | epoch 1 fwd steps "
+        "| test accuracy |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        t = r["epoch_cpu_s"]
+        out.append(
+            f"| {r['variant']} | {t['median']:.3f} ({t['min']:.3f}–{t['max']:.3f}) | {r['fwd_mean_steps']:.2f} | "
+            f"{r['fwd_batch_max_steps']:.2f} | {r['first_epoch_fwd_mean_steps']:.2f} | {r['test_accuracy']:.2%} |"
+        )
+    ratio = rows[0]["warm_over_cold"]
+    out.append(
+        f"\nwarm / cold over epochs 2..{len(rows[0]['epochs'])}: fwd steps per sample {ratio['fwd_mean_steps']:.2f}, "
+        f"batch max fwd steps {ratio['fwd_batch_max_steps']:.2f}, median epoch CPU time {ratio['epoch_cpu_s_median']:.2f}"
+    )
+    return out
+
+
+_TABLES = {"step_cost": _step_table, "train_warm": _warm_table}
 
 
 def _find(rows: list[dict], **match) -> dict | None:

@@ -246,6 +246,11 @@ def run_training(args, progress) -> list[dict]:
     for r in rows:
         key = r.pop("key")
         r.update(timing_fields(times[key + "/fwd"], times[key + "/step"]))
+    if args.train_epochs:
+        progress(f"train b={size}: cold vs warm starts, {args.train_epochs} epochs each on digits, interleaved")
+        setting = training.train_setting(args.train_epochs, width, size)
+        ident = {"batch": size, "state_shape": [width], "library": "jdeq", "method": "anderson", "mode": "per-sample"}
+        rows += [{**ident, **r} for r in training.warm_rows(setting, args.clock)]
     return rows
 
 
@@ -308,6 +313,12 @@ def parse_args(argv=None):
     p.add_argument("--conv-channels", type=int, default=16)
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--train-width", type=int, default=256)
+    p.add_argument(
+        "--train-epochs",
+        type=int,
+        default=0,
+        help="train workload: also train on digits for this many epochs, cold vs warm starts (0: skip)",
+    )
     p.add_argument("--sweep", default="", help="extra BATCHxWIDTH sizes for mlp_moderate, e.g. 256x256,4096x1024")
     p.add_argument("--sweep-libraries", default="jdeq,torchdeq")
     p.add_argument("--sweep-methods", default="anderson")

@@ -126,7 +126,8 @@ SOLVERS = {"anderson": Anderson, "broyden": Broyden, "fixedpoint": FixedPoint}
 
 
 def demo_model(args, data) -> Any:
-    """The demo's classifier: a DEQ over ``MLPCell(args.width)`` with the chosen solver, gradient mode and API."""
+    """The demo's classifier: a DEQ over ``MLPCell(args.width)`` with the chosen solver, gradient mode and API,
+    and with ``args.warm_start`` a fixed-point cache of every training example (warm starts)."""
     from flax import nnx
 
     from . import Implicit, Phantom, Shine, Unrolled
@@ -136,16 +137,23 @@ def demo_model(args, data) -> Any:
     solver = SOLVERS[args.solver](tol=args.tol, max_steps=args.max_steps)
     grad = {"implicit": Implicit(solver), "phantom": Phantom(k=5), "shine": Shine(), "unrolled": Unrolled()}[args.grad]
     cell = MLPCell(args.width)
+    options = dict(solver=solver, grad=grad, cache_size=len(data.x_train) if args.warm_start else None)
     if args.api == "linen":
-        return DEQClassifier(DEQ(cell, solver=solver, grad=grad), data.num_classes)
+        return DEQClassifier(DEQ(cell, **options), data.num_classes)
     rngs = nnx.Rngs(args.seed)
-    deq = NNXDEQ(cell, data.x_train.shape[1:], rngs=rngs, solver=solver, grad=grad)
+    deq = NNXDEQ(cell, data.x_train.shape[1:], rngs=rngs, **options)
     return NNXDEQClassifier(deq, args.width, data.num_classes, rngs=rngs)
 
 
-def _demo_command(args) -> None:
+def demo_optimizer(args, data) -> Any:
+    """The demo's optimizer: AdamW with a cosine decay of ``args.lr`` over the run's steps."""
     import optax
 
+    steps = args.epochs * (len(data.x_train) // args.batch_size)
+    return optax.adamw(optax.cosine_decay_schedule(args.lr, steps), weight_decay=args.weight_decay)
+
+
+def _demo_command(args) -> None:
     from .data import load_digits
     from .train import fit, writable_directory
 
@@ -154,11 +162,10 @@ def _demo_command(args) -> None:
     except ValueError as err:
         raise SystemExit(f"jdeq demo: --out {err}") from None
     data = load_digits(seed=args.seed)
-    model = demo_model(args, data)
-    steps = args.epochs * (len(data.x_train) // args.batch_size)
-    optimizer = optax.adamw(optax.cosine_decay_schedule(args.lr, steps), weight_decay=args.weight_decay)
+    model, optimizer = demo_model(args, data), demo_optimizer(args, data)
+    warm = ", warm starts" if args.warm_start else ""
     print(
-        f"jdeq demo: DEQ-MLP (width {args.width}, {args.solver}, {args.grad} gradients, {args.api}) on digits "
+        f"jdeq demo: DEQ-MLP (width {args.width}, {args.solver}, {args.grad} gradients, {args.api}{warm}) on digits "
         f"({len(data.x_train)} train / {len(data.x_test)} test), {args.epochs} epochs, {jax.default_backend()}"
     )
     result = fit(model, optimizer, data, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
@@ -235,7 +242,8 @@ def _reproduce_command(args) -> None:
         print(f"{len(failed)} claim(s) did not hold as measured (reported with holds=false in results.json).")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The ``jdeq`` command line: ``parser().parse_args(["demo"])`` gives the demo's defaults."""
     parser = argparse.ArgumentParser(prog="jdeq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
@@ -257,6 +265,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo.add_argument("--max-steps", type=_positive_int, default=40, help="solver step budget")
     demo.add_argument("--seed", type=int, default=0, help="data split, initialisation and batch order")
     demo.add_argument("--out", default="runs/demo", help="output directory")
+    demo.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="start each training example's solve from its last equilibrium (a per-example fixed-point cache)",
+    )
     demo.set_defaults(run=_demo_command)
     solvers = sub.add_parser("solvers", help="compare the solvers on a batch of tanh fixed points")
     solvers.add_argument("--batch", type=int, default=256)
@@ -269,7 +282,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes (all three in a few minutes on a CPU)")
     p.add_argument("--out", default="runs/reproduce", help="results go to OUT/<paper>/ (default: runs/reproduce)")
     p.set_defaults(run=_reproduce_command)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     args.run(args)
 
 

@@ -15,6 +15,12 @@ explicit arguments, so their gradients come from the implicit rule.
 - Backward statistics: a layer carries a zero probe (linen collection ``"deq_probe"``, NNX variable
   :class:`BackwardProbe`); the gradient of a loss with respect to it, decoded by
   :func:`jdeq.read_backward_stats`, reports the backward solves (counts add up over the batch).
+- Warm starts (``cache_size=N``): the layer keeps a per-example fixed-point cache, the last equilibrium
+  of each of ``N`` training examples, keyed by the example's index in the dataset (``index=``); a solve
+  starts from its example's cached equilibrium, or from ``z0`` for an example never stored. linen keeps
+  it in the ``"deq_cache"`` collection (used when the caller passes it, mutable; left out: a cold
+  start, as for evaluation), NNX in :class:`FixedPointCache` variables (switched off by
+  ``model.set_attributes(warm_start=False)``). See :func:`cached_start` and :func:`updated_cache`.
 - Map state other than parameters (BatchNorm's ``batch_stats``) is rejected: a DEQ map must be the
   same map at every iteration. A linen ``"dropout"`` rng draws one key per call, so one solve uses
   the same mask at every iteration (each sample its own when ``per_sample``).
@@ -22,21 +28,24 @@ explicit arguments, so their gradients come from the implicit rule.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Optional
 
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .gradients import GradientMode
 from .implicit import DEFAULT_SOLVER, fixed_point, fixed_point_batch
 from .solvers import Solution, Solver, Stats
-from .stats import stats_probe
+from .stats import Result, stats_probe
 
 STATS_COLLECTION = "intermediates"
 STATS_NAME = "deq_stats"
 PROBE_COLLECTION = "deq_probe"
+CACHE_COLLECTION = "deq_cache"
 
 
 def check_input(cell: Any, params: Any, x: jax.Array) -> None:
@@ -73,8 +82,9 @@ def solve_cell(
     grad: Optional[GradientMode],
     per_sample: bool = True,
     backward_stats: Optional[jax.Array] = None,
+    z0: Optional[jax.Array] = None,
 ) -> Solution:
-    """The equilibrium of a jdeq ``cell`` for each sample of the batch ``x``, from ``z0 = 0``.
+    """The equilibrium of a jdeq ``cell`` for each sample of the batch ``x``, from ``z0`` (default ``0``).
 
     The injection ``u = inject(params, x)`` is computed once, then ``z* = cell(params, z*, u)`` solved.
     ``backward_stats``: a :func:`jdeq.stats_probe` (unbatched: the counts add up over the batch).
@@ -84,7 +94,7 @@ def solve_cell(
     return _solve_map(
         lambda z, u, p: cell(p, z, u),
         jax.vmap(cell, in_axes=(None, 0, 0)),
-        jnp.zeros_like(u),
+        jnp.zeros_like(u) if z0 is None else z0,
         u,
         params,
         solver=solver,
@@ -146,6 +156,101 @@ def _one_of_batch(module_call):
     return lambda z, x, *rest: module_call(z[None], x[None], *rest)[0]
 
 
+def _cell_start(cell: Any, params: Any, x: jax.Array) -> jax.Array:
+    """A jdeq cell's cold start for the batch ``x``: zeros shaped like its injection ``inject(params, x_i)``."""
+    check_input(cell, params, x)
+    state = jax.eval_shape(jax.vmap(cell.inject, in_axes=(None, 0)), params, x)
+    return jnp.zeros(state.shape, state.dtype)
+
+
+def _check_cache(name: str, cached: jax.Array, seen: jax.Array, z_cold: jax.Array) -> None:
+    """ValueError unless the cache ``(cached, seen)`` holds states shaped and typed like one sample of ``z_cold``."""
+    expected = (len(seen), *z_cold.shape[1:])
+    if seen.ndim != 1 or seen.dtype != jnp.bool_ or cached.shape != expected or cached.dtype != z_cold.dtype:
+        raise ValueError(
+            f"DEQ({name}): the fixed-point cache holds states {cached.shape} {cached.dtype} (seen: {seen.shape} "
+            f"{seen.dtype}), but this layer's state is {z_cold.shape[1:]} {z_cold.dtype}, so the cache should be "
+            f"{expected} {z_cold.dtype} (seen: ({len(seen)},) bool); was it built for another layer, input or dtype?"
+        )
+
+
+def _check_index(name: str, index: Optional[jax.Array], batch: int, size: int) -> None:
+    """ValueError unless ``index`` is ``batch`` integers, each in ``[0, size)`` (a value check only outside jit)."""
+    if index is None:
+        raise ValueError(
+            f"DEQ({name}) has a fixed-point cache of {size} examples: pass index=, each sample's index in the "
+            "dataset (or leave the cache out for a cold start: linen, apply without the 'deq_cache' collection; "
+            "NNX, model.set_attributes(warm_start=False))"
+        )
+    if jnp.shape(index) != (batch,) or not jnp.issubdtype(jnp.result_type(index), jnp.integer):
+        raise ValueError(
+            f"DEQ({name}): index must hold one integer per sample, shape ({batch},), got shape {jnp.shape(index)} "
+            f"dtype {jnp.result_type(index)}"
+        )
+    if isinstance(index, jax.core.Tracer):
+        return
+    values = np.asarray(index)
+    outside = values[(values < 0) | (values >= size)]
+    if outside.size:
+        raise ValueError(
+            f"DEQ({name}): {outside.size} index(es) outside [0, {size}) (the cache size), e.g. {outside[0]}; build "
+            "the layer with cache_size=len(training set)"
+        )
+
+
+def _slots(index: jax.Array, keep: jax.Array, size: int) -> jax.Array:
+    """``index`` where ``keep`` and in range, else ``size`` (past the end: a read fills, a write drops)."""
+    return jnp.where(keep & (index >= 0) & (index < size), index, size)
+
+
+def cached_start(cached: jax.Array, seen: jax.Array, index: jax.Array, z_cold: jax.Array) -> jax.Array:
+    """Each sample's start: ``cached[index_i]`` if example ``index_i`` has an entry (``seen``), else ``z_cold_i``.
+
+    An index outside ``[0, len(seen))`` (possible under jit, where it cannot raise) starts cold.
+    """
+    slots = _slots(index, True, len(seen))
+    hit = seen.at[slots].get(mode="fill", fill_value=False)
+    hit = hit.reshape(hit.shape + (1,) * (z_cold.ndim - 1))
+    return jnp.where(hit, cached.at[slots].get(mode="fill", fill_value=0), z_cold)
+
+
+def storable(sol: Solution) -> jax.Array:
+    """Per sample: whether its solve's end point is worth keeping as a start, i.e. it converged or ran out of
+    steps (a finite iterate) and every entry is finite; a diverged or nonfinite solve is not stored."""
+    batch = len(sol.value)
+    result = jnp.broadcast_to(sol.stats.result, (batch,))  # one problem (per_sample=False): one code for all
+    ended = (result == Result.CONVERGED) | (result == Result.MAX_STEPS)
+    return ended & jnp.all(jnp.isfinite(sol.value.reshape(batch, -1)), axis=1)
+
+
+def updated_cache(cached: jax.Array, seen: jax.Array, index: jax.Array, sol: Solution) -> tuple[jax.Array, jax.Array]:
+    """``(cached, seen)`` with each :func:`storable` sample's equilibrium written at its index; the other
+    entries (other examples, and the samples whose solve failed) keep their previous value."""
+    slots = _slots(index, storable(sol), len(seen))
+    value = jax.lax.stop_gradient(sol.value).astype(cached.dtype)
+    return cached.at[slots].set(value, mode="drop"), seen.at[slots].set(True, mode="drop")
+
+
+def _solve_from_cache(
+    name: str, solve: Callable[[jax.Array], Solution], z_cold: jax.Array, index: Optional[jax.Array], cache
+) -> tuple[Solution, Optional[tuple]]:
+    """``(solve(start), new cache)``: without a ``cache`` (``None``) a cold start from ``z_cold`` and ``None``;
+    with ``cache = (cached, seen)`` the start is :func:`cached_start` and the new cache :func:`updated_cache`."""
+    if cache is None:
+        return solve(z_cold), None
+    cached, seen = cache
+    _check_cache(name, cached, seen, z_cold)
+    _check_index(name, index, len(z_cold), len(seen))
+    index = jnp.asarray(index)
+    sol = solve(cached_start(cached, seen, index, z_cold))
+    return sol, updated_cache(cached, seen, index, sol)
+
+
+def _empty_cache(size: int, z_cold: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A cache of ``size`` examples with no entry: zero states shaped like one sample of ``z_cold``, none seen."""
+    return jnp.zeros((size, *z_cold.shape[1:]), z_cold.dtype), jnp.zeros((size,), bool)
+
+
 class DEQ(linen.Module):
     """A linen DEQ layer: ``z* = f(z*, x)`` for a batch ``x``.
 
@@ -156,10 +261,16 @@ class DEQ(linen.Module):
       grad: the gradient mode (default ``Implicit()``).
       per_sample: each sample its own problem (default), or the batch as one.
       cell: ``f`` by its former name (``DEQ(cell=MLPCell(64))``).
+      cache_size: the number of examples of the per-example fixed-point cache (the training set's size), or
+        ``None`` (default): no cache. ``init`` creates it in the ``"deq_cache"`` collection (``"z"``: the
+        last equilibrium of each example, ``"seen"``: whether it has one).
 
-    Call as ``layer(x, z0)``; ``z0`` may be omitted for a jdeq cell. Returns the equilibrium, shaped
-    like ``z0``. A jdeq cell's parameters live under ``params["cell"]``, a module's under ``params["f"]``
-    (or under its parent's name for it, when the module is created inside a parent's compact method).
+    Call as ``layer(x, z0, index=None)``; ``z0`` may be omitted for a jdeq cell. Returns the equilibrium,
+    shaped like ``z0``. A jdeq cell's parameters live under ``params["cell"]``, a module's under
+    ``params["f"]`` (or under its parent's name for it, when the module is created inside a parent's compact
+    method). With the ``"deq_cache"`` collection passed (and mutable), ``index`` (each sample's index in
+    the dataset) is required: each solve starts from :func:`cached_start` and the cache is updated
+    (:func:`updated_cache`); without the collection the solve starts cold from ``z0``.
     """
 
     f: Any = None
@@ -167,19 +278,22 @@ class DEQ(linen.Module):
     grad: Optional[GradientMode] = None
     per_sample: bool = True
     cell: Any = None
+    cache_size: Optional[int] = None
 
     @linen.compact
-    def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None, index: Optional[jax.Array] = None) -> jax.Array:
         if (self.f is None) == (self.cell is None):
             raise ValueError("DEQ takes one map: DEQ(f) with a linen module or a jdeq cell (or DEQ(cell=...))")
+        _check_cache_size(self.cache_size)
         options = dict(
             solver=self.solver, grad=self.grad, per_sample=self.per_sample, backward_stats=_layer_probe(self)
         )
         f = self.f if self.f is not None else self.cell
         if isinstance(f, linen.Module):
-            sol = _solve_linen_module(self, f, x, z0, options)
+            z_cold, solve = _linen_module_solver(self, f, x, z0, options)
         else:
-            sol = _solve_linen_cell(self, f, x, options)
+            z_cold, solve = _linen_cell_solver(self, f, x, options)
+        sol = _solve_linen(self, type(f).__name__, solve, z_cold, index)
         if not self.is_initializing():  # init returns parameters only, no stale statistics
             self.sow(STATS_COLLECTION, STATS_NAME, sol.stats)
         return sol.value
@@ -192,14 +306,56 @@ def _layer_probe(layer: DEQ) -> Optional[jax.Array]:
     return None
 
 
-def _solve_linen_cell(layer: DEQ, cell: Any, x: jax.Array, options: dict) -> Solution:
+def _check_cache_size(cache_size: Optional[int]) -> None:
+    """ValueError unless ``cache_size`` is ``None`` or a positive int."""
+    if cache_size is not None and not (isinstance(cache_size, (int, np.integer)) and cache_size >= 1):
+        raise ValueError(
+            f"cache_size must be None (no cache) or an int >= 1 (the training set size), got {cache_size!r}"
+        )
+
+
+def _layer_cache(layer: DEQ, z_cold: jax.Array) -> Optional[tuple]:
+    """The layer's ``"deq_cache"`` variables ``(z, seen)``: created at init, used when the caller passes them."""
+    if layer.cache_size is None or not (layer.is_initializing() or layer.has_variable(CACHE_COLLECTION, "z")):
+        return None
+
+    def empty(part: int) -> jax.Array:
+        return _empty_cache(layer.cache_size, z_cold)[part]
+
+    return tuple(layer.variable(CACHE_COLLECTION, name, empty, part) for part, name in enumerate(("z", "seen")))
+
+
+def _solve_linen(layer: DEQ, name: str, solve: Callable, z_cold: jax.Array, index: Optional[jax.Array]) -> Solution:
+    """``solve`` from the layer's cache (``_solve_from_cache``) when the caller passed it, else from ``z_cold``."""
+    variables = _layer_cache(layer, z_cold)  # created at init, where the solve starts cold
+    if variables is None or layer.is_initializing():
+        return solve(z_cold)
+    if not layer.is_mutable_collection(CACHE_COLLECTION):
+        raise ValueError(
+            f"DEQ({name}): the 'deq_cache' collection was passed but is not mutable: apply with "
+            "mutable=['deq_cache'] to keep the new equilibria, or leave it out for a cold start"
+        )
+    sol, new = _solve_from_cache(name, solve, z_cold, index, tuple(v.value for v in variables))
+    for variable, value in zip(variables, new):
+        variable.value = value
+    return sol
+
+
+def _linen_cell_solver(layer: DEQ, cell: Any, x: jax.Array, options: dict) -> tuple[jax.Array, Callable]:
+    """``(cold start, solve(start) -> Solution)`` for a jdeq cell, its parameters created at init."""
     if layer.has_variable("params", "cell"):  # name a misfit input before flax's own shape check does
         check_input(cell, layer.get_variable("params", "cell"), x)
     params = layer.param("cell", lambda key: cell.init(key, jnp.shape(x)[1:]))
-    return solve_cell(cell, params, x, **options)
+    return _cell_solver(cell, params, x, options)
 
 
-def _solve_linen_module(layer: DEQ, module: linen.Module, x: jax.Array, z0: Optional[jax.Array], options) -> Solution:
+def _cell_solver(cell: Any, params: Any, x: jax.Array, options: dict) -> tuple[jax.Array, Callable]:
+    """``(cold start, solve(start) -> Solution)`` for a jdeq cell with ``params``."""
+    return _cell_start(cell, params, x), lambda start: solve_cell(cell, params, x, z0=start, **options)
+
+
+def _linen_module_solver(layer: DEQ, module: linen.Module, x: jax.Array, z0: Optional[jax.Array], options):
+    """``(z0, solve(start) -> Solution)`` for a linen module, its parameters created at init."""
     name = type(module).__name__
     if z0 is None:
         raise _missing_start(name)
@@ -217,7 +373,7 @@ def _solve_linen_module(layer: DEQ, module: linen.Module, x: jax.Array, z0: Opti
         return pure.apply({"params": p}, z, x, rngs=rngs)
 
     one = _one_of_batch(lambda z, x, p, *key: call(p, z, x, *key))
-    return _solve_map(one, call, z0, x, variables.get("params", {}), keys=keys, **options)
+    return z0, lambda start: _solve_map(one, call, start, x, variables.get("params", {}), keys=keys, **options)
 
 
 class DEQClassifier(linen.Module):
@@ -228,8 +384,8 @@ class DEQClassifier(linen.Module):
     num_classes: int
 
     @linen.compact
-    def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None) -> jax.Array:
-        z = self.deq(x, z0)
+    def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None, index: Optional[jax.Array] = None) -> jax.Array:
+        z = self.deq(x, z0, index)
         pooled = jnp.mean(z, axis=tuple(range(1, z.ndim - 1)))
         return linen.Dense(self.num_classes, param_dtype=pooled.dtype)(pooled)  # no implicit promotion
 
@@ -246,6 +402,23 @@ class BackwardProbe(nnx.Variable):
     """An NNX layer's zero probe: differentiate with respect to it (``nnx.DiffState``) for backward stats."""
 
 
+class FixedPointCache(nnx.Variable):
+    """An NNX layer's per-example fixed-point cache (the states and their ``seen`` flags); not a parameter."""
+
+
+def _nnx_cache(name: str, cache_size: Optional[int], state_shape, state_dtype) -> tuple:
+    """The two :class:`FixedPointCache` variables of an NNX layer with ``cache_size``, or ``(None, None)``."""
+    if cache_size is None:
+        return None, None
+    if state_shape is None:
+        raise ValueError(
+            f"NNXDEQ({name}) with cache_size needs state_shape, one sample's shape of z (a Flax module does not "
+            "say the shape of its state)"
+        )
+    template = jnp.zeros((1, *state_shape), state_dtype or jnp.zeros(()).dtype)
+    return tuple(FixedPointCache(value) for value in _empty_cache(cache_size, template))
+
+
 class NNXDEQ(nnx.Module):
     """An NNX DEQ layer: ``z* = f(z*, x)`` for a batch ``x``; calling it returns the equilibrium.
 
@@ -257,9 +430,15 @@ class NNXDEQ(nnx.Module):
       solver: as in :class:`DEQ`.
       grad: as in :class:`DEQ`.
       per_sample: as in :class:`DEQ`.
+      cache_size: as in :class:`DEQ`: the cache is two :class:`FixedPointCache` variables, ``cached_states``
+        and ``cached_seen``; the attribute ``warm_start`` (``True`` when there is a cache) switches it off
+        for evaluation: ``model.set_attributes(warm_start=False)``.
+      state_shape: one sample's state shape, for the cache of a Flax module's layer (a jdeq cell's is known).
+      state_dtype: the state's dtype for that cache (default: JAX's default float).
 
-    Keeps the latest call's forward :class:`jdeq.Stats` as an ``nnx.Intermediate`` (read with
-    :func:`forward_stats`).
+    Call as ``layer(x, z0, index=None)``; with a cache and ``warm_start``, ``index`` (each sample's index
+    in the dataset) is required. Keeps the latest call's forward :class:`jdeq.Stats` as an
+    ``nnx.Intermediate`` (read with :func:`forward_stats`).
     """
 
     def __init__(
@@ -271,7 +450,11 @@ class NNXDEQ(nnx.Module):
         solver: Solver = DEFAULT_SOLVER,
         grad: Optional[GradientMode] = None,
         per_sample: bool = True,
+        cache_size: Optional[int] = None,
+        state_shape: Optional[tuple] = None,
+        state_dtype: Any = None,
     ):
+        _check_cache_size(cache_size)
         self.solver, self.grad, self.per_sample = solver, grad, per_sample
         self.probe = BackwardProbe(stats_probe())
         self.deq_stats = nnx.Intermediate(None)
@@ -282,20 +465,31 @@ class NNXDEQ(nnx.Module):
                 raise ValueError(f"NNXDEQ({type(f).__name__}): a jdeq cell needs x_shape and rngs to build parameters")
             self.f, self.cell = None, f
             self.params = nnx.data(jax.tree_util.tree_map(nnx.Param, f.init(rngs.params(), tuple(x_shape))))
+            state = jax.eval_shape(f.inject, self._cell_params(), jnp.zeros(tuple(x_shape)))
+            state_shape, state_dtype = state.shape, state.dtype
+        self.warm_start = cache_size is not None
+        self.cached_states, self.cached_seen = _nnx_cache(type(f).__name__, cache_size, state_shape, state_dtype)
 
-    def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None, index: Optional[jax.Array] = None) -> jax.Array:
         options = dict(solver=self.solver, grad=self.grad, per_sample=self.per_sample, backward_stats=self.probe[...])
         if self.cell is not None:
-            params = jax.tree_util.tree_map(
-                lambda v: v[...], self.params, is_leaf=lambda v: isinstance(v, nnx.Variable)
-            )
-            sol = solve_cell(self.cell, params, x, **options)
+            z_cold, solve = _cell_solver(self.cell, self._cell_params(), x, options)
         else:
-            sol = self._solve_module(x, z0, options)
+            z_cold, solve = self._module_solver(x, z0, options)
+        use_cache = self.warm_start and self.cached_states is not None
+        cache = (self.cached_states[...], self.cached_seen[...]) if use_cache else None
+        sol, new = _solve_from_cache(type(self.f or self.cell).__name__, solve, z_cold, index, cache)
+        if new is not None:
+            _set_value(self.cached_states, new[0])
+            _set_value(self.cached_seen, new[1])
         _set_value(self.deq_stats, sol.stats)  # the latest call's, replaced (not appended) at each call
         return sol.value
 
-    def _solve_module(self, x: jax.Array, z0: Optional[jax.Array], options: dict) -> Solution:
+    def _cell_params(self) -> Any:
+        return jax.tree_util.tree_map(lambda v: v[...], self.params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+    def _module_solver(self, x: jax.Array, z0: Optional[jax.Array], options: dict) -> tuple[jax.Array, Callable]:
+        """``(z0, solve(start) -> Solution)`` for the layer's ``nnx.Module``."""
         name = type(self.f).__name__
         if z0 is None:
             raise _missing_start(name)
@@ -305,7 +499,8 @@ class NNXDEQ(nnx.Module):
         def call(p, z, x):
             return nnx.merge(graphdef, p, rest)(z, x)
 
-        return _solve_map(_one_of_batch(lambda z, x, p: call(p, z, x)), call, z0, x, params, **options)
+        one = _one_of_batch(lambda z, x, p: call(p, z, x))
+        return z0, lambda start: _solve_map(one, call, start, x, params, **options)
 
 
 class NNXDEQClassifier(nnx.Module):
@@ -315,6 +510,6 @@ class NNXDEQClassifier(nnx.Module):
     def __init__(self, deq: NNXDEQ, features: int, num_classes: int, *, rngs: nnx.Rngs):
         self.deq, self.head = deq, nnx.Linear(features, num_classes, rngs=rngs)
 
-    def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None) -> jax.Array:
-        z = self.deq(x, z0)
+    def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None, index: Optional[jax.Array] = None) -> jax.Array:
+        z = self.deq(x, z0, index)
         return self.head(jnp.mean(z, axis=tuple(range(1, z.ndim - 1))))

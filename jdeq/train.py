@@ -5,6 +5,11 @@ A run is a pure function of its seed and model: linen parameters come from ``PRN
 brings its own), the batch order of epoch ``e`` from ``numpy.random.default_rng((seed, e))``. Checkpoints are
 written at the end of each epoch, so a run resumed from its last checkpoint replays exactly the steps an
 uninterrupted run takes.
+
+Warm starts: a model whose DEQ layers hold a per-example fixed-point cache (``cache_size=len(data.x_train)``,
+see :mod:`jdeq.nn`) is called with ``index=`` (each sample's index in the training set) in the training steps;
+the cache is part of the :class:`TrainState`, updated on the device by each step, checkpointed with the
+parameters and restored on resume. Evaluation runs without it (a cold start from ``z0``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -36,7 +42,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from .data import Dataset, check_dataset
-from .nn import PROBE_COLLECTION, STATS_COLLECTION, BackwardProbe, forward_stats
+from .nn import CACHE_COLLECTION, PROBE_COLLECTION, STATS_COLLECTION, BackwardProbe, FixedPointCache, forward_stats
 from .stats import read_backward_stats, stats_probe, summarize
 
 CHECKPOINTS_KEPT = 3
@@ -44,10 +50,13 @@ LOCK_FILE = "jdeq.lock"
 
 
 class TrainState(NamedTuple):
-    """What a step updates: ``params`` (the model's ``"params"`` collection) and the optimizer state."""
+    """What a step updates: ``params`` (the model's ``"params"`` collection), the optimizer state, and the DEQ
+    layers' fixed-point ``cache`` (linen: the ``"deq_cache"`` collection; NNX: the ``FixedPointCache`` state;
+    ``None`` without one)."""
 
     params: Any
     opt_state: Any
+    cache: Any = None
 
 
 class FitResult(NamedTuple):
@@ -101,21 +110,29 @@ def default_metrics(outputs: jax.Array, y: jax.Array) -> dict:
 
 class LinenModel:
     """A linen model as :func:`fit` uses it: ``params`` from ``init(seed)``, forward stats from ``"intermediates"``,
-    per-sample backward probes passed as the ``"deq_probe"`` collection."""
+    per-sample backward probes passed as the ``"deq_probe"`` collection, the fixed-point cache (if any) as the
+    mutable ``"deq_cache"`` collection with ``index=``."""
 
     def __init__(self, model: linen.Module):
         self.model = model
         self.probe_layout: Any = {}  # the "deq_probe" collection's structure, recorded by init
+        self.cache: Any = None  # the initial "deq_cache" collection, recorded by init
 
     def init(self, seed: int, x: jax.Array) -> Any:
         variables = self.model.init(jax.random.PRNGKey(seed), x)
         self.probe_layout = variables.get(PROBE_COLLECTION, {})
+        self.cache = variables.get(CACHE_COLLECTION)
         return variables["params"]
 
-    def apply(self, params: Any, probes: Any, x: jax.Array) -> tuple[jax.Array, list]:
+    def apply(self, params: Any, probes: Any, x: jax.Array, cache: Any = None, index: Any = None) -> tuple:
+        """``(outputs, forward stats, new cache)``; without a ``cache`` (``None``) a cold start and ``None``."""
         variables = {"params": params} if probes is None else {"params": params, PROBE_COLLECTION: probes}
-        outputs, sown = self.model.apply(variables, x, mutable=[STATS_COLLECTION])
-        return outputs, forward_stats(sown)
+        if cache is None:
+            outputs, sown = self.model.apply(variables, x, mutable=[STATS_COLLECTION])
+            return outputs, forward_stats(sown), None
+        variables[CACHE_COLLECTION] = cache
+        outputs, sown = self.model.apply(variables, x, index=index, mutable=[STATS_COLLECTION, CACHE_COLLECTION])
+        return outputs, forward_stats(sown), sown[CACHE_COLLECTION]
 
     def probes(self, x: jax.Array) -> Any:
         """A per-sample probe for each DEQ layer of the model :meth:`init` built (no second trace of ``init``)."""
@@ -135,23 +152,33 @@ class NNXModel:
 
     def __init__(self, model: nnx.Module):
         self.model = model
-        self.graphdef, self.params, self.probe_state, self.rest = nnx.split(model, nnx.Param, BackwardProbe, ...)
+        self.graphdef, self.params, self.probe_state, cache, self.rest = nnx.split(
+            model, nnx.Param, BackwardProbe, FixedPointCache, ...
+        )
+        self.cache = cache if jax.tree_util.tree_leaves(cache) else None
 
     def init(self, seed: int, x: jax.Array) -> Any:
         return self.params
 
-    def apply(self, params: Any, probes: Any, x: jax.Array) -> tuple[jax.Array, list]:
+    def apply(self, params: Any, probes: Any, x: jax.Array, cache: Any = None, index: Any = None) -> tuple:
+        """``(outputs, forward stats, new cache)``; without a ``cache`` (``None``) the layers' ``warm_start`` is
+        switched off (a cold start) and the new cache is ``None``."""
         probes = self.probe_state if probes is None else probes
-        module = nnx.merge(self.graphdef, params, probes, self.rest, copy=True)  # fresh variables in this trace
-        outputs = module(x)
-        return outputs, forward_stats(module)
+        caches = () if self.cache is None else (self.cache if cache is None else cache,)
+        module = nnx.merge(self.graphdef, params, probes, *caches, self.rest, copy=True)  # fresh variables
+        if cache is None:
+            module.set_attributes(warm_start=False, raise_if_not_found=False)
+            return module(x), forward_stats(module), None
+        outputs = module(x, index=index)
+        return outputs, forward_stats(module), nnx.state(module, FixedPointCache)
 
     def probes(self, x: jax.Array) -> Any:
         return jax.tree_util.tree_map(lambda _: stats_probe(x.shape[:1]), self.probe_state)
 
     def fields(self) -> dict:
         shapes = jax.tree_util.tree_map(jnp.shape, self.params)
-        return {"model": type(self.model).__name__, "model.params": str(shapes)}
+        cache = {} if self.cache is None else {"model.cache": str(jax.tree_util.tree_map(jnp.shape, self.cache))}
+        return {"model": type(self.model).__name__, "model.params": str(shapes), **cache}
 
     def finish(self, params: Any) -> None:
         nnx.update(self.model, params)
@@ -173,8 +200,9 @@ def make_train_step(
     metrics_fn: Callable = default_metrics,
     stop_on_nonfinite: bool = True,
 ) -> Callable:
-    """``step(state, x, y, halted) -> (state, metrics, halted)``, jitted: ``loss_fn(outputs, y)``, implicit
-    gradients, one optax update.
+    """``step(state, x, y, halted, index=None) -> (state, metrics, halted)``, jitted: ``loss_fn(outputs, y)``,
+    implicit gradients, one optax update; with a fixed-point cache in ``state``, ``index`` (the samples' indices
+    in the training set) is required and the step stores the new equilibria in ``state.cache``.
 
     ``metrics`` holds the loss, ``metrics_fn(outputs, y)``, the DEQ layers' forward statistics and their backward
     statistics (read off per-sample probes: no probe is threaded through the user's model). A step whose loss,
@@ -183,16 +211,18 @@ def make_train_step(
     (all decided on the device: metrics reach the host only every ``log_every`` steps).
     """
 
-    def objective(params, probes, x, y):
-        outputs, stats = trainable.apply(params, probes, x)
-        return loss_fn(outputs, y), (outputs, stats)
+    def objective(params, probes, cache, index, x, y):
+        outputs, stats, cache = trainable.apply(params, probes, x, cache, index)
+        return loss_fn(outputs, y), (outputs, stats, cache)
 
     @jax.jit
-    def step(state: TrainState, x, y, halted):
+    def step(state: TrainState, x, y, halted, index=None):
         grad_fn = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
-        (loss, (outputs, stats)), (grads, probe_grads) = grad_fn(state.params, trainable.probes(x), x, y)
+        (loss, (outputs, stats, cache)), (grads, probe_grads) = grad_fn(
+            state.params, trainable.probes(x), state.cache, index, x, y
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new = TrainState(optax.apply_updates(state.params, updates), opt_state)
+        new = TrainState(optax.apply_updates(state.params, updates), opt_state, cache)
         finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(new)
         applied = finite & ~halted
         metrics = {
@@ -212,14 +242,15 @@ def make_eval_step(
     trainable: LinenModel | NNXModel, loss_fn: Callable = default_loss, metrics_fn: Callable = default_metrics
 ) -> Callable:
     """``evaluate(params, x, y, weight) -> sums``, jitted; ``loss_fn`` and ``metrics_fn`` are applied to each
-    sample (as a batch of one) so that ``weight`` (0/1) masks the padding of the last batch exactly."""
+    sample (as a batch of one) so that ``weight`` (0/1) masks the padding of the last batch exactly. The solves
+    start cold (no fixed-point cache)."""
 
     def per_sample(fn, outputs, y):
         return jax.vmap(lambda o, t: fn(o[None], t[None]))(outputs, y)
 
     @jax.jit
     def evaluate(params, x, y, weight):
-        outputs, stats = trainable.apply(params, None, x)
+        outputs, stats, _ = trainable.apply(params, None, x)
         values = {"loss": per_sample(loss_fn, outputs, y), **per_sample(metrics_fn, outputs, y)}
         steps = jnp.stack([s.num_steps for s in stats]).astype(jnp.float32)
         return {
@@ -356,13 +387,15 @@ def check_config(directory: Path, epoch: int, saved: dict, new: dict) -> None:
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, epoch: int, state: TrainState, history: list[dict], config: dict):
-    """Save ``state``, ``history`` and ``run`` (``config``, and the :func:`checksum` of it and of each item) as
-    checkpoint ``epoch``."""
-    items = {"params": state.params, "opt_state": state.opt_state, "history": history, "config": config}
+    """Save ``state`` (its fixed-point cache too, if any), ``history`` and ``run`` (``config``, and the
+    :func:`checksum` of it and of each item) as checkpoint ``epoch``."""
+    arrays = {"params": state.params, "opt_state": state.opt_state}
+    if state.cache is not None:
+        arrays["cache"] = state.cache
+    items = {**arrays, "history": history, "config": config}
     run = {"config": config, "sha256": {name: checksum(item) for name, item in items.items()}}
     args = ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        opt_state=ocp.args.StandardSave(state.opt_state),
+        **{name: ocp.args.StandardSave(item) for name, item in arrays.items()},
         history=ocp.args.JsonSave(history),
         run=ocp.args.JsonSave(run),
     )
@@ -431,7 +464,8 @@ def resume(manager: ocp.CheckpointManager, state: TrainState, config: dict, epoc
 
     def templates(epoch: int, saved: dict) -> dict:
         check_config(Path(manager.directory), epoch, saved, config)
-        return {"params": state.params, "opt_state": state.opt_state, "history": None}
+        cache = {} if state.cache is None else {"cache": state.cache}
+        return {"params": state.params, "opt_state": state.opt_state, **cache, "history": None}
 
     epoch, items = restore_latest(manager, templates)
     if epoch > epochs:
@@ -441,7 +475,7 @@ def resume(manager: ocp.CheckpointManager, state: TrainState, config: dict, epoc
             "checkpoint_dir"
         )
     set_aside(manager, [e for e in manager.all_steps() if e > epoch])
-    return TrainState(items["params"], items["opt_state"]), list(items["history"])
+    return TrainState(items["params"], items["opt_state"], items.get("cache")), list(items["history"])
 
 
 def load(checkpoint_dir: str | Path, model: Any) -> Any:
@@ -528,6 +562,32 @@ def _running(pid: int) -> bool:
     return True
 
 
+def init_state(trainable: LinenModel | NNXModel, optimizer: optax.GradientTransformation, data: Dataset, seed: int):
+    """The :class:`TrainState` a run starts from: the model's parameters, ``optimizer.init`` of them, and the DEQ
+    layers' empty fixed-point cache (if any), checked to fit ``data``'s training set."""
+    params = trainable.init(seed, data.x_train[:1])
+    if trainable.cache is not None:
+        check_cache_fits(trainable, len(data.x_train))
+    return TrainState(params, optimizer.init(params), trainable.cache)
+
+
+def check_cache_fits(trainable: LinenModel | NNXModel, n: int) -> None:
+    """ValueError unless every fixed-point cache of the model holds ``n`` examples and the model takes ``index=``."""
+    sizes = sorted({jnp.shape(leaf)[0] for leaf in jax.tree_util.tree_leaves(trainable.cache)})
+    if sizes != [n]:
+        raise ValueError(
+            f"the model's fixed-point cache holds {', '.join(map(str, sizes))} examples, the training set {n}: build "
+            "its DEQ layers with cache_size=len(data.x_train)"
+        )
+    parameters = inspect.signature(trainable.model.__call__).parameters
+    if "index" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        raise ValueError(
+            f"{type(trainable.model).__name__} has a DEQ layer with a fixed-point cache, so fit calls it with index= "
+            "(the samples' indices in the training set): add an index argument to its __call__ and pass it on to "
+            "the layer"
+        )
+
+
 def train_epoch(
     train_step: Callable,
     state: TrainState,
@@ -546,7 +606,8 @@ def train_epoch(
     rows, pending, halted = [], [], jnp.zeros((), bool)
     batches = list(epoch_batches(seed, epoch, len(data.x_train), batch_size))
     for step, index in enumerate(batches, 1):
-        state, metrics, halted = train_step(state, data.x_train[index], data.y_train[index], halted)
+        keys = () if state.cache is None else (index,)  # the examples' indices, for the fixed-point cache
+        state, metrics, halted = train_step(state, data.x_train[index], data.y_train[index], halted, *keys)
         pending.append(metrics)
         if step % log_every == 0 or step == len(batches):
             fetched = jax.device_get((pending, halted))
@@ -603,6 +664,10 @@ def fit(
     run resumes from the newest intact checkpoint there (see :func:`resume`) and saves one per epoch, with
     checksums and the run's configuration (:func:`run_config`, including ``config``, a dict of JSON values).
 
+    Warm starts: when the model's DEQ layers have a fixed-point cache (``cache_size=len(data.x_train)``), each
+    training step passes ``index=`` (the batch's indices in ``data.x_train``) and keeps the cache in the state
+    (checkpointed, restored on resume); evaluation starts cold.
+
     A step with a nonfinite loss, gradient or update never changes the state; ``on_nonfinite="stop"``
     (default) then raises :class:`NonfiniteError` naming the epoch and step, ``"skip"`` goes on (each
     history row counts its ``skipped_steps``; its other training metrics are over the steps kept).
@@ -620,8 +685,7 @@ def fit(
     x_eval, y_eval = (data.x_test, data.y_test) if eval_data is None else eval_data
     directory = None if checkpoint_dir is None else writable_directory(checkpoint_dir)
     with contextlib.nullcontext() if directory is None else directory_lock(directory):
-        params = trainable.init(seed, data.x_train[:1])
-        state = TrainState(params, optimizer.init(params))
+        state = init_state(trainable, optimizer, data, seed)
         run = run_config(trainable.fields(), state.opt_state, data, seed, batch_size, config or {})
         manager = None if directory is None else checkpoint_manager(directory)
         state, history = (state, []) if manager is None else resume(manager, state, run, epochs)
