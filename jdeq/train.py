@@ -221,7 +221,8 @@ def make_train_step(
         (loss, (outputs, stats, cache)), (grads, probe_grads) = grad_fn(
             state.params, trainable.probes(x), state.cache, index, x, y
         )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        with jax.numpy_dtype_promotion("standard"):  # optax's own transforms (adam's decay**count) are not strict-clean
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new = TrainState(optax.apply_updates(state.params, updates), opt_state, cache)
         finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(new)
         applied = finite & ~halted
