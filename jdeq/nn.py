@@ -508,7 +508,8 @@ class NNXDEQClassifier(nnx.Module):
     global average pooling over spatial axes, a linear head."""
 
     def __init__(self, deq: NNXDEQ, features: int, num_classes: int, *, rngs: nnx.Rngs):
-        self.deq, self.head = deq, nnx.Linear(features, num_classes, rngs=rngs)
+        # the head's parameters in JAX's default float dtype, that of a jdeq cell's state (no implicit promotion)
+        self.deq, self.head = deq, nnx.Linear(features, num_classes, param_dtype=jnp.zeros(()).dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None, index: Optional[jax.Array] = None) -> jax.Array:
         z = self.deq(x, z0, index)

@@ -33,7 +33,7 @@ def project_rows_l1(a: jax.Array, radius: float) -> jax.Array:
     magnitude = jnp.abs(a)
     descending = -jnp.sort(-magnitude, axis=-1)
     excess = jnp.cumsum(descending, axis=-1) - radius
-    ranks = jnp.arange(1, a.shape[-1] + 1, dtype=a.dtype)
+    ranks = jnp.broadcast_to(jnp.arange(1, a.shape[-1] + 1, dtype=a.dtype), a.shape)
     kept = jnp.sum(descending * ranks > excess, axis=-1, keepdims=True)  # the number of entries left nonzero
     theta = jnp.take_along_axis(excess, kept - 1, axis=-1) / kept.astype(a.dtype)
     return jnp.sign(a) * jnp.maximum(magnitude - jnp.maximum(theta, 0), 0)

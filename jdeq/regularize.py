@@ -133,7 +133,8 @@ def weight_norm_apply(params: Any) -> Any:
 
     def apply(leaf):
         if isinstance(leaf, WeightNorm):
-            return leaf.direction * (leaf.scale / _column_norms(leaf.direction))
+            factor = leaf.scale / _column_norms(leaf.direction)  # per column: broadcast at equal rank
+            return leaf.direction * jnp.broadcast_to(factor, leaf.direction.shape)
         return leaf
 
     return jax.tree_util.tree_map(apply, params, is_leaf=lambda x: isinstance(x, WeightNorm))

@@ -60,7 +60,8 @@ def logistic_optimum(phi: jax.Array, labels: jax.Array, max_steps: int = 5000, g
     def step(carry):
         w, state, _, k = carry
         value, grad = value_and_grad(w, state=state)
-        updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=loss)
+        with jax.numpy_dtype_promotion("standard"):  # optax's L-BFGS mixes int32 and int64 indices
+            updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=loss)
         return optax.apply_updates(w, updates), state, optax.tree.norm(grad), k + 1
 
     def running(carry):

@@ -105,7 +105,7 @@ def default_loss(outputs: jax.Array, y: jax.Array) -> jax.Array:
 
 def default_metrics(outputs: jax.Array, y: jax.Array) -> dict:
     """``{"accuracy": ...}`` of logits ``outputs`` against integer labels ``y``."""
-    return {"accuracy": jnp.mean(jnp.argmax(outputs, -1) == y)}
+    return {"accuracy": jnp.mean(jnp.argmax(outputs, -1).astype(y.dtype) == y)}
 
 
 class LinenModel:
@@ -256,7 +256,7 @@ def make_eval_step(
         steps = jnp.stack([s.num_steps for s in stats]).astype(jnp.float32)
         return {
             "count": jnp.sum(weight),
-            **{key: jnp.sum(weight * value) for key, value in values.items()},
+            **{key: jnp.sum(weight.astype(value.dtype) * value) for key, value in values.items()},
             "fwd_steps": jnp.sum(weight * jnp.mean(steps, axis=0)),
             "fwd_max_steps": jnp.max(jnp.where(weight > 0, jnp.max(steps, axis=0), 0.0)),
         }

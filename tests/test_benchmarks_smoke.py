@@ -22,7 +22,7 @@ from jdeq.models import ConvCell
 TINY = ["--libraries", "jdeq", "--methods", "fixedpoint", "--sizes", "4x8", "--repeats", "3", "--step-steps", "3"]
 
 
-def test_harness_writes_rows_with_measured_residuals(tmp_path):
+def test_harness_writes_rows_with_measured_residuals(tmp_path, standard_promotion):  # its train step calls optax.adam
     path = run.main(
         [
             *TINY,

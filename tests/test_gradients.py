@@ -101,7 +101,7 @@ def test_integer_arguments_are_allowed():
     w = random_matrix(5, 4, 0.5)
 
     def f(z, w, shift):
-        return jnp.tanh(w @ z + shift)
+        return jnp.tanh(w @ z + shift.astype(z.dtype))  # explicit: the suite runs under strict promotion
 
     g = jax.grad(lambda w: jdeq.fixed_point(f, jnp.zeros(4), w, jnp.arange(4)).value.sum())(w)
     assert g.shape == (4, 4) and bool(jnp.all(jnp.isfinite(g)))

@@ -101,7 +101,7 @@ def test_matmul_precision_reaches_the_products_of_both_passes():
     w, x = problem()
 
     def loss(w, precision):
-        return jnp.sum(jdeq.fixed_point(tanh_map, jnp.zeros(N), x, w, precision=precision).value)
+        return jnp.sum(jdeq.fixed_point(tanh_map, jnp.zeros(N, x.dtype), x, w, precision=precision).value)
 
     def dot_precisions(precision):
         jaxpr = jax.make_jaxpr(jax.grad(loss), static_argnums=1)(w, precision)

@@ -85,7 +85,7 @@ def flax_deq_loss(params, x):
     return jnp.sum(z**2)
 
 
-def test_spectral_normalize_flax_params():
+def test_spectral_normalize_flax_params(standard_promotion):  # a user's linen.Dense fed float64 data
     x = jnp.linspace(-1.0, 1.0, 3)
     params = jax.tree_util.tree_map(lambda p: 3.0 * p, float64_params(0, x))  # far from contractive
     normed = jdeq.spectral_normalize(params, bound=0.9, num_iters=100)
@@ -96,7 +96,7 @@ def test_spectral_normalize_flax_params():
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
 
 
-def test_weight_norm_round_trip_and_gradients():
+def test_weight_norm_round_trip_and_gradients(standard_promotion):  # a user's linen.Dense fed float64 data
     x = jnp.linspace(-1.0, 1.0, 3)
     params = float64_params(1, x)
     wn = jdeq.weight_norm_init(params)

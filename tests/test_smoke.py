@@ -22,7 +22,9 @@ def test_solve_and_implicit_gradient():
     assert g.shape == (3, 3) and bool(jnp.all(jnp.isfinite(g)))
 
 
-def test_linen_and_nnx_layers_train_one_step():
+def test_linen_and_nnx_layers_train_one_step(
+    standard_promotion,
+):
     x = jnp.ones((2, 4))
     layer = DEQ(cell=MLPCell(6))
     params = layer.init(jax.random.PRNGKey(0), x)["params"]
@@ -58,10 +60,10 @@ def test_batch_solve_and_gradient_inside_shard_map():
     from jax.sharding import PartitionSpec as P
 
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
-    x = jax.device_put(jnp.ones((2, 3)), NamedSharding(mesh, P("data")))
+    x = jax.device_put(jnp.ones((2, 3), jnp.float32), NamedSharding(mesh, P("data")))
 
     def solve(x, w):
-        z0 = jnp.zeros(x.shape)
+        z0 = jnp.zeros(x.shape, x.dtype)
         return jdeq.fixed_point_batch(lambda z, x, w: jnp.tanh(w * z + x), z0, x, w, in_axes=(0, None)).value
 
     sharded = jax.shard_map(solve, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"))

@@ -220,7 +220,7 @@ def test_batch_coupled_map_is_solved_as_one_problem():
     x = jnp.arange(12.0).reshape(4, 3)
 
     def f(z, x):  # couples samples through the batch mean
-        return 0.5 * jnp.tanh(z - z.mean(axis=0) + x)
+        return 0.5 * jnp.tanh(z - z.mean(axis=0, keepdims=True) + x)
 
     sol = jdeq.fixed_point(f, jnp.zeros((4, 3)), x, solver=SOLVERS["anderson"])
     assert bool(sol.stats.converged) and sol.stats.num_steps.shape == ()

@@ -112,9 +112,12 @@ def test_a_failed_solve_keeps_the_previous_entry_and_spares_the_other_samples(in
             np.testing.assert_array_equal(after["z"], before["z"])
 
 
-def test_users_linen_module_with_a_batch_of_one_and_an_index_out_of_range_under_jit():
+def test_users_linen_module_with_a_batch_of_one_and_an_index_out_of_range_under_jit(
+    standard_promotion,
+):  # float64 data, float32 Dense
     layer = DEQ(LinenMap(), solver=PLAIN, cache_size=SIZE)
-    x, z0 = batch(n=1), jnp.zeros((1, WIDTH))
+    x = batch(n=1)
+    z0 = jnp.zeros((1, WIDTH), x.dtype)
     variables = jax.jit(layer.init)(jax.random.PRNGKey(0), x, z0)
     assert variables[CACHE_COLLECTION]["z"].shape == (SIZE, WIDTH)
 

@@ -230,7 +230,7 @@ def test_row_projection_is_the_euclidean_projection_onto_the_l1_ball(row, other,
 
 
 @pytest.mark.parametrize("optimizer", [optax.adam(0.5), optax.sgd(2.0, momentum=0.9)], ids=["adam", "sgd"])
-def test_projection_keeps_the_constraint_through_optax_updates(optimizer):
+def test_projection_keeps_the_constraint_through_optax_updates(optimizer, standard_promotion):  # optax.adam
     kappa = 0.8
     params = {"cell": {"A": jnp.zeros((5, 5)), "U": jnp.zeros((5, 2))}}
     projected = optax.chain(optimizer, project_inf_norm(kappa))

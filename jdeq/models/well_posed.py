@@ -30,7 +30,7 @@ from ..optim import project_rows_l1
 from ..solvers._base import _check
 from ..solvers.splitting import MonotoneProblem, PeacemanRachford, Splitting
 from . import gao
-from .cells import _check_shape, _normal
+from .cells import _check_shape, _normal, matmul
 from .kawaguchi import column_softmax
 
 
@@ -70,7 +70,7 @@ class _InjectedCell:
         return {"A": _normal(key, (self.features, self.features), 1.0, self.features)}
 
     def inject(self, params: dict, x: jax.Array) -> jax.Array:
-        return params["U"] @ x + params["b"]
+        return matmul(params["U"], x) + params["b"]
 
 
 @dataclasses.dataclass(frozen=True)
