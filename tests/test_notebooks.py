@@ -18,7 +18,17 @@ def test_notebook_is_stored_without_outputs(path):
     assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+# The three paper notebooks (02-04) run their experiments' code, which tests/test_experiments.py and
+# tests/test_scaling.py check on known answers; executing them takes ~90 s of the default suite's budget, so
+# they run in `make test-slow`.
+PAPER_NOTEBOOKS = ("02_kawaguchi2021.ipynb", "03_gao2022.ipynb", "04_ling2023.ipynb")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.slow) if p.name in PAPER_NOTEBOOKS else p for p in NOTEBOOKS],
+    ids=[p.name for p in NOTEBOOKS],
+)
 def test_notebook_executes_at_small_size(path, tmp_path, monkeypatch):
     monkeypatch.setenv("JDEQ_NOTEBOOK_SMALL", "1")
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel then draws inline
