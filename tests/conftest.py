@@ -49,7 +49,15 @@ def standard_promotion():
         yield
 
 
-@pytest.fixture(params=list(SOLVERS), ids=list(SOLVERS))
+# Chord's grid runs in `make test-slow` (the default suite's 15-minute budget); Chord(refresh=1) is tested to equal
+# Newton step for step, and Chord's batch, layer and root tests run in the default suite (tests/test_root.py).
+SLOW_SOLVERS = ("chord",)
+
+
+@pytest.fixture(
+    params=[pytest.param(name, marks=pytest.mark.slow) if name in SLOW_SOLVERS else name for name in SOLVERS],
+    ids=list(SOLVERS),
+)
 def solver(request):
     return SOLVERS[request.param]
 

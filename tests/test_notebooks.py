@@ -18,15 +18,22 @@ def test_notebook_is_stored_without_outputs(path):
     assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
 
 
-# The three paper notebooks (02-04) run their experiments' code, which tests/test_experiments.py and
-# tests/test_scaling.py check on known answers; executing them takes ~90 s of the default suite's budget, so
-# they run in `make test-slow`.
-PAPER_NOTEBOOKS = ("02_kawaguchi2021.ipynb", "03_gao2022.ipynb", "04_ling2023.ipynb")
+# The default suite executes the quickstart. The paper notebooks (02-04) run their experiments' code, which
+# tests/test_experiments.py and tests/test_scaling.py check on known answers, and 05/06 train through the layers
+# and fit, which tests/test_fit_flax.py and tests/test_well_posed.py cover; executing them takes ~150 s of the
+# default suite's 15-minute budget, so they run in `make test-slow`.
+SLOW_NOTEBOOKS = (
+    "02_kawaguchi2021.ipynb",
+    "03_gao2022.ipynb",
+    "04_ling2023.ipynb",
+    "05_flax_modules.ipynb",
+    "06_well_posed.ipynb",
+)
 
 
 @pytest.mark.parametrize(
     "path",
-    [pytest.param(p, marks=pytest.mark.slow) if p.name in PAPER_NOTEBOOKS else p for p in NOTEBOOKS],
+    [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_NOTEBOOKS else p for p in NOTEBOOKS],
     ids=[p.name for p in NOTEBOOKS],
 )
 def test_notebook_executes_at_small_size(path, tmp_path, monkeypatch):

@@ -237,9 +237,9 @@ def _finite_difference_jvp(fn, primals, tangents):
     return jax.tree_util.tree_map(lambda a, b: (a - b) / eps, fn(*shifted), fn(*primals))
 
 
-# The y-space steps and the heat step run in the default suite; the f- and k-space steps (the same systems
-# scaled) in `make test-slow`.
-DEFAULT_PROBLEMS = ("heat", "midpoint_y_linear", "midpoint_y_nonlinear")
+# The heat step runs in the default suite; the implicit-midpoint steps in `make test-slow` (the default suite's
+# 15-minute budget).
+DEFAULT_PROBLEMS = ("heat",)
 
 
 @pytest.mark.parametrize("solver_name", list(OPTIMISTIX_SOLVERS))
@@ -268,7 +268,9 @@ def test_optimistix_root_find_and_jvp(problem, solver_name):
 
 
 @pytest.mark.parametrize(
-    "solver", [jdeq.Newton(tol=1e-12), jdeq.Chord(tol=1e-12, max_steps=100)], ids=["newton", "chord"]
+    "solver",
+    [jdeq.Newton(tol=1e-12), pytest.param(jdeq.Chord(tol=1e-12, max_steps=100), marks=pytest.mark.slow)],
+    ids=["newton", "chord"],
 )
 def test_newton_type_solvers_in_a_linen_layer_with_implicit_gradients(solver):
     import flax.linen as linen
