@@ -170,6 +170,7 @@ def test_every_solver_and_its_gradient_inside_shard_map():
             np.testing.assert_allclose(grads[name], expected[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # ~70 s: the default suite's 15-minute budget
 @pytest.mark.skipif(jax.device_count() >= 2, reason="this process already has several devices")
 def test_multidevice_suite_on_eight_cpu_devices():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")

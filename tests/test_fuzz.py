@@ -136,6 +136,7 @@ def test_every_solve_returns_a_valid_code_and_never_converges_falsely(problem, s
     check_stats_are_honest(name, batch, a, b, solver, sol)
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget
 @GRAD_FUZZ
 @given(problem=problems(), solver=solvers())
 def test_gradients_are_finite_when_the_solve_converged_on_a_contraction(problem, solver):

@@ -4,6 +4,7 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import SOLVERS, linear_map, random_matrix, tanh_map
 from hypothesis import given, settings
 from jax.test_util import check_grads
@@ -161,6 +162,7 @@ def test_batched_backward_stats_are_per_sample():
     assert stats.num_steps.shape == (2,) and bool(jnp.all(stats.converged))
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget
 @settings(max_examples=12, deadline=None)
 @given(
     seed=st.integers(0, 10_000),

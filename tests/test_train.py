@@ -53,6 +53,7 @@ def test_training_learns_and_reports_solver_metrics(small_digits):
         assert row["test_fwd_mean_steps"] <= row["test_fwd_max_steps"]
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget; resume-equals-uninterrupted keeps determinism in it
 def test_same_seed_same_parameters_other_seed_differs(small_digits):
     tiny = small_digits._replace(x_train=small_digits.x_train[:100], y_train=small_digits.y_train[:100])
     a, b, c = run(tiny, 1, seed=3), run(tiny, 1, seed=3), run(tiny, 1, seed=4)
