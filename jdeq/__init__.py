@@ -19,6 +19,7 @@ from .regularize import (
 )
 from .solvers import (
     GMRES,
+    LU,
     Anderson,
     BiCGStab,
     Broyden,
@@ -52,6 +53,7 @@ __all__ = [
     "GradientMode",
     "Implicit",
     "ImplicitJVP",
+    "LU",
     "Lineax",
     "LinearSolver",
     "Neumann",

@@ -202,17 +202,17 @@ def test_gmres_max_steps_counts_iterations_not_restarts():
     a = random_matrix(7, 12, 0.9)
     b = jnp.linspace(1.0, 2.0, 12)
 
-    def affine(u):
-        return a.T @ u + b
+    def matvec(u):
+        return a.T @ u
 
-    _, few = jdeq.GMRES(tol=1e-10, max_steps=3, restart=20).solve_fixed_point(affine, b)
-    u, enough = jdeq.GMRES(tol=1e-10, max_steps=12, restart=20).solve_fixed_point(affine, b)
+    _, few = jdeq.GMRES(tol=1e-10, max_steps=3, restart=20).solve_linear(matvec, b)
+    u, enough = jdeq.GMRES(tol=1e-10, max_steps=12, restart=20).solve_linear(matvec, b)
     assert int(few.result) == jdeq.Result.MAX_STEPS and bool(enough.converged)
     np.testing.assert_allclose(u, jnp.linalg.solve(jnp.eye(12) - a.T, b), rtol=1e-8)
 
 
 def test_every_linear_solver_is_a_linear_solver():
-    for solver in (jdeq.GMRES(), jdeq.BiCGStab(), jdeq.Neumann(3), jdeq.Lineax(solver=None)):
+    for solver in (jdeq.LU(), jdeq.GMRES(), jdeq.BiCGStab(), jdeq.Neumann(3), jdeq.Lineax(solver=None)):
         assert isinstance(solver, jdeq.LinearSolver)
 
 
