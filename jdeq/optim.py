@@ -11,6 +11,7 @@ Both compose with any optimiser through ``optax.chain``::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,11 +31,13 @@ def project_rows_l1(a: jax.Array, radius: float) -> jax.Array:
     ``optax.projections.projection_l1_ball`` (the sorting algorithm of Duchi, Shalev-Shwartz, Singer &
     Chandra 2008, "Efficient projections onto the ℓ1-ball") applied to every row (``jax.vmap``); rows inside
     the ball are unchanged. Row by row it is the projection onto ``{A : ‖A‖∞ <= radius}`` used by El Ghaoui
-    et al. (arXiv 1908.06315). optax divides by an integer index inside, so the projection is traced under
-    standard dtype promotion (it is not strict-promotion clean); the result keeps ``a``'s dtype.
+    et al. (arXiv 1908.06315). optax mixes in default-dtype arrays inside, so the projection runs in at least the
+    default float dtype under standard dtype promotion (it is not strict-promotion clean); the result keeps ``a``'s dtype.
     """
     with jax.numpy_dtype_promotion("standard"):
-        projected = jax.vmap(lambda row: optax.projections.projection_l1_ball(row, radius))(a)
+        wide = jnp.promote_types(a.dtype, jnp.asarray(1.0).dtype)  # optax computes in the default float dtype
+        row_projection = functools.partial(optax.projections.projection_l1_ball, scale=jnp.asarray(radius, wide))
+        projected = jax.vmap(row_projection)(a.astype(wide))
     return projected.astype(a.dtype)
 
 

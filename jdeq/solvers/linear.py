@@ -116,7 +116,17 @@ class LU(LinearSolver):
     costs ``n`` vector–Jacobian products and an ``O(n³)`` factorisation per backward pass. A batch ``(B, n)``
     is ``B`` factorisations of ``(n, n)``, batched (``matvec`` runs ``n`` times on the whole batch). The
     stats measure the residual of the returned ``u`` (one more product with ``M``); ``num_steps`` is 1.
+
+    Attributes:
+      tol: the solve counts as converged when ``‖u − (M u + b)‖ <= tol·‖M u + b‖``. LU with partial pivoting
+        is backward stable (residual ~ ``n·eps`` times the growth factor), so the default ``1e-4`` flags a
+        singular or badly scaled system, also in float32, rather than the accuracy of a good one.
     """
+
+    tol: float = 1e-4
+
+    def __post_init__(self):
+        check(self.tol > 0, f"tol must be > 0, got {self.tol}")
 
     def init(self, matvec, b):
         """``(lu, pivots)`` of ``I − M``: ``(n, n)`` and ``(n,)``, with a leading batch axis for a batch."""
@@ -127,7 +137,10 @@ class LU(LinearSolver):
         """``u = (I − M)^{-1} b`` from the factors (``x0`` is not needed by a direct solve); ``b`` may be a batch."""
         lu, pivots = state
         u = _lu_solve(lu, pivots, b)
-        return u, measured_stats(u, matvec(u) + b, 1, Result.CONVERGED)
+        abs_res, rel_res, fx_norm = residuals(u, matvec(u) + b)
+        code = settle(Result.MAX_STEPS, self.tol, 0.0, abs_res, fx_norm)
+        one = jnp.ones(abs_res.shape, jnp.int32)
+        return u, Stats(one, one + 1, rel_res, abs_res, code == Result.CONVERGED, code)
 
     def solve_rows(self, state, matvec, b, x0=None):
         """One batched triangular solve per row's factors."""
