@@ -11,7 +11,6 @@ Both compose with any optimiser through ``optax.chain``::
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -36,8 +35,8 @@ def project_rows_l1(a: jax.Array, radius: float) -> jax.Array:
     """
     with jax.numpy_dtype_promotion("standard"):
         wide = jnp.promote_types(a.dtype, jnp.asarray(1.0).dtype)  # optax computes in the default float dtype
-        row_projection = functools.partial(optax.projections.projection_l1_ball, scale=jnp.asarray(radius, wide))
-        projected = jax.vmap(row_projection)(a.astype(wide))
+        scale = jnp.asarray(radius, wide)
+        projected = jax.vmap(lambda row: optax.projections.projection_l1_ball(row, scale))(a.astype(wide))
     return projected.astype(a.dtype)
 
 
