@@ -19,6 +19,7 @@ from .regularize import (
 )
 from .solvers import (
     GMRES,
+    LU,
     Anderson,
     BiCGStab,
     Broyden,
@@ -67,6 +68,7 @@ __all__ = [
     "GradientMode",
     "Implicit",
     "ImplicitJVP",
+    "LU",
     "Lineax",
     "LinearSolver",
     "Neumann",

@@ -37,6 +37,7 @@ ADJOINTS = {
     "broyden": jdeq.Implicit(jdeq.Broyden(tol=TOL, max_steps=300, m=30)),
     "gmres": jdeq.Implicit(jdeq.GMRES(tol=TOL, max_steps=20, restart=20)),
     "bicgstab": jdeq.Implicit(jdeq.BiCGStab(tol=TOL, max_steps=200)),
+    "lu": jdeq.Implicit(jdeq.LU()),
 }
 
 

@@ -202,17 +202,17 @@ def test_gmres_max_steps_counts_iterations_not_restarts():
     a = random_matrix(7, 12, 0.9)
     b = jnp.linspace(1.0, 2.0, 12)
 
-    def affine(u):
-        return a.T @ u + b
+    def matvec(u):
+        return a.T @ u
 
-    _, few = jdeq.GMRES(tol=1e-10, max_steps=3, restart=20).solve_fixed_point(affine, b)
-    u, enough = jdeq.GMRES(tol=1e-10, max_steps=12, restart=20).solve_fixed_point(affine, b)
+    _, few = jdeq.GMRES(tol=1e-10, max_steps=3, restart=20).solve_linear(matvec, b)
+    u, enough = jdeq.GMRES(tol=1e-10, max_steps=12, restart=20).solve_linear(matvec, b)
     assert int(few.result) == jdeq.Result.MAX_STEPS and bool(enough.converged)
     np.testing.assert_allclose(u, jnp.linalg.solve(jnp.eye(12) - a.T, b), rtol=1e-8)
 
 
 def test_every_linear_solver_is_a_linear_solver():
-    for solver in (jdeq.GMRES(), jdeq.BiCGStab(), jdeq.Neumann(3), jdeq.Lineax(solver=None)):
+    for solver in (jdeq.LU(), jdeq.GMRES(), jdeq.BiCGStab(), jdeq.Neumann(3), jdeq.Lineax(solver=None)):
         assert isinstance(solver, jdeq.LinearSolver)
 
 
@@ -236,3 +236,24 @@ def test_jitted_custom_solve_traces_once_for_new_values():
 
     for scale in (1.0, 0.5, -0.3):
         jax.block_until_ready(jax.grad(lambda w, x: jnp.sum(solve(x, w)))(W, scale * X))
+
+
+def test_lu_factorises_once_and_solves_any_right_hand_side_one_problem_or_a_batch():
+    a = random_matrix(3, 9, 0.9)
+    b = jnp.linspace(-1.0, 2.0, 9)
+    lu = jdeq.LU()
+    state = lu.init(lambda u: a.T @ u, b)
+    exact = jnp.linalg.solve(jnp.eye(9) - a.T, b)
+    for scale in (1.0, -3.0):
+        u, stats = lu.solve(state, lambda u: a.T @ u, scale * b)
+        np.testing.assert_allclose(u, scale * exact, rtol=1e-10)
+        assert bool(stats.converged) and float(stats.residual) <= 1e-12
+    rows = jnp.stack([b, 2 * b, -b])
+    u, stats = lu.solve_linear(lambda u: u @ a, rows)  # row i: u_i = aᵀ u_i + b_i
+    np.testing.assert_allclose(u, jnp.stack([exact, 2 * exact, -exact]), rtol=1e-10)
+    assert stats.converged.shape == (3,) and bool(jnp.all(stats.converged))
+
+
+def test_lu_of_a_singular_system_is_not_converged():
+    _, stats = jdeq.LU().solve_linear(lambda u: u, jnp.ones(4))  # I − M = 0
+    assert not bool(stats.converged)

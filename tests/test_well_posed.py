@@ -16,10 +16,10 @@ from jax.test_util import check_grads
 
 import jdeq
 from jdeq.models import InfNormCell, MonotoneCell, ScaledCell, SoftmaxCell
+from jdeq.models.splitting import ForwardBackward, PeacemanRachford
 from jdeq.models.well_posed import inf_norm
 from jdeq.nn import DEQ, NNXDEQ, DEQClassifier, forward_stats
 from jdeq.optim import project_inf_norm, project_rows_l1, record, recorded
-from jdeq.solvers.splitting import ForwardBackward, PeacemanRachford
 
 PROPERTY = settings(max_examples=12, deadline=None, derandomize=True)
 EPS = float(jnp.finfo(jnp.float64).eps)
