@@ -5,7 +5,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import SOLVERS, TOL, linear_map, random_matrix, tanh_map
+from conftest import SOLVERS, TOL
+from helpers import linear_map, random_matrix, rel_err, tanh_map
 from jax.test_util import check_grads
 
 import jdeq
@@ -17,10 +18,6 @@ EXACT_MODES = {
     "unrolled": jdeq.Unrolled(),
     "shine_refined": jdeq.Shine(refine=jdeq.FixedPoint(tol=TOL, max_steps=500)),
 }
-
-
-def rel_err(a, b):
-    return float(jnp.linalg.norm(jnp.ravel(a - b)) / jnp.linalg.norm(jnp.ravel(b)))
 
 
 def supported(mode, solver) -> bool:
