@@ -7,10 +7,9 @@ import socket
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import optax
 import pytest
+from helpers import leaves_equal
 
 import jdeq.train as train
 from jdeq.data import Dataset, load_digits
@@ -34,10 +33,6 @@ def fit(data, epochs, directory, width=8, **kwargs):
     return train.fit(
         model(width), optax.adam(1e-2), data, epochs=epochs, checkpoint_dir=directory, progress=False, **kwargs
     )
-
-
-def leaves_equal(a, b) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
 def contents(directory) -> dict:

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import leaves_equal
 
 import jdeq
 import jdeq.train as train
@@ -78,10 +79,6 @@ def top2(outputs, y):
     """A user's own metric."""
     best = jnp.argsort(outputs, axis=-1)[:, -2:]
     return {"top2": jnp.mean(jnp.any(best.astype(y.dtype) == y[:, None], axis=-1))}
-
-
-def leaves_equal(a, b) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
 @pytest.mark.parametrize("per_sample", [True, False], ids=["per_sample", "whole_batch"])

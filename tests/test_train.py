@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import leaves_equal
 
 import jdeq.train as train
 from jdeq import Anderson, Implicit, cli
@@ -35,10 +36,6 @@ def small_model():
 
 def run(data, epochs, **kwargs):
     return train.fit(small_model(), optax.adam(1e-2), data, epochs=epochs, batch_size=50, progress=False, **kwargs)
-
-
-def leaves_equal(a, b) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import leaves_equal
 
 import jdeq
 import jdeq.train as train
@@ -38,11 +39,6 @@ DTYPE = jnp.float32  # digits' dtype
 
 def batch(n=4, seed=0, features=7):
     return jnp.asarray(np.random.default_rng(seed).standard_normal((n, features)))
-
-
-def leaves_equal(a, b) -> bool:
-    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    return len(leaves_a) == len(leaves_b) and all(np.array_equal(x, y) for x, y in zip(leaves_a, leaves_b))
 
 
 def warm_apply(layer, params, cache, x, index):
