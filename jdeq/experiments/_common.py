@@ -314,6 +314,7 @@ class Results:
     figures: dict[str, Any] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
     runs: list[RunRecord] = dataclasses.field(default_factory=list)
+    commit: str = ""
 
     @property
     def all_hold(self) -> bool:
@@ -355,7 +356,7 @@ def save_results(results: Results, out_dir: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "name": results.name,
-        "commit": source_commit(),
+        "commit": results.commit or source_commit(),
         "claims": [c.as_dict() for c in results.claims],
         "runs": [r.as_dict() for r in results.runs],
         "measurements": _jsonable(results.measurements),
@@ -383,13 +384,13 @@ def _jsonable(value):
 
 
 def timed(run: Callable[..., Results]) -> Callable[..., Results]:
-    """Record the wall-clock seconds of an experiment in ``Results.seconds``."""
+    """Record the wall-clock seconds of an experiment in ``Results.seconds`` and the code's commit in ``Results.commit``."""
 
     @functools.wraps(run)
     def wrapper(*args, **kwargs):
-        start = time.perf_counter()
+        commit, start = source_commit(), time.perf_counter()  # the code as it was when the run started
         results = run(*args, **kwargs)
-        results.seconds = time.perf_counter() - start
+        results.seconds, results.commit = time.perf_counter() - start, commit
         return results
 
     return wrapper
