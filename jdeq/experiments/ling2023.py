@@ -53,13 +53,13 @@ class Config:
     """Sizes and constants; :data:`PROVENANCE` says where each comes from."""
 
     samples: int = 32
-    gram_widths: tuple[int, ...] = (32, 64, 128, 256, 512)
+    gram_widths: tuple[int, ...] = (32, 64, 128, 256)
     gram_sigma_ws: tuple[float, ...] = (0.1, 0.5)
     untied_depth: int = 10
     seeds: int = 5
     train_widths: tuple[int, ...] = (64, 128)
     step_scales: tuple[float, ...] = (0.25, 1.0, 1.9)
-    steps: int = 200
+    steps: int = 150
     snapshot_every: int = 50
     sigma_w: float = ling.DEFAULT_SIGMA_W
     recurrent_sigma_w: float = 0.5
