@@ -228,19 +228,22 @@ def _reproduce_command(args) -> None:
     from .experiments import EXPERIMENTS, save_results
 
     names = list(EXPERIMENTS) if args.paper == "all" else [args.paper]
-    failed = []
+    failed, unmeasured = [], []
     for name in names:
         module = EXPERIMENTS[name]
         results = module.run(module.QUICK if args.quick else module.FULL)
         folder = save_results(results, args.out)
         print(results.summary())
         print(f"  -> {folder / 'results.json'}")
-        failed += [f"{name}: {c.claim}" for c in results.claims if not c.holds]
+        failed += [f"{name}: {c.claim}" for c in results.claims if c.holds is False]
+        unmeasured += [f"{name}: {c.claim}" for c in results.claims if c.holds == "unmeasured"]
         invalid = [r.run for r in results.runs if not r.valid]
         if invalid:
             print(f"  {len(invalid)} run(s) with a non-converged equilibrium (valid=false in results.json): {invalid}")
     if failed:
         print(f"{len(failed)} claim(s) did not hold as measured (reported with holds=false in results.json).")
+    if unmeasured:
+        print(f"{len(unmeasured)} claim(s) measured by no run (holds='unmeasured' in results.json).")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -27,6 +27,9 @@ def test_reproduce_all_quick_writes_claims_and_figures(tmp_path):
         payload = json.loads((tmp_path / name / "results.json").read_text())
         assert payload["claims"], name
         for claim in payload["claims"]:
+            if claim["holds"] == "unmeasured":
+                assert claim["seeds"] == 0, claim
+                continue
             measured, threshold = claim["measured"], claim["threshold"]
             expected = measured >= threshold if claim["comparison"] == ">=" else measured <= threshold
             assert claim["holds"] is expected, claim

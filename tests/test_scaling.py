@@ -27,42 +27,19 @@ def test_gram_min_eigenvalue_of_a_matrix_with_known_singular_values():
     assert float(theory.gram_min_eigenvalue(jnp.asarray(z))) == pytest.approx(0.04, rel=1e-10)
 
 
-@pytest.mark.parametrize("threshold", [1, 2, 5, 16, 24, 64])
-def test_minimal_width_finds_the_threshold_of_a_monotone_oracle_in_log_many_calls(threshold):
-    widths = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
-    calls = []
-
-    def oracle(m):
-        calls.append(m)
-        return m >= threshold
-
-    found = _scaling.minimal_width(oracle, widths)
-    assert found.width == min(m for m in widths if m >= threshold)
-    assert len(calls) <= 1 + math.ceil(math.log2(len(widths)))
-    assert found.tested == {m: m >= threshold for m in calls}
-
-
-def test_minimal_width_is_none_when_even_the_largest_width_fails_and_rejects_unsorted_grids():
-    assert _scaling.minimal_width(lambda m: False, [4, 8, 16]) == _scaling.MinimalWidth(None, {16: False})
-    with pytest.raises(ValueError, match="strictly increasing"):
-        _scaling.minimal_width(lambda m: True, [8, 4])
-    with pytest.raises(ValueError, match="strictly increasing"):
-        _scaling.minimal_width(lambda m: True, [])
-
-
-def test_half_step_bound_with_constant_rate_is_lings_closed_form():
-    bound = _scaling.half_step_bound(3.0, np.full(50, 0.1), np.full(50, 0.4))
+def test_bound_from_half_step_factors_with_constant_rate_is_the_closed_form():
+    bound = theory.bound_from_factors(3.0, theory.half_step_factors(np.full(50, 0.1), np.full(50, 0.4)))
     np.testing.assert_allclose(bound, 3.0 * 0.98 ** np.arange(51), rtol=1e-12)
-    np.testing.assert_allclose(bound, theory.ling_loss_bound(3.0, 0.1, 0.4, 50), rtol=1e-12)
 
 
-def test_finite_rate_record_fits_a_geometric_sequence_up_to_its_blow_up():
-    values = 2.0 * 0.9 ** np.arange(40)
-    values[30:] = np.nan  # the run blew up at step 30
-    record = _scaling.finite_rate_record(values, np.full(40, 0.95), floor=0.0)
-    assert record.fitted == pytest.approx(0.9, rel=1e-12) and record.r2 == pytest.approx(1.0)
-    assert record.predicted == pytest.approx(0.95) and record.last == 29
-    assert math.isnan(_scaling.finite_rate_record(np.array([1.0, np.inf, 1.0]), np.ones(3), 0.0).fitted)
+def test_first_order_factors_are_the_slowest_mode_of_linearised_gradient_descent():
+    # GD on ½‖Kθ' − y‖² in the kernel's eigenbasis: r ← (I − ηK) r, so ½ r_min² shrinks by (1 − ηλ_min)² per step
+    lambdas, eta = np.array([0.2, 1.0, 3.0]), 0.25
+    residual = np.array([1.0, 1.0, 1.0])
+    for _ in range(200):
+        residual = (1 - eta * lambdas) * residual
+    slow = 0.5 * residual[0] ** 2
+    assert slow == pytest.approx(0.5 * np.prod(theory.first_order_factors(np.full(200, eta), np.full(200, 0.2))))
 
 
 def test_relu_expectation_closed_forms():

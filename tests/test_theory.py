@@ -7,7 +7,7 @@ import pytest
 
 import jdeq
 from jdeq import theory
-from jdeq.experiments._common import rate_record, seed_spread, steps_to_threshold, worst_bound_ratio
+from jdeq.experiments._common import rate_record, seed_spread, steps_to_threshold, worst_bound_step
 from jdeq.models import gao, kawaguchi, ling
 
 
@@ -130,15 +130,27 @@ def test_rate_record_predicts_the_geometric_mean_of_the_factors_over_the_fitted_
     assert np.isnan(rate_record(values).predicted)
 
 
-def test_worst_bound_ratio_spread_and_steps_to_threshold():
+def test_worst_bound_step_spread_and_steps_to_threshold():
     values, bound = np.array([1.0, 0.5, 0.3, 1e-20]), np.array([1.0, 0.6, 0.2, 1e-30])
-    assert worst_bound_ratio(values, bound) == pytest.approx(1e10)  # the round-off step dominates
-    assert worst_bound_ratio(values, bound, floor=1e-15) == pytest.approx(1.5)
+    assert worst_bound_step(values, bound) == (pytest.approx(1e10), 3)  # the round-off step dominates
+    assert worst_bound_step(values, bound, floor=1e-15) == (pytest.approx(1.5), 2)
+    blown_up = np.array([1.0, 0.5, np.nan, np.inf])
+    assert worst_bound_step(blown_up, np.ones(4)) == (np.inf, 2)  # a blow-up violates the bound where it starts
+    assert np.isnan(worst_bound_step(np.array([1.0, 0.0]), np.ones(2), floor=0.5)[0])
     with pytest.raises(ValueError, match="same shape"):
-        worst_bound_ratio(values, bound[:2])
+        worst_bound_step(values, bound[:2])
     assert seed_spread([3.0, 1.0, 2.0, 10.0, 0.5]) == {"min": 0.5, "median": 2.0, "max": 10.0, "seeds": 5}
     assert np.isnan(seed_spread([1.0, np.nan])["max"])
     assert steps_to_threshold(values, 0.4) == 2 and steps_to_threshold(values, 0.0) == -1
+
+
+def test_rate_record_fits_a_geometric_sequence_up_to_its_blow_up():
+    values = 2.0 * 0.9 ** np.arange(40)
+    values[30:] = np.nan  # the run blew up at step 30
+    record = rate_record(values, np.full(40, 0.95))
+    assert record.fitted == pytest.approx(0.9, rel=1e-12) and record.r2 == pytest.approx(1.0)
+    assert record.predicted == pytest.approx(0.95) and record.last == 29
+    assert np.isnan(rate_record(np.array([1.0, np.inf, 1.0]), np.ones(3)).fitted)
 
 
 def test_square_loss_pl_constant_is_attained_along_the_weakest_direction():
@@ -204,11 +216,33 @@ def test_gram_ntk_and_bound():
     assert theory.gram_min_eigenvalue(z) == pytest.approx(np.linalg.eigvalsh(np.asarray(z.T @ z))[0])
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 6))
     np.testing.assert_allclose(theory.ntk(lambda w: w @ x, jnp.ones(4)), x.T @ x, atol=1e-12)
-    bound = theory.ling_loss_bound(2.0, 0.1, 1.0, 10)
-    assert bound[0] == 2.0 and np.all(np.diff(bound) < 0)
     assert jdeq.linalg.largest_singular_value(z) == pytest.approx(np.linalg.norm(np.asarray(z), 2))
-    alpha, c = theory.power_law_exponent(np.array([1.0, 2.0, 4.0]), 3.0 * np.array([1.0, 2.0, 4.0]) ** 1.5)
-    assert (alpha, c) == (pytest.approx(1.5), pytest.approx(3.0))
+
+
+def test_power_law_fit_recovers_an_exact_law_and_covers_a_noisy_one():
+    x = np.array([1.0, 2.0, 4.0, 8.0])
+    exact = theory.power_law_fit(x, 3.0 * x**1.5)
+    assert (exact.exponent, exact.coeff) == (pytest.approx(1.5), pytest.approx(3.0))
+    assert exact.high - exact.low == pytest.approx(0.0, abs=1e-8)
+    rng = np.random.default_rng(0)
+    xs = np.repeat([16.0, 32.0, 64.0, 128.0], 20)
+    covered = 0
+    for _ in range(200):
+        fit = theory.power_law_fit(xs, xs**-0.5 * np.exp(0.2 * rng.standard_normal(xs.size)))
+        covered += fit.low <= -0.5 <= fit.high
+    assert 0.9 <= covered / 200 <= 0.99  # a 95 % interval covers the true exponent ~95 % of the time
+    assert np.isinf(theory.power_law_fit(np.array([1.0, 2.0]), np.array([1.0, 2.0])).high)
+
+
+def test_binomial_interval_has_the_clopper_pearson_closed_forms():
+    low, high = theory.binomial_interval(0, 20)
+    assert low == 0.0 and high == pytest.approx(1 - 0.025 ** (1 / 20))
+    low, high = theory.binomial_interval(20, 20)
+    assert low == pytest.approx(0.025 ** (1 / 20)) and high == 1.0
+    low, high = theory.binomial_interval(10, 20)
+    assert low < 0.5 < high and low == pytest.approx(1 - high)
+    with pytest.raises(ValueError):
+        theory.binomial_interval(3, 2)
 
 
 def test_models_use_jdeq_fixed_point(monkeypatch):

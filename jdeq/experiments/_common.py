@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,15 +19,21 @@ from tqdm.auto import tqdm
 from .. import theory
 from ..stats import Result
 
-CLAIM_KINDS = ("rate", "bound", "scaling", "property")
+CLAIM_KINDS = ("rate", "bound", "monotonicity", "scaling", "property")
+PROVENANCE_PREFIXES = ("our reconstruction from the abstract", "our choice: ", "implementation check: ")
+UNMEASURED = "unmeasured"
+MONOTONICITY_STEPS = 2  # a bound whose worst ratio falls at t <= 2 checks the first steps only, not a rate
 
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
     """A checkable statement: ``holds`` is ``measured <= threshold`` (or ``>=`` when ``at_least``).
 
-    ``kind`` is one of ``CLAIM_KINDS``; ``provenance`` says where the threshold comes from, either
-    ``"paper: <where>"`` or ``"our choice: <why>"``; ``seeds`` is how many runs the claim summarises.
+    ``kind`` is one of ``CLAIM_KINDS``; ``provenance`` starts with one of ``PROVENANCE_PREFIXES`` (only the
+    papers' abstracts were available, so a paper's statement is always "our reconstruction from the abstract").
+    ``seeds`` is how many runs measured the claim: ``0`` makes it ``"unmeasured"`` (never ``False``). Rate and
+    bound claims carry ``decay_ratio`` (``{min, median, max}`` over runs of ``(1 − ρ_fit)/(1 − ρ_pred)``) and
+    ``worst_t`` (the smallest step, over runs, at which a run's worst bound ratio falls).
     """
 
     claim: str
@@ -36,31 +43,47 @@ class Claim:
     provenance: str
     seeds: int = 1
     at_least: bool = False
+    decay_ratio: dict | None = None
+    worst_t: int | None = None
 
     def __post_init__(self):
         if self.kind not in CLAIM_KINDS:
             raise ValueError(f"claim kind must be one of {CLAIM_KINDS}, got {self.kind!r}")
         _check_provenance(self.provenance, self.claim)
-        if self.seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.seeds < 0:
+            raise ValueError(f"seeds must be >= 0, got {self.seeds}")
+        if (
+            self.kind in ("rate", "bound", "monotonicity")
+            and self.seeds
+            and (self.decay_ratio is None or self.worst_t is None)
+        ):
+            raise ValueError(f"{self.claim}: a {self.kind} claim records decay_ratio and worst_t")
 
     @property
-    def holds(self) -> bool:
+    def holds(self) -> bool | str:
+        """``True``/``False``, or ``"unmeasured"`` when no run measured the claim."""
+        if self.seeds == 0:
+            return UNMEASURED
         if not np.isfinite(self.measured):
             return False
-        return self.measured >= self.threshold if self.at_least else self.measured <= self.threshold
+        return bool(self.measured >= self.threshold if self.at_least else self.measured <= self.threshold)
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "claim": self.claim,
             "kind": self.kind,
             "measured": float(self.measured),
             "threshold": float(self.threshold),
             "comparison": ">=" if self.at_least else "<=",
-            "holds": bool(self.holds),
+            "holds": self.holds,
             "provenance": self.provenance,
             "seeds": int(self.seeds),
         }
+        if self.decay_ratio is not None:
+            out["decay_ratio"] = {k: float(self.decay_ratio[k]) for k in ("min", "median", "max")}
+        if self.worst_t is not None:
+            out["worst_t"] = int(self.worst_t)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,14 +120,14 @@ class RunRecord:
 
 
 def _check_provenance(text: str, what: str) -> None:
-    if not text.startswith(("paper: ", "our choice: ")):
-        raise ValueError(f"{what}: provenance must start with 'paper: ' or 'our choice: ', got {text!r}")
+    if not text.startswith(PROVENANCE_PREFIXES):
+        raise ValueError(f"{what}: provenance must start with one of {PROVENANCE_PREFIXES}, got {text!r}")
 
 
 def documented_config(cfg, provenance: dict[str, str]) -> dict:
     """``{field: {"value": ..., "provenance": ...}}`` for a ``Config`` dataclass; every field must be documented.
 
-    ``provenance[field]`` is ``"paper: <where>"`` or ``"our choice: <why>"``; a missing or extra entry raises.
+    ``provenance[field]`` starts with one of ``PROVENANCE_PREFIXES``; a missing or extra entry raises.
     """
     values = dataclasses.asdict(cfg)
     if set(values) != set(provenance):
@@ -143,16 +166,24 @@ def steps_to_threshold(values, threshold: float) -> int:
     return int(reached[0]) if reached.size else -1
 
 
-def worst_bound_ratio(values, bound, floor: float = 0.0) -> float:
-    """``max_t values_t / bound_t`` over the steps with ``values_t > floor``: ``<= 1`` iff the bound holds at every step.
+def worst_bound_step(values, bound, floor: float = 0.0) -> tuple[float, int]:
+    """``(max_t values_t / bound_t, argmax)`` over the steps ``t >= 1`` not on the round-off plateau.
 
-    ``floor`` leaves out the round-off plateau, where ``values`` no longer measures anything.
+    ``<= 1`` iff the bound holds at every such step; ``floor`` leaves out the steps with ``values_t <= floor``
+    (``t = 0`` is 1 by construction). A non-finite value (a blow-up) counts as an infinite ratio at its step.
+    ``(NaN, -1)`` when no step counts.
     """
     values, bound = np.asarray(values, np.float64), np.asarray(bound, np.float64)
     if values.shape != bound.shape:
         raise ValueError(f"values {values.shape} and bound {bound.shape} must have the same shape")
-    above = values > floor
-    return float(np.max(values[above] / bound[above])) if above.any() else float("nan")
+    later, later_bound = values[1:], bound[1:]
+    counted = ~(np.isfinite(later) & (later <= floor))
+    if not counted.any():
+        return float("nan"), -1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratios = np.where(np.isfinite(later), later / later_bound, np.inf)
+    t = int(np.argmax(np.where(counted, ratios, -np.inf)))
+    return float(ratios[t]), t + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,19 +207,104 @@ class RateRecord:
 def rate_record(values, predicted_factors=None, floor: float = 0.0, tail: float = 0.5) -> RateRecord:
     """Fit the last ``tail`` fraction of the steps with ``values > floor`` (see :func:`jdeq.theory.fit_tail_rate`).
 
-    ``predicted_factors[t]`` is the theory's contraction factor for step ``t → t+1``; their geometric mean
-    over the fitted transitions ``first → last`` is the predicted rate to compare with the fitted one.
+    Only the steps before the first non-finite value count (a run that blew up is fitted up to its blow-up);
+    NaN when fewer than 3 remain. ``predicted_factors[t]`` is the theory's contraction factor for step
+    ``t → t+1``; their geometric mean over the fitted transitions ``first → last`` is the predicted rate.
     """
-    fit, first, last = theory.fit_tail_rate(values, floor, tail)
+    values = np.asarray(values, np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    end = int(bad[0]) if bad.size else values.size
+    if np.count_nonzero(values[:end] > floor) < 3:
+        return RateRecord(float("nan"), float("nan"), 0, max(end - 1, 0))
+    fit, first, last = theory.fit_tail_rate(values[:end], floor, tail)
     predicted = float("nan")
     if predicted_factors is not None:
         predicted = float(np.exp(np.mean(np.log(np.asarray(predicted_factors, np.float64)[first:last]))))
     return RateRecord(fit.rate, fit.r2, first, last, predicted)
 
 
+def decay_ratio(rate: RateRecord | dict) -> float:
+    """``(1 − ρ_fit)/(1 − ρ_pred)``: how many times faster per step the run decays than the theory's rate."""
+    rate = rate if isinstance(rate, dict) else rate.as_dict()
+    with np.errstate(divide="ignore", invalid="ignore"):  # a predicted rate of 1 (λ = 0) gives inf or NaN
+        return float(np.float64(1.0 - rate["fitted"]) / np.float64(1.0 - rate["predicted"]))
+
+
+def rate_and_bound(values, bound, predicted_factors, floor: float, tail: float = 0.5, solve_result=None) -> dict:
+    """A run measured against one theory: ``{bound_ratio, worst_t, rate, decay_ratio}``.
+
+    ``bound[t]`` is the theory's bound on ``values[t]`` and ``predicted_factors[t]`` its factor for step
+    ``t → t+1``; see :func:`worst_bound_step`, :func:`rate_record` and :func:`decay_ratio`. With the per-step
+    ``solve_result`` codes, a run whose equilibrium stopped converging (a blow-up of the dynamics) violates the
+    bound at the first such step (``bound_ratio = inf``) and measures no rate.
+    """
+    failed = np.flatnonzero(np.asarray(solve_result) != Result.CONVERGED) if solve_result is not None else []
+    if len(failed):
+        nothing = RateRecord(float("nan"), float("nan"), 0, 0)
+        return {
+            "bound_ratio": float("inf"),
+            "worst_t": max(int(failed[0]), 1),
+            "rate": nothing.as_dict(),
+            "decay_ratio": float("nan"),
+        }
+    ratio, worst_t = worst_bound_step(values, bound, floor)
+    rate = rate_record(values, predicted_factors, floor, tail)
+    return {"bound_ratio": ratio, "worst_t": worst_t, "rate": rate.as_dict(), "decay_ratio": decay_ratio(rate)}
+
+
+def _spread3(values) -> dict:
+    """``{min, median, max}`` over the finite values (the runs that measured one); NaN when none did."""
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return {"min": float("nan"), "median": float("nan"), "max": float("nan")}
+    return {k: v for k, v in seed_spread(values).items() if k != "seeds"}
+
+
+def bound_claim(text: str, runs: list[dict], provenance: str) -> Claim:
+    """``max`` over runs of ``bound_ratio <= 1`` (summaries from :func:`rate_and_bound`).
+
+    Its kind is ``"monotonicity"`` when some run's worst ratio falls at ``t <= MONOTONICITY_STEPS``: such a
+    check says that the first steps lower the loss, not that a rate holds. No run: ``"unmeasured"``.
+    """
+    if not runs:
+        return Claim(text, "bound", float("nan"), 1.0, provenance, seeds=0)
+    worst_t = min(r["worst_t"] for r in runs)
+    kind = "bound" if worst_t > MONOTONICITY_STEPS else "monotonicity"
+    measured = float(np.max([r["bound_ratio"] for r in runs]))
+    spread = _spread3([r["decay_ratio"] for r in runs])
+    return Claim(text, kind, measured, 1.0, provenance, len(runs), decay_ratio=spread, worst_t=worst_t)
+
+
+def rate_claim(text: str, runs: list[dict], provenance: str, tolerance: float | None = None) -> Claim:
+    """The fitted decay against the theory's: ``min`` over runs of ``decay_ratio >= 1`` (at least as fast).
+
+    With ``tolerance`` the fitted rate must *match* the theory's: ``max |decay_ratio − 1| <= tolerance``.
+    """
+    if not runs:
+        return Claim(text, "rate", float("nan"), 1.0 if tolerance is None else tolerance, provenance, seeds=0)
+    ratios = np.array([r["decay_ratio"] for r in runs])
+    fields = {"decay_ratio": _spread3(ratios), "worst_t": min(r["worst_t"] for r in runs), "seeds": len(runs)}
+    if tolerance is None:
+        return Claim(text, "rate", float(np.min(ratios)), 1.0, provenance, at_least=True, **fields)
+    return Claim(text, "rate", float(np.max(np.abs(ratios - 1.0))), tolerance, provenance, **fields)
+
+
+def config_record(cfg, reference, provenance: dict[str, str]) -> dict:
+    """``{config, reference_config, cuts}`` of a run: ``config`` with every field's provenance (:func:`documented_config`),
+    the ``reference`` configuration's values, and ``cuts``, every field where the run differs from the reference.
+    """
+    values, wanted = dataclasses.asdict(cfg), dataclasses.asdict(reference)
+    cuts = [{"field": k, "value": v, "reference": wanted[k]} for k, v in values.items() if v != wanted[k]]
+    return {"config": documented_config(cfg, provenance), "reference_config": wanted, "cuts": cuts}
+
+
 @dataclasses.dataclass
 class Results:
-    """A reproduction's outcome: claims, scalar measurements, curves for figures, the config, figures."""
+    """A reproduction's outcome: claims, scalar measurements, curves for figures, the configuration, figures.
+
+    ``config`` is :func:`config_record`'s ``{config, reference_config, cuts}``.
+    """
 
     name: str
     claims: list[Claim]
@@ -198,22 +314,40 @@ class Results:
     figures: dict[str, Any] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
     runs: list[RunRecord] = dataclasses.field(default_factory=list)
+    commit: str = ""
 
     @property
     def all_hold(self) -> bool:
-        return all(c.holds for c in self.claims)
+        return all(c.holds is True for c in self.claims)
 
     def summary(self) -> str:
+        counts = {v: sum(c.holds == v for c in self.claims) for v in (True, False, UNMEASURED)}
         lines = [
-            f"{self.name}: {sum(c.holds for c in self.claims)}/{len(self.claims)} claims hold ({self.seconds:.0f} s)"
+            f"{self.name}: {counts[True]} hold, {counts[False]} do not hold, {counts[UNMEASURED]} unmeasured "
+            f"of {len(self.claims)} claims ({self.seconds:.0f} s; {len(self.config.get('cuts', []))} cuts "
+            "against the reference configuration)"
         ]
+        marks = {True: "holds", False: "DOES NOT HOLD", UNMEASURED: "UNMEASURED"}
         for c in self.claims:
             d = c.as_dict()
-            mark = "holds" if d["holds"] else "DOES NOT HOLD"
             lines.append(
-                f"  [{mark}] {d['claim']}: measured {d['measured']:.3g} {d['comparison']} {d['threshold']:.3g}"
+                f"  [{marks[d['holds']]}] ({d['kind']}) {d['claim']}: measured {d['measured']:.4g} "
+                f"{d['comparison']} {d['threshold']:.4g}"
             )
         return "\n".join(lines)
+
+
+def source_commit() -> str:
+    """The git commit of the code that ran (``+dirty`` with uncommitted changes), or ``"unknown"`` outside git."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "jdeq"], cwd=root, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def save_results(results: Results, out_dir: str | Path) -> Path:
@@ -222,10 +356,11 @@ def save_results(results: Results, out_dir: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "name": results.name,
+        "commit": results.commit or source_commit(),
         "claims": [c.as_dict() for c in results.claims],
         "runs": [r.as_dict() for r in results.runs],
         "measurements": _jsonable(results.measurements),
-        "config": _jsonable(results.config),
+        **_jsonable(results.config),
         "seconds": results.seconds,
         "backend": jax.default_backend(),
         "figures": [f"{name}.png" for name in results.figures],
@@ -249,13 +384,13 @@ def _jsonable(value):
 
 
 def timed(run: Callable[..., Results]) -> Callable[..., Results]:
-    """Record the wall-clock seconds of an experiment in ``Results.seconds``."""
+    """Record the wall-clock seconds of an experiment in ``Results.seconds`` and the code's commit in ``Results.commit``."""
 
     @functools.wraps(run)
     def wrapper(*args, **kwargs):
-        start = time.perf_counter()
+        commit, start = source_commit(), time.perf_counter()  # the code as it was when the run started
         results = run(*args, **kwargs)
-        results.seconds = time.perf_counter() - start
+        results.seconds, results.commit = time.perf_counter() - start, commit
         return results
 
     return wrapper

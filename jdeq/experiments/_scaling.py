@@ -1,9 +1,6 @@
 """Measurements of the width scalings of the ReLU implicit networks (Gao & Gao 2022, Ling et al. 2023).
 
-* :func:`minimal_width`: the smallest width of a grid at which a run converges (bisection, monotone oracle).
 * :func:`kernel_extremes`: ``(λ_min, λ_max)`` of the empirical neural tangent kernel ``K = J Jᵀ``.
-* :func:`half_step_bound`: ``Φ_0 Π_{s<t} (1 − η_s λ_s / 2)``, the linear-rate bound along a run;
-  :func:`finite_rate_record`: the fitted tail rate of a run that may have blown up.
 * :func:`relu_gram_limit`: the infinite-width Gram matrix of the DEQ's equilibria (arc-cosine kernel fixed point).
 * :func:`untied_features`: the equilibrium's weight-untied, finite-depth counterpart.
 * :func:`relative_drift`: ``‖W_t − W_0‖_F / ‖W_0‖_F``.
@@ -12,71 +9,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .. import theory
 from ..models._relu import gaussian, relu_map
-from ._common import RateRecord, rate_record, seed_spread
-
-
-class MinimalWidth(NamedTuple):
-    """``width``: the smallest grid width from which the oracle holds (``None`` if not even at the largest).
-
-    ``tested`` maps every width the search evaluated to the oracle's answer.
-    """
-
-    width: int | None
-    tested: dict[int, bool]
-
-
-def minimal_width(converges: Callable[[int], bool], widths: Sequence[int]) -> MinimalWidth:
-    """Bisection over a sorted grid for the smallest width ``m`` with ``converges(m)``.
-
-    Assumes the oracle is monotone in the width (false below a threshold, true from it on); evaluates
-    the largest width first and then ``⌈log₂ len(widths)⌉`` more. ``widths`` must be strictly increasing.
-    """
-    widths = [int(w) for w in widths]
-    if not widths or any(b <= a for a, b in zip(widths, widths[1:])):
-        raise ValueError(f"widths must be a non-empty strictly increasing sequence, got {widths}")
-    tested = {widths[-1]: bool(converges(widths[-1]))}
-    if not tested[widths[-1]]:
-        return MinimalWidth(None, tested)
-    lo, hi = -1, len(widths) - 1  # widths[hi] converges; widths[lo] does not (lo = -1: none tested yet)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        tested[widths[mid]] = bool(converges(widths[mid]))
-        lo, hi = (lo, mid) if tested[widths[mid]] else (mid, hi)
-    return MinimalWidth(widths[hi], dict(sorted(tested.items())))
+from ._common import seed_spread
 
 
 def kernel_extremes(predict: Callable, params) -> jax.Array:
     """``[λ_min(K), λ_max(K)]`` of the empirical neural tangent kernel ``K = J Jᵀ`` of ``predict(params)``."""
     evals = jnp.linalg.eigvalsh(theory.ntk(predict, params))
     return jnp.stack([evals[0], evals[-1]])
-
-
-def half_step_bound(loss0: float, etas: np.ndarray, lambdas: np.ndarray) -> np.ndarray:
-    """``Φ_0 Π_{s<t} (1 − η_s λ_s / 2)`` for ``t = 0..len(etas)``.
-
-    With constant ``η, λ = λ₀`` this is Ling et al.'s ``(1 − ηλ₀/2)ᵗ Φ(0)`` (arXiv 2205.13814); with
-    ``λ_s = λ_min(K_s)`` it is the same linear rate written with the run's own kernel along the trajectory.
-    """
-    factors = 1.0 - 0.5 * np.asarray(etas, np.float64) * np.asarray(lambdas, np.float64)
-    return loss0 * np.concatenate([[1.0], np.cumprod(factors)])
-
-
-def finite_rate_record(values: np.ndarray, predicted_factors: np.ndarray, floor: float) -> RateRecord:
-    """:func:`rate_record` over the steps before the first non-finite value; NaN when fewer than 3 remain."""
-    values = np.asarray(values, np.float64)
-    bad = np.flatnonzero(~np.isfinite(values))
-    end = int(bad[0]) if bad.size else values.size
-    if np.count_nonzero(values[:end] > floor) < 3:
-        return RateRecord(float("nan"), float("nan"), 0, end - 1)
-    return rate_record(values[:end], predicted_factors[:end], floor=floor)
 
 
 def valid_spreads(summaries: list[dict], keys: Sequence[str]) -> dict:
