@@ -36,6 +36,8 @@ import jax
 from jax import lax
 from jax.extend import core as jex_core
 
+__all__ = ["canonical_convs", "canonical_spec", "is_canonical"]
+
 _CONV = "conv_general_dilated"
 
 
