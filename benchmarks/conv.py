@@ -72,12 +72,12 @@ def _conv_canonical_bwd(res, g):
 conv_canonical.defvjp(_conv_canonical_fwd, _conv_canonical_bwd)
 
 
-def cell_nhwc(conv):
-    """``ConvCell.__call__`` on a batch ``(B, H, W, C)``, with the given convolution (workload parameters)."""
+def cell_nhwc(conv, norm_fn=group_norm):
+    """``ConvCell.__call__`` on a batch ``(B, H, W, C)``, with the given convolution and group norm."""
 
     def f(z, params, u):
         def norm(h, i):
-            return group_norm(h, params[f"g{i}"], params[f"b{i}"], 4)
+            return norm_fn(h, params[f"g{i}"], params[f"b{i}"], 4)
 
         y = jax.nn.relu(norm(conv(z, params["K1"]), 1))
         y = norm(conv(y, params["K2"]) + u, 2)
@@ -214,16 +214,7 @@ def build_variants(w: Workload, tol: float, max_steps: int, torch_device) -> tup
     fwd, fwd_bwd = jdeq_variant(solver, _per_sample(cell_nchw), cotangent.transpose(0, 3, 1, 2), p_nchw, u_nchw)
     add("nchw/jdeq/fixedpoint", fwd, fwd_bwd, (p_nchw, u_nchw), lambda z: z.transpose(0, 2, 3, 1), check_nhwc, "NCHW")
 
-    z_start = jnp.full_like(u, 0.1)
-
-    def chain(f):
-        return jax.jit(lambda z, params, u: lax.fori_loop(0, CHAIN, lambda _, z: f(z, params, u), z))
-
-    calls["f/jax/NHWC"] = jax_call(chain(w.jax_map), z_start, params, u)
-    calls["f/jax/NCHW"] = jax_call(chain(cell_nchw), z_start.transpose(0, 3, 1, 2), p_nchw, u_nchw)
-    for part, fn in cell_parts().items():
-        calls[f"f/jax/{part}"] = jax_call(chain(fn), z_start, params, u)
-
+    calls.update(f_calls(w, torch_device, variants=False))
     if torch_device is not None:
         from . import torch_methods
 
@@ -238,8 +229,47 @@ def build_variants(w: Workload, tol: float, max_steps: int, torch_device) -> tup
                 "nfe": first["nfe"],
                 **measured(check_nhwc, jnp.asarray(first["z"]), tol),
             }
-        calls["f/torch"] = torch_methods.map_call(w, torch_device, CHAIN)
     return calls, rows
+
+
+def f_calls(w: Workload, torch_device, variants: bool = True) -> dict:
+    """:data:`CHAIN` chained evaluations of the cell in one jitted loop, and in PyTorch; with ``variants`` also
+    its parts, a flat carry, a one-pass group norm and the ``NCHW`` map (``--f-only``)."""
+    params = jax.device_put({k: jnp.asarray(v) for k, v in w.params.items()})
+    u = jnp.asarray(w.data["x"])
+    p_nchw, u_nchw = nchw_params(params), u.transpose(0, 3, 1, 2)
+    z_start = jnp.full_like(u, 0.1)
+
+    def chain(f):
+        return jax.jit(lambda z, params, u: lax.fori_loop(0, CHAIN, lambda _, z: f(z, params, u), z))
+
+    def flat_carry(z, params, u):  # the carry as the driver keeps it: (batch, H·W·C) rows
+        return w.jax_map(z.reshape(u.shape), params, u).reshape(z.shape)
+
+    calls = {"f/jax/NHWC (ConvCell)": jax_call(chain(w.jax_map), z_start, params, u)}
+    if variants:
+        one_pass = cell_nhwc(conv_nhwc, one_pass_group_norm)
+        calls["f/jax/NHWC, flat (B, n) carry"] = jax_call(chain(flat_carry), z_start.reshape(w.batch, -1), params, u)
+        calls["f/jax/NHWC, one-pass group norm"] = jax_call(chain(one_pass), z_start, params, u)
+        calls["f/jax/NCHW (user map)"] = jax_call(chain(cell_nchw), z_start.transpose(0, 3, 1, 2), p_nchw, u_nchw)
+        for part, fn in cell_parts().items():
+            calls[f"f/jax/{part}"] = jax_call(chain(fn), z_start, params, u)
+    if torch_device is not None:
+        from . import torch_methods
+
+        calls["f/torch"] = torch_methods.map_call(w, torch_device, CHAIN)
+    return calls
+
+
+def one_pass_group_norm(h, scale, bias, groups: int, eps: float = 1e-5):
+    """GroupNorm with ``E[h]`` and ``E[h²]`` from one pass over ``h`` (``var = E[h²] − E[h]²``): one reduction
+    fusion instead of two; less accurate when ``|mean| ≫ std`` (not a concern for these activations)."""
+    *lead, height, width, channels = h.shape
+    g = h.reshape(*lead, height, width, groups, channels // groups)
+    axes = (-4, -3, -1)
+    mean, mean_sq = jnp.mean(g, axis=axes, keepdims=True), jnp.mean(jnp.square(g), axis=axes, keepdims=True)
+    g = (g - mean) * lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + eps)
+    return g.reshape(h.shape) * scale + bias
 
 
 def cell_parts() -> dict:
@@ -268,7 +298,10 @@ def measured(f_check, z, tol: float) -> dict:
 def run_batch(batch: int, channels: int, args, torch_device, progress) -> dict:
     w = conv_workload(batch, channels)
     progress(f"batch {batch}: building")
-    calls, rows = build_variants(w, args.tol, args.max_steps, torch_device)
+    if args.f_only:
+        calls, rows = f_calls(w, torch_device), {}
+    else:
+        calls, rows = build_variants(w, args.tol, args.max_steps, torch_device)
     progress(f"batch {batch}: timing {len(calls)} calls interleaved, {args.repeats} repeats")
     times = interleaved_ms(calls, args.repeats, args.clock, args.budget)
     for name, row in rows.items():
@@ -308,6 +341,51 @@ def report(result: dict) -> str:
     return "\n".join(out)
 
 
+def targets(result: dict) -> list[tuple]:
+    """The conv targets (C1–C4 of docs/benchmarks.md) decided from the rows: ``(batch, claim, bound, value, holds)``;
+    a ratio with a row that did not converge (or is missing) gets no number."""
+    checks = []
+    for block in result["batches"]:
+        rows = {r["variant"]: r for r in block["rows"]}
+
+        def ratio(claim, bound, num, den, key_num="fwd_bwd_ms", key_den="fwd_bwd_ms", block=block, rows=rows):
+            if num not in rows or den not in rows:
+                return
+            if not (rows[num]["converged"] and rows[den]["converged"]):
+                checks.append((block["batch"], claim, bound, None, None))
+                return
+            value = rows[num][key_num]["median"] / rows[den][key_den]["median"]
+            checks.append((block["batch"], claim, bound, value, value <= bound))
+
+        ratio("C1 jdeq anderson / torchdeq anderson, fwd+bwd", 1.1, "jdeq/anderson", "torchdeq/anderson")
+        for name in ("fixedpoint", "anderson", "broyden"):
+            r = rows.get(f"jdeq/{name}")
+            if r is not None:
+                value = r["bwd_over_fwd"] if r["converged"] else None
+                checks.append(
+                    (block["batch"], f"C2 jdeq {name}: backward / forward", 1.5, value, value and value <= 1.5)
+                )
+        ratio("C3 jdeq fixedpoint / hand-written canonical floor, fwd+bwd", 1.1, "jdeq/fixedpoint", "floor/fixedpoint")
+        ratio(
+            "C4 NCHW/OIHW map / NHWC/HWIO map, jdeq fixedpoint forward",
+            1.2,
+            "nchw/jdeq/fixedpoint",
+            "jdeq/fixedpoint",
+            "fwd_ms",
+            "fwd_ms",
+        )
+    return checks
+
+
+def targets_table(result: dict) -> str:
+    lines = ["| batch | claim | target | measured | holds |", "|---:|---|---|---:|---|"]
+    for batch, claim, bound, value, holds in targets(result):
+        shown = "not converged" if value is None else f"{value:.2f}"
+        verdict = "—" if holds is None else ("yes" if holds else "**no**")
+        lines.append(f"| {batch} | {claim} | ≤ {bound} | {shown} | {verdict} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(prog="python -m benchmarks.conv", description=__doc__.splitlines()[0])
     p.add_argument("--batches", default="4,16")
@@ -317,7 +395,9 @@ def main(argv=None) -> Path:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--budget", type=float, default=120.0)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--f-only", action="store_true", help="only the cost of one cell evaluation (and its parts)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--tag", default="default", help="suffix of the results file (e.g. the XLA flags tried)")
     args = p.parse_args(argv)
     set_cpu_threads(1)
     args.clock = clock_for("cpu")
@@ -344,9 +424,12 @@ def main(argv=None) -> Path:
     result["load_average_at_end"] = os.getloadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"conv-cpu-{datetime.date.today().isoformat()}.json"
+    kind = "conv-f" if args.f_only else "conv"
+    path = out / f"{kind}-cpu-{datetime.date.today().isoformat()}-{args.tag}.json"
     path.write_text(json.dumps(result, indent=1))
     print(report(result))
+    if not args.f_only:
+        print("\n" + targets_table(result))
     print(f"\nwrote {path}")
     return path
 
