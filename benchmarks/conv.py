@@ -15,10 +15,13 @@ per-process CPU time, one XLA / PyTorch thread):
   relative residual is within ``tol``, TorchDEQ's rule) under a ``jax.custom_vjp`` whose adjoint
   ``u ← (∂f/∂z)ᵀu + c`` is a second ``lax.while_loop``, every convolution and every convolution
   transpose written canonically (``NHWC``/``HWIO``) by hand: what a conv DEQ costs with no library;
+- ``jdeq/anderson, channel-stats group norm``: the same cell with its group norms computed from per-channel
+  sums in one pass (:func:`channel_stats_group_norm`), to show what the group norm costs;
 - ``nchw``: the same cell written by a user in ``NCHW``/``OIHW`` (state, kernels and group norm), solved
   by jdeq FixedPoint, next to the ``NHWC`` row;
-- ``f``: 50 chained evaluations of the cell in JAX (``NHWC`` and ``NCHW``) and in PyTorch, and its parts
-  (the two convolutions alone, the three group norms alone) in JAX: the cost of one cell evaluation.
+- ``f``: 50 chained evaluations of the cell in JAX and in PyTorch; with ``--f-only`` also the cell with a
+  flat ``(B, n)`` carry, with the channel-stats group norm, written ``NCHW``, and its parts (the two
+  convolutions alone, the three group norms alone): the cost of one cell evaluation.
 
 Every solve row carries its NFE and the worst sample's relative residual ``‖f(z) − z‖ / ‖f(z)‖`` that
 the harness measures on the returned ``z`` (float64 norms); a row above ``tol`` is flagged.
@@ -199,6 +202,10 @@ def build_variants(w: Workload, tol: float, max_steps: int, torch_device) -> tup
         fwd, fwd_bwd = jdeq_variant(solver, w.one_sample_map(), cotangent, params, u)
         add(f"jdeq/{cls.__name__.lower()}", fwd, fwd_bwd, (params, u), lambda z: z, check_nhwc)
 
+    fast_gn = _per_sample(cell_nhwc(conv_nhwc, channel_stats_group_norm))
+    fwd, fwd_bwd = jdeq_variant(jdeq.Anderson(tol=tol, max_steps=max_steps), fast_gn, cotangent, params, u)
+    add("jdeq/anderson, channel-stats group norm", fwd, fwd_bwd, (params, u), lambda z: z, check_nhwc)
+
     floor_forward, floor_solve = floor_solver(cell_nhwc(conv_canonical), tol, max_steps)
     add(
         "floor/fixedpoint",
@@ -248,9 +255,9 @@ def f_calls(w: Workload, torch_device, variants: bool = True) -> dict:
 
     calls = {"f/jax/NHWC (ConvCell)": jax_call(chain(w.jax_map), z_start, params, u)}
     if variants:
-        one_pass = cell_nhwc(conv_nhwc, one_pass_group_norm)
+        one_pass = cell_nhwc(conv_nhwc, channel_stats_group_norm)
         calls["f/jax/NHWC, flat (B, n) carry"] = jax_call(chain(flat_carry), z_start.reshape(w.batch, -1), params, u)
-        calls["f/jax/NHWC, one-pass group norm"] = jax_call(chain(one_pass), z_start, params, u)
+        calls["f/jax/NHWC, channel-stats group norm"] = jax_call(chain(one_pass), z_start, params, u)
         calls["f/jax/NCHW (user map)"] = jax_call(chain(cell_nchw), z_start.transpose(0, 3, 1, 2), p_nchw, u_nchw)
         for part, fn in cell_parts().items():
             calls[f"f/jax/{part}"] = jax_call(chain(fn), z_start, params, u)
@@ -261,15 +268,22 @@ def f_calls(w: Workload, torch_device, variants: bool = True) -> dict:
     return calls
 
 
-def one_pass_group_norm(h, scale, bias, groups: int, eps: float = 1e-5):
-    """GroupNorm with ``E[h]`` and ``E[h²]`` from one pass over ``h`` (``var = E[h²] − E[h]²``): one reduction
-    fusion instead of two; less accurate when ``|mean| ≫ std`` (not a concern for these activations)."""
-    *lead, height, width, channels = h.shape
-    g = h.reshape(*lead, height, width, groups, channels // groups)
-    axes = (-4, -3, -1)
-    mean, mean_sq = jnp.mean(g, axis=axes, keepdims=True), jnp.mean(jnp.square(g), axis=axes, keepdims=True)
-    g = (g - mean) * lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + eps)
-    return g.reshape(h.shape) * scale + bias
+def channel_stats_group_norm(h, scale, bias, groups: int, eps: float = 1e-5):
+    """GroupNorm of ``(B, H, W, C)`` with one pass for the statistics and one for the output.
+
+    ``Σh`` and ``Σh²`` per channel (sums over ``H, W``, sibling reductions that XLA fuses into one
+    pass), then per group (``C/G`` numbers per sample), ``var = E[h²] − E[h]²``, and ``h·a + b`` with the
+    per-channel ``a = scale/σ``, ``b = bias − mean·a``. Less accurate than two passes when
+    ``|mean| ≫ σ`` (float32 cancellation), which the cell's normalised activations avoid.
+    """
+    b, height, width, c = h.shape
+    count = height * width * (c // groups)
+    s1, s2 = jnp.sum(h, axis=(1, 2)), jnp.sum(jnp.square(h), axis=(1, 2))
+    mean = s1.reshape(b, groups, -1).sum(-1) / count
+    var = jnp.maximum(s2.reshape(b, groups, -1).sum(-1) / count - jnp.square(mean), 0.0)
+    a = (lax.rsqrt(var + eps)[:, :, None] * scale.reshape(groups, -1)).reshape(b, 1, 1, c)
+    shift = bias.reshape(1, 1, 1, c) - jnp.repeat(mean, c // groups, axis=1).reshape(b, 1, 1, c) * a
+    return h * a + shift
 
 
 def cell_parts() -> dict:
@@ -278,12 +292,19 @@ def cell_parts() -> dict:
     def convs(z, params, u):
         return conv_nhwc(conv_nhwc(z, params["K1"]), params["K2"]) + u
 
-    def norms(z, params, u):
-        for i in (1, 2, 3):
-            z = group_norm(z, params[f"g{i}"], params[f"b{i}"], 4)
-        return z + u
+    def norms(norm_fn):
+        def three(z, params, u):
+            for i in (1, 2, 3):
+                z = norm_fn(z, params[f"g{i}"], params[f"b{i}"], 4)
+            return z + u
 
-    return {"convs only": convs, "group norms only": norms}
+        return three
+
+    return {
+        "convs only": convs,
+        "3 group norms only": norms(group_norm),
+        "3 channel-stats group norms only": norms(channel_stats_group_norm),
+    }
 
 
 def measured(f_check, z, tol: float) -> dict:
