@@ -1,6 +1,6 @@
 """Pure equilibrium maps: practical DEQ cells, well-posed cells and the models of the global-convergence papers."""
 
-from . import gao, kawaguchi, ling, well_posed
+from . import gao, kawaguchi, ling, splitting, well_posed
 from .cells import ConvCell, MLPCell
 from .well_posed import InfNormCell, MonotoneCell, ScaledCell, SoftmaxCell
 
@@ -14,5 +14,6 @@ __all__ = [
     "gao",
     "kawaguchi",
     "ling",
+    "splitting",
     "well_posed",
 ]
