@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+import jdeq
 from jdeq._canonical_conv import canonical_convs, canonical_spec, is_canonical
 
 LAYOUTS = {
@@ -62,7 +63,7 @@ def test_canonical_spec_is_nhwc_hwio():
     assert not is_canonical(lax.conv_dimension_numbers((1, 4, 8, 8), (4, 4, 3, 3), ("NCHW", "OIHW", "NCHW")))
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", [pytest.param("NHWC", marks=pytest.mark.slow), "NCHW"])
 def test_loop_bodies_hold_only_canonical_convolutions(layout):
     dimension_numbers = LAYOUTS[layout][0]
     f = _conv_map(dimension_numbers)
@@ -95,7 +96,7 @@ def test_values_and_gradients_equal_the_program_as_written(layout):
     ("dimension_numbers", "z_shape", "k_shape", "kwargs"),
     [
         (("NCH", "OIH", "NCH"), (2, 4, 9), (6, 2, 3), {"feature_group_count": 2}),
-        (("NHC", "OHI", "CNH"), (2, 9, 4), (4, 3, 4), {"rhs_dilation": (2,)}),
+        pytest.param(("NHC", "OHI", "CNH"), (2, 9, 4), (4, 3, 4), {"rhs_dilation": (2,)}, marks=pytest.mark.slow),
         pytest.param(("NCDHW", "DHWIO", "NDHWC"), (1, 2, 4, 5, 6), (3, 3, 3, 2, 3), {}, marks=pytest.mark.slow),
     ],
     ids=["1d-groups", "1d-dilated-permuted", "3d-mixed"],
@@ -178,3 +179,76 @@ def test_gpu_programs_keep_the_convolution_as_written():
         return re.findall(r"stablehlo\.convolution.*?dim_numbers = (\S+ x\S+->\S+)", text), text.count("transpose")
 
     assert convolutions(canonical_convs(f)) == convolutions(f)
+
+
+def _conv_deq_program(layout, solver, grad, batch: bool):
+    """``∂⟨z*, c⟩/∂(kernel, x)`` for the conv map of ``layout`` solved by jdeq (per sample or whole batch)."""
+    f = _conv_map(LAYOUTS[layout][0])
+
+    def deq_map(z, x, kernel):
+        return f(z, kernel) * 0.5 + x
+
+    def loss(kernel, x):
+        if batch:  # one sample per row: jdeq's batch-native driver
+            sol = jdeq.fixed_point_batch(
+                lambda z, x, k: deq_map(z[None], x[None], k)[0],
+                jnp.zeros_like(x),
+                x,
+                kernel,
+                in_axes=(0, None),
+                solver=solver,
+                grad=grad,
+            )
+        else:
+            sol = jdeq.fixed_point(deq_map, jnp.zeros_like(x), x, kernel, solver=solver, grad=grad)
+        return jnp.sum(jnp.sin(sol.value))
+
+    return jax.grad(loss, argnums=(0, 1))
+
+
+JDEQ_LOOPS = {
+    "fixed_point": (jdeq.FixedPoint(tol=1e-6, max_steps=60), None),
+    "anderson": (jdeq.Anderson(tol=1e-6, max_steps=60), None),
+    "broyden": (jdeq.Broyden(tol=1e-6, max_steps=60), None),
+    "gmres_adjoint": (jdeq.FixedPoint(tol=1e-6, max_steps=60), jdeq.Implicit(jdeq.GMRES(tol=1e-6, max_steps=20))),
+}
+
+
+FAST_LOOPS = {("fixed_point", "NCHW"), ("anderson", "NHWC"), ("gmres_adjoint", "NCHW")}  # the rest: make test-slow
+
+
+@pytest.mark.parametrize(
+    ("loops", "layout"),
+    [
+        pytest.param(loops, layout, marks=() if (loops, layout) in FAST_LOOPS else pytest.mark.slow)
+        for loops in JDEQ_LOOPS
+        for layout in LAYOUTS
+    ],
+)
+def test_jdeq_forward_and_adjoint_loops_hold_only_canonical_convolutions(loops, layout):
+    solver, grad = JDEQ_LOOPS[loops]
+    kernel, x = _data(layout, jnp.float32)[1], _data(layout, jnp.float32)[0]
+    labels = _conv_labels(_conv_deq_program(layout, solver, grad, batch=loops == "anderson"), kernel, x)
+    assert labels and all(map(_canonical, labels)), labels
+
+
+def test_conv_deq_gradient_matches_finite_differences():
+    """The rewritten forward and adjoint loops give jdeq's implicit gradient (float64, central differences)."""
+    program = _conv_deq_program("NCHW", jdeq.FixedPoint(tol=1e-12, max_steps=200), None, batch=False)
+    z, kernel = _data("NCHW")
+    grads = jax.jit(program)(kernel, z)
+    eps, direction = 1e-6, jax.random.normal(jax.random.PRNGKey(3), kernel.shape, kernel.dtype)
+    f = _conv_map(LAYOUTS["NCHW"][0])
+
+    def value(kernel):
+        sol = jdeq.fixed_point(
+            lambda zz, x, k: f(zz, k) * 0.5 + x,
+            jnp.zeros_like(z),
+            z,
+            kernel,
+            solver=jdeq.FixedPoint(tol=1e-13, max_steps=300),
+        )
+        return jnp.sum(jnp.sin(sol.value))
+
+    numeric = (value(kernel + eps * direction) - value(kernel - eps * direction)) / (2 * eps)
+    np.testing.assert_allclose(jnp.vdot(grads[0], direction), numeric, rtol=1e-6)
