@@ -32,7 +32,7 @@ class CountingModule(linen.Module):
     @linen.compact
     def __call__(self, z, x):
         TRACES["module"] += 1
-        return jnp.tanh(0.3 * linen.Dense(self.width, use_bias=False)(z) + x)
+        return jnp.tanh(0.3 * linen.Dense(self.width, use_bias=False, param_dtype=z.dtype)(z) + x)
 
 
 def _rss_mb() -> float:
