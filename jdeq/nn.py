@@ -33,6 +33,7 @@ explicit arguments, so their gradients come from the implicit rule.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -79,7 +80,7 @@ def check_input(cell: Any, params: Any, x: jax.Array) -> None:
     """ValueError unless ``x`` is a floating batch whose per-sample shape fits ``params``."""
     name = type(cell).__name__
     _check_batch(name, x)
-    expected = _shapes(jax.eval_shape(lambda key: cell.init(key, jnp.shape(x)[1:]), jax.random.PRNGKey(0)))
+    expected = _param_shapes(cell, tuple(jnp.shape(x)[1:]))
     got = _shapes(params)
     if expected != got:
         misfits = [f"{k} is {got.get(k, 'missing')}, expected {v}" for k, v in expected.items() if got.get(k) != v]
@@ -88,6 +89,20 @@ def check_input(cell: Any, params: Any, x: jax.Array) -> None:
             f"DEQ({name}) with inputs of per-sample shape {jnp.shape(x)[1:]}: its parameters do not fit "
             f"({'; '.join(misfits)}); were they built for another cell (width, channels) or other inputs?"
         )
+
+
+def _param_shapes(cell: Any, sample_shape: tuple) -> dict:
+    """The parameter shapes ``cell.init`` builds for samples of ``sample_shape`` (memoised for hashable cells:
+    tracing ``init`` on every eager call of a layer costs more than the solve)."""
+    try:
+        return _param_shapes_cached(cell, sample_shape)
+    except TypeError:  # an unhashable cell
+        return _param_shapes_cached.__wrapped__(cell, sample_shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _param_shapes_cached(cell: Any, sample_shape: tuple) -> dict:
+    return _shapes(jax.eval_shape(lambda key: cell.init(key, sample_shape), jax.random.PRNGKey(0)))
 
 
 def _check_batch(name: str, x: jax.Array) -> None:
@@ -245,8 +260,23 @@ class _LinenMap:
 
 def _cell_start(cell: Any, params: Any, x: jax.Array) -> jax.Array:
     """A jdeq cell's cold start for the batch ``x``: zeros shaped like its injection ``inject(params, x_i)``."""
-    state = jax.eval_shape(jax.vmap(cell.inject, in_axes=(None, 0)), params, x)
-    return jnp.zeros(state.shape, state.dtype)
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    signature = (tree, tuple((jnp.shape(a), jnp.result_type(a)) for a in (*leaves, x)))
+    try:
+        shape, dtype = _injection_shape(cell, signature)
+    except TypeError:  # an unhashable cell
+        shape, dtype = _injection_shape.__wrapped__(cell, signature)
+    return jnp.zeros(shape, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _injection_shape(cell: Any, signature: tuple) -> tuple:
+    """``(shape, dtype)`` of ``vmap(cell.inject)`` on arguments of ``signature`` (the params' tree, then every
+    leaf's and ``x``'s shape and dtype), memoised like :func:`_param_shapes`."""
+    tree, shapes = signature
+    params = jax.tree_util.tree_unflatten(tree, [jax.ShapeDtypeStruct(s, d) for s, d in shapes[:-1]])
+    state = jax.eval_shape(jax.vmap(cell.inject, in_axes=(None, 0)), params, jax.ShapeDtypeStruct(*shapes[-1]))
+    return state.shape, state.dtype
 
 
 class DEQ(linen.Module):
