@@ -43,20 +43,21 @@ def table(result: dict) -> str:
 
 def _solve_table(rows: list[dict]) -> list[str]:
     out = [
-        "| library | method | mode | fwd ms (min–max) | fwd+bwd ms (min–max) | bwd/fwd | NFE | rel. residual "
-        "| converged samples | peak MB | fwd/(NFE·f) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| library | method | mode | requested tol | fwd ms (min–max) | fwd+bwd ms (min–max) | bwd/fwd | NFE "
+        "| worst-sample residual | whole-batch residual | converged samples | peak MB | fwd/(NFE·f) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['library']} | {r['method']} | {r['mode']} | {r['error'][:120]} ||||||||")
+            out.append(f"| {r['library']} | {r['method']} | {r['mode']} | {r['error'][:120]} ||||||||||")
             continue
         flag = "" if r.get("converged", True) else " ✗"
         samples = f"{r['converged_samples']}/{r['batch']}" if "converged_samples" in r else "—"
         out.append(
-            f"| {r['library']} | {r['method']} | {r['mode']} | {_spread(r, 'fwd_ms')} | {_spread(r, 'fwd_bwd_ms')} | "
+            f"| {r['library']} | {r['method']} | {r['mode']} | {_fmt(r.get('requested_tol'), '.1e')} | "
+            f"{_spread(r, 'fwd_ms')} | {_spread(r, 'fwd_bwd_ms')} | "
             f"{_fmt(r.get('bwd_over_fwd'), '.2f')} | {r.get('nfe', '—')} | "
-            f"{_fmt(r.get('rel_residual'), '.1e')}{flag} | {samples} | {_fmt(r.get('peak_mem_mb'), '.1f')} | "
+            f"{_fmt(r.get('rel_residual_worst_sample'), '.1e')} | {_fmt(r.get('rel_residual'), '.1e')}{flag} | {samples} | {_fmt(r.get('peak_mem_mb'), '.1f')} | "
             f"{_fmt(r.get('ms_per_nfe_over_f'), '.2f')} |"
         )
     return out
@@ -135,7 +136,7 @@ def targets(result: dict) -> list[dict]:
                 if all(r.get(k) == v for k, v in pick.items()) and r.get("bwd_over_fwd") is not None:
                     check = f"{r['method']} ({r['mode']}): backward / forward"
                     checks.append(_bounded(where, check, 1.2, [r], lambda r: r["bwd_over_fwd"]))
-            for peer in ("jaxopt", "optimistix"):
+            for peer in ("jaxopt", "optimistix", PEERS):
                 checks.append(_versus_peer(rows, where, pick, peer))
             if w == "mlp_hard":
                 r = _find(rows, library="jdeq", method="broyden", mode="per-sample", **pick)
@@ -145,7 +146,14 @@ def targets(result: dict) -> list[dict]:
                     checks.append(_check(where, "broyden per-sample: every sample converges", "all", None, ok, note))
     for r in (r for r in rows if r["workload"] == "step_cost" and r["mode"] == "per-sample"):
         plain = _find(rows, workload="step_cost", method="fixedpoint", mode="per-sample", batch=r["batch"])
-        bound = {"anderson": 1.5, "broyden": 4.0}.get(r["method"])
+        f_row = _find(rows, workload="mlp_moderate", batch=r["batch"], state_shape=r["state_shape"], library="jdeq")
+        if r["method"] == "fixedpoint" and f_row is not None:
+            check = "fixedpoint per-sample step / one evaluation of f (50 chained, same size)"
+            used = [r, {**f_row, "converged": True}]
+            checks.append(
+                _bounded(f"step_cost {_size(r)}", check, 1.1, used, lambda r, f: r["us_per_step"] / (1e3 * f["f_ms"]))
+            )
+        bound = {"anderson": 1.4, "broyden": 4.0}.get(r["method"])
         if bound:
             check = f"{r['method']} per-sample step / fixed-point step"
             checks.append(_bounded(f"step_cost {_size(r)}", check, bound, [r, plain], _ratio("us_per_step")))
@@ -156,21 +164,31 @@ def targets(result: dict) -> list[dict]:
     return [c for c in checks if c is not None]
 
 
+PEERS = ("jaxopt", "optimistix", "torchdeq")
+
+
 def _versus_peer(rows, where, pick, peer) -> dict | None:
-    """Fastest converged jdeq fwd+bwd over the fastest converged ``peer`` fwd+bwd (target ≤ 0.5)."""
+    """Fastest converged jdeq fwd+bwd over the fastest converged ``peer`` fwd+bwd (target ≤ 0.5); ``peer`` is one
+    library or a tuple of them (the best peer)."""
+    libraries = peer if isinstance(peer, tuple) else (peer,)
+    peer = "best peer" if isinstance(peer, tuple) else peer
 
     def fastest(library):
-        found = [r for r in rows if r.get("library") == library and r.get("converged") and "fwd_bwd_ms" in r]
+        names = libraries if library != "jdeq" else ("jdeq",)
+        found = [r for r in rows if r.get("library") in names and r.get("converged") and "fwd_bwd_ms" in r]
         found = [r for r in found if all(r.get(k) == v for k, v in pick.items())]
         return min(found, key=lambda r: r["fwd_bwd_ms"], default=None)
 
     ours, theirs = fastest("jdeq"), fastest(peer)
     if theirs is None:
-        ran = any(r.get("library") == peer and all(r.get(k) == v for k, v in pick.items()) for r in rows)
+        ran = any(r.get("library") in libraries and all(r.get(k) == v for k, v in pick.items()) for r in rows)
         return _check(where, f"jdeq / {peer} fwd+bwd", "≤ 0.5", None, None, f"no converged {peer} row") if ran else None
     if ours is None:
         return _check(where, f"jdeq / {peer} fwd+bwd", "≤ 0.5", None, None, "no converged jdeq row")
-    check = f"fastest jdeq ({ours['method']}, {ours['mode']}) / fastest {peer} ({theirs['method']}) fwd+bwd"
+    check = (
+        f"fastest jdeq ({ours['method']}, {ours['mode']}) / fastest {peer} ({theirs['library']} {theirs['method']}) "
+        "fwd+bwd"
+    )
     return _bounded(where, check, 0.5, [ours, theirs], _ratio("fwd_bwd_ms"))
 
 

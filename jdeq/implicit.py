@@ -8,7 +8,9 @@ in :mod:`jdeq.gradients`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -100,7 +102,28 @@ def _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision) ->
     return sol._replace(value=unravel(sol.value))
 
 
-_solve_jit = jax.jit(_solve, static_argnames=("f", "axes", "solver", "grad", "throw", "precision"))
+SOLVE_CACHE_SIZE = 32
+"""How many compiled solves eager calls keep (one per map, solver, gradient mode and options; least recently used
+out first). Each keeps its executables for the input shapes it was called with."""
+
+_solve_cache: collections.OrderedDict = collections.OrderedDict()
+
+
+def _compiled_solve(statics: dict) -> Callable:
+    """The jitted :func:`_solve` for these static arguments, from the bounded cache (``SOLVE_CACHE_SIZE``)."""
+    key = tuple(statics.items())
+    solve = _solve_cache.pop(key, None)
+    if solve is None:
+        solve = jax.jit(functools.partial(_solve, **statics))
+    _solve_cache[key] = solve
+    while len(_solve_cache) > SOLVE_CACHE_SIZE:
+        _solve_cache.popitem(last=False)
+    return solve
+
+
+def solve_cache_size() -> int:
+    """The number of compiled solves the eager cache holds now (at most ``SOLVE_CACHE_SIZE``)."""
+    return len(_solve_cache)
 
 
 def _dispatch(f, z0, args, axes, solver, grad, throw, backward_stats, precision) -> Solution:
@@ -108,8 +131,10 @@ def _dispatch(f, z0, args, axes, solver, grad, throw, backward_stats, precision)
 
     Each call builds fresh closures, so an eager loop (a notebook calling ``fixed_point`` again and
     again) would trace and compile the solve every time, and keep every executable. The cache is keyed
-    on ``f`` (by identity), the solver, the gradient mode, the options and the input shapes; it is
-    skipped inside a user's transformations (they compile once anyway) and for an unhashable ``f``.
+    on ``f`` (by equality: jdeq's layers build their maps from hashable objects, so equal layers share
+    an entry), the solver, the gradient mode, the options and the input shapes, and holds at most
+    ``SOLVE_CACHE_SIZE`` maps; it is skipped inside a user's transformations (they compile once
+    anyway) and for an unhashable ``f``.
     """
     statics = dict(f=f, axes=axes, solver=solver, grad=grad, throw=throw, precision=precision)
     leaves = jax.tree_util.tree_leaves((z0, args, backward_stats))
@@ -119,7 +144,10 @@ def _dispatch(f, z0, args, axes, solver, grad, throw, backward_stats, precision)
         )
     except TypeError:
         eager = False
-    sol = (_solve_jit if eager else _solve)(z0=z0, args=args, backward_stats=backward_stats, **statics)
+    if eager:
+        sol = _compiled_solve(statics)(z0=z0, args=args, backward_stats=backward_stats)
+    else:
+        sol = _solve(z0=z0, args=args, backward_stats=backward_stats, **statics)
     if throw:
         raise_unless_converged(sol.stats)
     return sol

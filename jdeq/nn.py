@@ -32,6 +32,8 @@ explicit arguments, so their gradients come from the implicit rule.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -78,7 +80,7 @@ def check_input(cell: Any, params: Any, x: jax.Array) -> None:
     """ValueError unless ``x`` is a floating batch whose per-sample shape fits ``params``."""
     name = type(cell).__name__
     _check_batch(name, x)
-    expected = _shapes(jax.eval_shape(lambda key: cell.init(key, jnp.shape(x)[1:]), jax.random.PRNGKey(0)))
+    expected = _param_shapes(cell, tuple(jnp.shape(x)[1:]))
     got = _shapes(params)
     if expected != got:
         misfits = [f"{k} is {got.get(k, 'missing')}, expected {v}" for k, v in expected.items() if got.get(k) != v]
@@ -87,6 +89,20 @@ def check_input(cell: Any, params: Any, x: jax.Array) -> None:
             f"DEQ({name}) with inputs of per-sample shape {jnp.shape(x)[1:]}: its parameters do not fit "
             f"({'; '.join(misfits)}); were they built for another cell (width, channels) or other inputs?"
         )
+
+
+def _param_shapes(cell: Any, sample_shape: tuple) -> dict:
+    """The parameter shapes ``cell.init`` builds for samples of ``sample_shape`` (memoised for hashable cells:
+    tracing ``init`` on every eager call of a layer costs more than the solve)."""
+    try:
+        return _param_shapes_cached(cell, sample_shape)
+    except TypeError:  # an unhashable cell
+        return _param_shapes_cached.__wrapped__(cell, sample_shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _param_shapes_cached(cell: Any, sample_shape: tuple) -> dict:
+    return _shapes(jax.eval_shape(lambda key: cell.init(key, sample_shape), jax.random.PRNGKey(0)))
 
 
 def _check_batch(name: str, x: jax.Array) -> None:
@@ -130,8 +146,8 @@ def _solve_cell(cell, params, x, *, z0, **options) -> Solution:
     """:func:`solve_cell` on an input already checked (:func:`check_input`)."""
     u = jax.vmap(cell.inject, in_axes=(None, 0))(params, x)
     return _solve_map(
-        lambda z, u, p: cell(p, z, u),
-        jax.vmap(cell, in_axes=(None, 0, 0)),
+        _CellSample(cell),
+        _CellBatch(cell),
         jnp.zeros_like(u) if z0 is None else z0,
         u,
         params,
@@ -147,7 +163,7 @@ def _solve_map(one, coupled, z0, x, params, *, solver, grad, per_sample, backwar
         options = dict(in_axes=axes, solver=solver, grad=grad, backward_stats=backward_stats)
         return fixed_point_batch(one, z0, x, params, *extra, **options)
     return fixed_point(
-        lambda z, x, p, *k: coupled(p, z, x, *k),
+        _StateFirst(coupled),
         z0,
         x,
         params,
@@ -186,15 +202,81 @@ def _missing_start(name: str) -> ValueError:
     )
 
 
-def _one_of_batch(module_call):
+# The maps a layer solves are built from hashable objects (the cell, the module, their hyperparameters):
+# equal for equal layers, so an un-jitted call of a layer reuses the solve compiled by the previous call
+# (jdeq's compiled-solve cache is keyed on the map), instead of tracing and compiling a new closure.
+
+
+@dataclasses.dataclass(frozen=True)
+class _CellSample:
+    """``f(z, u, params) = cell(params, z, u)`` on one sample."""
+
+    cell: Any
+
+    def __call__(self, z, u, params):
+        return self.cell(params, z, u)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CellBatch:
+    """``f(params, z, u)``: ``cell`` on a batch (``jax.vmap`` over the samples of ``z`` and ``u``)."""
+
+    cell: Any
+
+    def __call__(self, params, z, u):
+        return jax.vmap(self.cell, in_axes=(None, 0, 0))(params, z, u)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StateFirst:
+    """``f(z, x, params, *key) = coupled(params, z, x, *key)``: the state first, as jdeq's solvers call a map."""
+
+    coupled: Callable
+
+    def __call__(self, z, x, params, *key):
+        return self.coupled(params, z, x, *key)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OneOfBatch:
     """``module_call(z, x, ...)`` on one sample, as a batch of one (modules written for batches work)."""
-    return lambda z, x, *rest: module_call(z[None], x[None], *rest)[0]
+
+    module_call: Callable
+
+    def __call__(self, z, x, *rest):
+        return self.module_call(z[None], x[None], *rest)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinenMap:
+    """A linen module as ``f(params, z, x[, dropout key])``."""
+
+    module: linen.Module
+
+    def __call__(self, params, z, x, *key):
+        rngs = {"dropout": key[0]} if key else None
+        return self.module.apply({"params": params}, z, x, rngs=rngs)
 
 
 def _cell_start(cell: Any, params: Any, x: jax.Array) -> jax.Array:
     """A jdeq cell's cold start for the batch ``x``: zeros shaped like its injection ``inject(params, x_i)``."""
-    state = jax.eval_shape(jax.vmap(cell.inject, in_axes=(None, 0)), params, x)
-    return jnp.zeros(state.shape, state.dtype)
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    signature = (tree, tuple((jnp.shape(a), jnp.result_type(a)) for a in (*leaves, x)))
+    try:
+        shape, dtype = _injection_shape(cell, signature)
+    except TypeError:  # an unhashable cell
+        shape, dtype = _injection_shape.__wrapped__(cell, signature)
+    return jnp.zeros(shape, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _injection_shape(cell: Any, signature: tuple) -> tuple:
+    """``(shape, dtype)`` of ``vmap(cell.inject)`` on arguments of ``signature`` (the params' tree, then every
+    leaf's and ``x``'s shape and dtype), memoised like :func:`_param_shapes`."""
+    tree, shapes = signature
+    params = jax.tree_util.tree_unflatten(tree, [jax.ShapeDtypeStruct(s, d) for s, d in shapes[:-1]])
+    state = jax.eval_shape(jax.vmap(cell.inject, in_axes=(None, 0)), params, jax.ShapeDtypeStruct(*shapes[-1]))
+    return state.shape, state.dtype
 
 
 class DEQ(linen.Module):
@@ -331,11 +413,8 @@ def _linen_module_solver(layer: DEQ, module: linen.Module, x: jax.Array, z0: Opt
     if layer.has_rng("dropout"):  # one key per call: the same mask at every iteration of the solve
         keys = jax.random.split(layer.make_rng("dropout"), len(x))
 
-    def call(p, z, x, *key):
-        rngs = {"dropout": key[0]} if key else None
-        return pure.apply({"params": p}, z, x, rngs=rngs)
-
-    one = _one_of_batch(lambda z, x, p, *key: call(p, z, x, *key))
+    call = _LinenMap(pure)
+    one = _OneOfBatch(_StateFirst(call))
     return z0, lambda start: _solve_map(one, call, start, x, variables.get("params", {}), keys=keys, **options)
 
 
@@ -480,7 +559,7 @@ class NNXDEQ(nnx.Module):
         def call(p, z, x):
             return nnx.merge(graphdef, p, rest)(z, x)
 
-        one = _one_of_batch(lambda z, x, p: call(p, z, x))
+        one = _OneOfBatch(_StateFirst(call))
         return z0, lambda start: _solve_map(one, call, start, x, params, **options)
 
 

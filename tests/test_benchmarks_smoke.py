@@ -16,7 +16,7 @@ from benchmarks import run
 from benchmarks.report import table, targets, targets_table
 from benchmarks.step_cost import plain_fixed_point, step_cost_rows
 from benchmarks.timing import interleaved_ms
-from benchmarks.workloads import conv_cell_params, conv_workload, mlp_workload, spectral_norm, spectral_radius
+from benchmarks.workloads import Workload, conv_cell_params, conv_workload, mlp_workload, spectral_norm, spectral_radius
 from jdeq.models import ConvCell
 
 TINY = ["--libraries", "jdeq", "--methods", "fixedpoint", "--sizes", "4x8", "--repeats", "3", "--step-steps", "3"]
@@ -63,7 +63,45 @@ def test_measured_residual_is_that_of_the_returned_z():
     assert np.isclose(whole, np.linalg.norm(fz - z) / np.linalg.norm(fz), rtol=1e-5)
     per_sample = np.linalg.norm(fz - z, axis=1) / np.linalg.norm(fz, axis=1)
     assert np.isclose(worst, per_sample.max(), rtol=1e-5)
-    assert measured["converged_samples"] == int(np.sum(per_sample <= 2 * w.tol))
+    assert measured["converged_samples"] == int(np.sum(per_sample <= run.ACCURACY_SLACK * w.tol))
+    assert measured["converged"] == bool(per_sample.max() <= run.ACCURACY_SLACK * w.tol)
+
+
+class _FakeBuilt:
+    """What ``calibrated`` reads of a built method: the returned ``z`` and the NFE."""
+
+    def __init__(self, z, nfe):
+        self.z, self.nfe, self.requested_tol = z, nfe, None
+
+
+def _fake_method(residual_of_request, nfe=10):
+    """A constant map ``f(z) = x`` and a method that returns ``z = (1 − r)·x``, whose measured residual is
+    exactly ``r = residual_of_request(requested tol)`` in every sample; also the list of requests it got."""
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    w = Workload("fake", "f(z) = x", {"x": x}, (4,), 1e-4, 50, lambda z, params, x: x)
+    requests = []
+
+    def make(w_requested):
+        requests.append(w_requested.tol)
+        return _FakeBuilt((1 - residual_of_request(w_requested.tol)) * x, nfe)
+
+    return w, make, requests
+
+
+def test_calibration_matches_every_sample_to_the_tolerance():
+    def worst(w, b):
+        return run.relative_residuals(w, b.z)["rel_residual_worst_sample"]
+
+    w, too_loose, requests = _fake_method(lambda tol: 5 * tol)  # the method's own rule is 5x looser than ours
+    b = run.calibrated(too_loose, w)
+    assert requests == [1e-4, 5e-5, 2.5e-5, 1.25e-5] and b.requested_tol == 1.25e-5
+    assert worst(w, b) == pytest.approx(6.25e-5, rel=1e-3)
+    w, too_strict, requests = _fake_method(lambda tol: tol / 20)  # e.g. an elementwise test: 20x stricter
+    b = run.calibrated(too_strict, w)
+    assert requests == [1e-4, 2e-4, 4e-4, 8e-4] and b.requested_tol == 8e-4  # 8e-4 / 20 = 4e-5 > tol / 4: stop
+    w, stuck, requests = _fake_method(lambda tol: 1e-2, nfe=50)  # out of steps: tightening cannot help
+    b = run.calibrated(stuck, w)
+    assert requests == [1e-4] and not run.relative_residuals(w, b.z)["converged"]
 
 
 def test_interleaved_timing_reports_each_variant_from_its_own_calls():
@@ -151,7 +189,9 @@ def test_targets_are_decided_from_the_rows_with_known_answers():
     assert unconverged["value"] is None and unconverged["holds"] is None and "not converged" in unconverged["note"]
     backward = checks["mlp_hard 4×8", "anderson (per-sample): backward / forward"]
     assert backward["value"] == pytest.approx(2.0) and backward["holds"] is False
-    peer = checks["mlp_hard 4×8", "fastest jdeq (fixedpoint, whole-batch) / fastest jaxopt (fixed_point) fwd+bwd"]
+    peer = checks[
+        "mlp_hard 4×8", "fastest jdeq (fixedpoint, whole-batch) / fastest jaxopt (jaxopt fixed_point) fwd+bwd"
+    ]
     assert peer["value"] == pytest.approx(0.4) and peer["holds"]
     every = checks["mlp_hard 4×8", "broyden per-sample: every sample converges"]
     assert every["holds"] is False and every["note"] == "1/4 samples"

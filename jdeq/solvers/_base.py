@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_batching import custom_vmap
 
+from .._canonical_conv import canonical_convs
 from .._numerics import check, check_stopping, norm, relative
 from .._sharding import vary_like
 from ..stats import Result, Stats
@@ -227,6 +228,7 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
     skipped by ``lax.cond``) so that reverse-mode autodiff can go through the iterations; memory then
     grows with ``max_steps``.
     """
+    fn = canonical_convs(fn)  # CPU: XLA leaves non-canonical convolutions in loop bodies slow
     batched = x0.ndim == 2
     if batched and x0.shape[0] == 0:  # an empty batch: nothing runs; vmap gives the outputs' empty shapes
         return jax.vmap(lambda x: run(solver, lambda y: y, x, unroll=unroll))(x0)

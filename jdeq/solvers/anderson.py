@@ -23,25 +23,28 @@ class AndersonState(NamedTuple):
 
 
 def cholesky_solve(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a⁻¹ b`` for a small symmetric positive-definite ``a``, by an unrolled Cholesky factorisation.
+    """``a⁻¹ b`` for a small symmetric positive-definite ``a``, by a Cholesky factorisation written entry by entry.
 
-    Written in elementwise operations so that, batched under ``jax.vmap`` or inside a GPU loop, it
-    fuses into a few kernels instead of one LAPACK/cuSOLVER call per tiny matrix. A non-positive
-    pivot yields NaN, which the caller's safeguard catches.
+    ``L_jj = √(a_jj − Σ_{p<j} L_jp²)``, ``L_ij = (a_ij − Σ_{p<j} L_ip L_jp) / L_jj``, then ``L y = b`` and
+    ``Lᵀ x = y`` by substitution, each entry its own scalar expression: batched under ``jax.vmap`` or
+    inside a GPU loop the whole solve is elementwise arithmetic on ``(batch,)`` vectors, which XLA fuses
+    into a few kernels, with no per-matrix LAPACK/cuSOLVER call, no dot and no scatter into a matrix. A
+    non-positive pivot yields NaN, which the caller's safeguard catches.
     """
     (k,) = b.shape
-    index = jnp.arange(k)
-    chol = jnp.zeros_like(a)
-    for j in range(k):  # column j of L from a[:, j] − L Lᵀ[:, j]
-        v = a[:, j] - chol @ chol[j, :]
-        chol = chol.at[:, j].set(jnp.where(index >= j, v / jnp.sqrt(v[j]), 0.0))
-    y = jnp.zeros_like(b)
-    for i in range(k):  # L y = b
-        y = y.at[i].set((b[i] - chol[i, :] @ y) / chol[i, i])
-    x = jnp.zeros_like(b)
-    for i in reversed(range(k)):  # Lᵀ x = y
-        x = x.at[i].set((y[i] - chol[:, i] @ x) / chol[i, i])
-    return x
+    low = [[None] * k for _ in range(k)]
+    for j in range(k):
+        pivot = jnp.sqrt(a[j, j] - sum(low[j][p] * low[j][p] for p in range(j)))
+        low[j][j] = pivot
+        for i in range(j + 1, k):
+            low[i][j] = (a[i, j] - sum(low[i][p] * low[j][p] for p in range(j))) / pivot
+    y = []
+    for i in range(k):
+        y.append((b[i] - sum(low[i][p] * y[p] for p in range(i))) / low[i][i])
+    x = [None] * k
+    for i in reversed(range(k)):
+        x[i] = (y[i] - sum(low[p][i] * x[p] for p in range(i + 1, k))) / low[i][i]
+    return jnp.stack(x)
 
 
 @dataclasses.dataclass(frozen=True)
