@@ -107,7 +107,8 @@ def _number(convert: Callable[[str], Any], minimum: float, strict: bool) -> Call
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
         if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(f"must be finite and {'>' if strict else '>='} {minimum}, got {text}")
+            finite = "" if convert is int else "finite and "
+            raise argparse.ArgumentTypeError(f"must be {finite}{'>' if strict else '>='} {minimum}, got {text}")
         return value
 
     return parse
