@@ -75,3 +75,14 @@ def test_max_steps_beyond_int32_is_rejected():
 def test_anderson_ridge_must_be_finite(value):
     with pytest.raises(ValueError, match="ridge"):
         jdeq.Anderson(ridge=value)
+
+
+@pytest.mark.parametrize("solver", [jdeq.Newton(), jdeq.Chord()], ids=["newton", "chord"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_newton_type_solvers_with_a_half_precision_state_point_to_precision(solver, dtype):
+    with pytest.raises(ValueError, match=f"{type(solver).__name__}.*Precision"):
+        jdeq.fixed_point(lambda z: jnp.tanh(0.5 * z + 1), jnp.zeros(3, dtype), solver=solver)
+    sol = jdeq.fixed_point(
+        lambda z: jnp.tanh(0.5 * z + 1), jnp.zeros(3, dtype), solver=solver, precision=jdeq.Precision(dtype)
+    )
+    assert bool(sol.stats.converged)  # f in the half dtype, the solver in float32

@@ -166,7 +166,8 @@ def _exploded(fx_norm: Array, start: _Start, dtype) -> Array:
     There a residual (even 0: ``z + 1 + ½ sin z`` rounds to ``z`` at ``|z| = 10¹⁶``) says nothing about a fixed
     point, so it cannot count as convergence.
     """
-    return (fx_norm > 2 * start.image0) & (jnp.finfo(dtype).eps * fx_norm >= start.res0)
+    eps = jnp.asarray(jnp.finfo(dtype).eps, fx_norm.dtype)  # x's rounding, in the norms' (float32+) dtype
+    return (fx_norm > 2 * start.image0) & (eps * fx_norm >= start.res0)
 
 
 def _measure(solver: Solver, step, x, fx, start: _Start):
