@@ -5,13 +5,24 @@ It imports nothing from jdeq, so any module can use it without an import running
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["at_least_float32", "check", "check_stopping", "map_rows", "norm", "relative", "subclass_names"]
+__all__ = [
+    "MAX_INT32",
+    "at_least_float32",
+    "check",
+    "check_stopping",
+    "finite",
+    "map_rows",
+    "norm",
+    "relative",
+    "subclass_names",
+]
 
 Array = jax.Array
 
@@ -22,11 +33,25 @@ def check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+MAX_INT32 = 2**31 - 1
+
+
+def finite(value: Any) -> bool:
+    """Whether ``value`` is a finite real number (a Python or NumPy scalar, or a 0-d array)."""
+    try:
+        return bool(math.isfinite(float(value)))
+    except (TypeError, ValueError):
+        return False
+
+
 def check_stopping(tol: float, atol: float, max_steps: int) -> None:
-    """ValueError unless ``tol > 0``, ``atol >= 0`` and ``max_steps`` is an int >= 1."""
-    check(tol > 0, f"tol must be > 0, got {tol}")
-    check(atol >= 0, f"atol must be >= 0, got {atol}")
-    check(isinstance(max_steps, int) and max_steps >= 1, f"max_steps must be an int >= 1, got {max_steps!r}")
+    """ValueError unless ``tol`` is finite and > 0, ``atol`` finite and >= 0 and ``max_steps`` an int in [1, 2³¹)."""
+    check(finite(tol) and tol > 0, f"tol must be finite and > 0, got {tol}")
+    check(finite(atol) and atol >= 0, f"atol must be finite and >= 0, got {atol}")
+    check(
+        isinstance(max_steps, int) and 1 <= max_steps <= MAX_INT32,
+        f"max_steps must be an int in [1, 2**31), got {max_steps!r}",
+    )
 
 
 def at_least_float32(dtype) -> jnp.dtype:

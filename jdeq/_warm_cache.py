@@ -74,12 +74,12 @@ def cached_start(cached: jax.Array, seen: jax.Array, index: jax.Array, z_cold: j
 
 
 def storable(sol: Solution) -> jax.Array:
-    """Per sample: whether its solve's end point is worth keeping as a start, i.e. it converged or ran out of
-    steps (a finite iterate) and every entry is finite; a diverged or nonfinite solve is not stored."""
+    """Per sample: whether its solve's end point is worth keeping as a start, i.e. it converged and every entry
+    is finite. A solve that ran out of steps (its residual may have grown past the old entry's), diverged or
+    went nonfinite keeps the previous entry."""
     batch = len(sol.value)
     result = jnp.broadcast_to(sol.stats.result, (batch,))  # one problem (per_sample=False): one code for all
-    ended = (result == Result.CONVERGED) | (result == Result.MAX_STEPS)
-    return ended & jnp.all(jnp.isfinite(sol.value.reshape(batch, -1)), axis=1)
+    return (result == Result.CONVERGED) & jnp.all(jnp.isfinite(sol.value.reshape(batch, -1)), axis=1)
 
 
 def updated_cache(cached: jax.Array, seen: jax.Array, index: jax.Array, sol: Solution) -> tuple[jax.Array, jax.Array]:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +94,30 @@ HISTORY_COLUMNS = [
 ]
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (argparse then prints a one-line usage error, not a traceback)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _number(convert: Callable[[str], Any], minimum: float, strict: bool) -> Callable[[str], Any]:
+    """argparse type: a finite ``convert(text)`` above ``minimum`` (``> minimum`` if ``strict``, else ``>=``).
+
+    argparse then prints a one-line usage error naming the option, not a traceback or a table of NaN.
+    """
+    kind = "a whole number" if convert is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            finite = "" if convert is int else "finite and "
+            raise argparse.ArgumentTypeError(f"must be {finite}{'>' if strict else '>='} {minimum}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, 1, strict=False)
+_nonnegative_int = _number(int, 0, strict=False)
+_positive_float = _number(float, 0.0, strict=True)
+_nonnegative_float = _number(float, 0.0, strict=False)
 
 
 def print_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> None:
@@ -263,11 +279,11 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--solver", choices=list(SOLVERS), default="anderson", help="forward (and adjoint) solver")
     demo.add_argument("--grad", choices=GRADIENT_MODES, default="implicit", help="gradient mode (docs/gradients.md)")
     demo.add_argument("--api", choices=("linen", "nnx"), default="linen", help="Flax API of the model")
-    demo.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, cosine decay)")
-    demo.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    demo.add_argument("--tol", type=float, default=1e-4, help="solver tolerance (relative residual)")
+    demo.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate (AdamW, cosine decay)")
+    demo.add_argument("--weight-decay", type=_nonnegative_float, default=1e-4, help="AdamW weight decay")
+    demo.add_argument("--tol", type=_positive_float, default=1e-4, help="solver tolerance (relative residual)")
     demo.add_argument("--max-steps", type=_positive_int, default=40, help="solver step budget")
-    demo.add_argument("--seed", type=int, default=0, help="data split, initialisation and batch order")
+    demo.add_argument("--seed", type=_nonnegative_int, default=0, help="data split, initialisation and batch order")
     demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.add_argument(
         "--warm-start",
@@ -276,10 +292,10 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=_demo_command)
     solvers = sub.add_parser("solvers", help="compare the solvers on a batch of tanh fixed points")
-    solvers.add_argument("--batch", type=int, default=256)
-    solvers.add_argument("--width", type=int, default=64)
-    solvers.add_argument("--radii", type=float, nargs="+", default=[0.9, 1.5])
-    solvers.add_argument("--seed", type=int, default=0)
+    solvers.add_argument("--batch", type=_positive_int, default=256)
+    solvers.add_argument("--width", type=_positive_int, default=64)
+    solvers.add_argument("--radii", type=_positive_float, nargs="+", default=[0.9, 1.5])
+    solvers.add_argument("--seed", type=_nonnegative_int, default=0)
     solvers.set_defaults(run=_solvers_command)
     p = sub.add_parser("reproduce", help="reproduce the measured claims of the global-convergence papers")
     p.add_argument("paper", choices=["kawaguchi2021", "gao2022", "ling2023", "all"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import math
 import pickle
 import tarfile
 import urllib.error
@@ -54,6 +55,7 @@ PICKLE_GLOBALS = frozenset(
     [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")]
     + [(f"numpy.{core}.multiarray", "_reconstruct") for core in ("core", "_core")]
     + [(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")]
+    + [(f"numpy.{core}.multiarray", "scalar") for core in ("core", "_core")]  # numpy scalars: list(np_labels)
 )
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4")}
 
@@ -232,7 +234,7 @@ def read_idx(path: str | Path) -> np.ndarray:
             f"{path}: the idx header of a {ndim}-d array needs {4 + 4 * ndim} bytes, the file has {len(raw)}"
         )
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
-    expected = 4 + 4 * ndim + int(np.prod(shape)) * dtype.itemsize
+    expected = 4 + 4 * ndim + math.prod(shape) * dtype.itemsize  # Python ints: a huge header cannot wrap around
     if len(raw) != expected:
         raise ValueError(f"{path}: header says shape {shape} ({expected} bytes) but the file has {len(raw)} bytes")
     return np.frombuffer(raw, dtype, offset=4 + 4 * ndim).reshape(shape)

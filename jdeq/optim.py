@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._numerics import check
+from ._numerics import at_least_float32, check
 
 __all__ = ["RecordState", "project_inf_norm", "project_rows_l1", "record", "recorded"]
 
 
-def project_rows_l1(a: jax.Array, radius: float) -> jax.Array:
-    """The Euclidean projection of each row of ``a`` onto the ℓ1 ball of ``radius``: ``‖result‖∞ <= radius``.
+def project_rows_l1(a: jax.Array, radius: Any) -> jax.Array:
+    """The Euclidean projection of each row of ``a`` onto the ℓ1 ball of ``radius`` (one, or one per row).
 
     ``optax.projections.projection_l1_ball`` (the sorting algorithm of Duchi, Shalev-Shwartz, Singer &
     Chandra 2008, "Efficient projections onto the ℓ1-ball") applied to every row (``jax.vmap``); rows inside
@@ -35,9 +35,37 @@ def project_rows_l1(a: jax.Array, radius: float) -> jax.Array:
     """
     with jax.numpy_dtype_promotion("standard"):
         wide = jnp.promote_types(a.dtype, jnp.asarray(1.0).dtype)  # optax computes in the default float dtype
-        scale = jnp.asarray(radius, wide)
-        projected = jax.vmap(lambda row: optax.projections.projection_l1_ball(row, scale))(a.astype(wide))
+        scale = jnp.broadcast_to(jnp.asarray(radius, wide), a.shape[:1])
+        projected = jax.vmap(optax.projections.projection_l1_ball)(a.astype(wide), scale)
     return projected.astype(a.dtype)
+
+
+def _projected_update(param: jax.Array, update: jax.Array, kappa: float, rounds: int = 4) -> jax.Array:
+    """The update ``Δ`` with ``‖fl(θ + fl(Δ))‖∞ <= κ`` in the parameter dtype, as ``optax.apply_updates`` rounds it.
+
+    The projection runs in at least float32; rounding ``Δ`` and ``θ + Δ`` to the parameter dtype can push a row
+    back out of the ball (bfloat16: ``‖A‖∞`` 0.953 for κ = 0.95). So the rounded result is measured, and the
+    radius of each row still outside is cut by its excess (plus ``ε·κ``) and the row projected again, up to
+    ``rounds`` times; a row still outside becomes exactly 0 (``θ + (−θ)``). Sums are compared against
+    ``κ(1 − n·ε)`` (``n`` the row length, ``ε`` the float32-or-wider rounding of the sum itself).
+    """
+    wide = at_least_float32(param.dtype)
+    eps = jnp.finfo(param.dtype).eps.astype(wide)
+    theta = param.astype(wide)
+    limit = kappa * (1 - param.shape[1] * jnp.finfo(wide).eps)
+    wanted = theta + update.astype(wide)
+
+    def attempt(radius):
+        step = (project_rows_l1(wanted, radius).astype(param.dtype).astype(wide) - theta).astype(update.dtype)
+        excess = jnp.sum(jnp.abs((param + step.astype(param.dtype)).astype(wide)), axis=1) - limit
+        return step, excess
+
+    radius = jnp.full(param.shape[:1], kappa, wide)
+    step, excess = attempt(radius)
+    for _ in range(rounds):
+        radius = jnp.where(excess > 0, jnp.maximum(radius - excess - eps * kappa, eps * kappa), radius)
+        step, excess = attempt(radius)
+    return jnp.where((excess > 0)[:, None], -param.astype(update.dtype), step)
 
 
 def _leaf_name(path: tuple) -> Any:
@@ -76,7 +104,7 @@ def project_inf_norm(kappa: float, name: str = "A") -> optax.GradientTransformat
         check(params is not None, "project_inf_norm needs the parameters: call optimizer.update(grads, state, params)")
 
         def project(path, update, param):
-            return project_rows_l1(param + update, kappa) - param if selected(path) else update
+            return _projected_update(param, update, kappa) if selected(path) else update
 
         return jax.tree_util.tree_map_with_path(project, updates, params), state
 

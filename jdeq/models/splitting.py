@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import NamedTuple, Optional
 
@@ -77,8 +78,8 @@ class Splitting(abc.ABC):
     alpha: Optional[float] = None
 
     def __post_init__(self):
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"{type(self).__name__}(alpha=...) must be > 0 or None, got {self.alpha}")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"{type(self).__name__}(alpha=...) must be finite and > 0, or None, got {self.alpha}")
 
     def step_size(self, problem: MonotoneProblem) -> jax.Array:
         """``α``: the field, or :meth:`best_step_size` of the problem."""

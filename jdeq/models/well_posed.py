@@ -22,22 +22,70 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from .._numerics import check
+from .._numerics import check, finite
 from ..optim import project_rows_l1
 from . import gao
 from .cells import check_shape, matmul, scaled_normal
 from .kawaguchi import column_softmax
 from .splitting import MonotoneProblem, PeacemanRachford, Splitting
 
-__all__ = ["InfNormCell", "MonotoneCell", "ScaledCell", "SoftmaxCell", "inf_norm"]
+__all__ = [
+    "KNOWN_LIPSCHITZ",
+    "InfNormCell",
+    "MonotoneCell",
+    "ScaledCell",
+    "SoftmaxCell",
+    "activation_lipschitz",
+    "inf_norm",
+]
 
 
 def _identity(h: jax.Array) -> jax.Array:
     return h
+
+
+KNOWN_LIPSCHITZ = (
+    (_identity, 1.0),
+    (jax.nn.relu, 1.0),
+    (jax.nn.relu6, 1.0),
+    (jnp.tanh, 1.0),
+    (jax.nn.hard_tanh, 1.0),
+    (jax.nn.softplus, 1.0),
+    (jax.nn.soft_sign, 1.0),
+    (jax.nn.elu, 1.0),  # default alpha = 1
+    (jax.nn.leaky_relu, 1.0),  # default slope 0.01
+    (jax.nn.sigmoid, 0.25),
+)
+"""Componentwise activations with a known Lipschitz constant (for their default arguments)."""
+
+
+def activation_lipschitz(cell: object, activation: Callable, lipschitz: Optional[float]) -> float:
+    """The Lipschitz constant of ``activation``: ``lipschitz`` if given (finite, > 0), else :data:`KNOWN_LIPSCHITZ`'s.
+
+    ValueError naming the cell when the activation is not in the registry and no constant is given: the
+    certificate ``well_posedness`` is only a bound with the activation's constant folded in.
+    """
+    name = type(cell).__name__
+    if lipschitz is not None:
+        check(
+            finite(lipschitz) and lipschitz > 0,
+            f"{name}(lipschitz=...) must be a finite number > 0, got {lipschitz!r}",
+        )
+        return float(lipschitz)
+    for known, constant in KNOWN_LIPSCHITZ:
+        if activation is known:
+            return constant
+    raise ValueError(
+        f"{name}: the activation {getattr(activation, '__name__', activation)!r} has no known Lipschitz constant, "
+        "so the well-posedness certificate cannot be computed: pass lipschitz=L (its componentwise Lipschitz "
+        "constant, folded into the certificate as L·q), or use one of "
+        f"{', '.join(getattr(f, '__name__', str(f)) for f, _ in KNOWN_LIPSCHITZ)}"
+    )
 
 
 def inf_norm(a: jax.Array) -> jax.Array:
@@ -108,7 +156,14 @@ class MonotoneCell(_InjectedCell):
 
     def __post_init__(self):
         super().__post_init__()
-        check(self.m > 0, f"MonotoneCell(m=...) must be > 0 (the strong-monotonicity margin), got {self.m}")
+        check(
+            finite(self.m) and self.m > 0,
+            f"MonotoneCell(m=...) must be finite and > 0 (the strong-monotonicity margin), got {self.m}",
+        )
+        check(
+            finite(self.w_scale) and self.w_scale > 0,
+            f"MonotoneCell(w_scale=...) must be finite and > 0, got {self.w_scale}",
+        )
         check(
             isinstance(self.splitting, Splitting),
             f"MonotoneCell(splitting=...) must be ForwardBackward() or PeacemanRachford(), got {self.splitting!r}",
@@ -150,15 +205,24 @@ class InfNormCell(_InjectedCell):
     Attributes:
       features: width of ``z``.
       kappa: the bound ``κ`` in ``(0, 1)`` imposed at initialisation (and by the projection).
-      activation: componentwise 1-Lipschitz ``φ`` (default ReLU).
+      activation: componentwise ``φ`` (default ReLU), one of :data:`KNOWN_LIPSCHITZ` or with ``lipschitz`` given.
+      lipschitz: ``φ``'s Lipschitz constant ``L`` (default: the registry's); the certificate is ``L‖A‖∞``,
+        and ``L·κ < 1`` is required.
     """
 
     kappa: float = 0.95
     activation: Callable = jax.nn.relu
+    lipschitz: Optional[float] = None
 
     def __post_init__(self):
         super().__post_init__()
         check(0 < self.kappa < 1, f"InfNormCell(kappa=...) must be in (0, 1) for well-posedness, got {self.kappa}")
+        constant = activation_lipschitz(self, self.activation, self.lipschitz)
+        check(
+            constant * self.kappa < 1,
+            f"InfNormCell: lipschitz·kappa = {constant}·{self.kappa} >= 1, so ‖A‖∞ <= kappa certifies nothing; "
+            "lower kappa below 1/lipschitz",
+        )
 
     def init_mixing(self, key: jax.Array) -> dict:
         """``A ~ N(0, 1/features)`` with each row projected onto the ℓ1 ball of radius ``κ``."""
@@ -168,8 +232,8 @@ class InfNormCell(_InjectedCell):
         return self.activation(params["A"] @ z + u)
 
     def well_posedness(self, params: dict) -> jax.Array:
-        """``‖A‖∞``."""
-        return inf_norm(params["A"])
+        """``L‖A‖∞``, ``L`` the activation's Lipschitz constant."""
+        return activation_lipschitz(self, self.activation, self.lipschitz) * inf_norm(params["A"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,22 +248,33 @@ class SoftmaxCell(_InjectedCell):
     Attributes:
       features: width of ``z``.
       gamma: ``γ`` in ``(0, 1)``.
-      activation: componentwise 1-Lipschitz ``φ`` (default: identity, the paper's linear model).
+      activation: componentwise ``φ`` (default: identity, the paper's linear model), one of
+        :data:`KNOWN_LIPSCHITZ` or with ``lipschitz`` given.
+      lipschitz: ``φ``'s Lipschitz constant ``L`` (default: the registry's); the certificate is ``L‖γσ(A)‖₁``,
+        and ``L·γ < 1`` is required.
     """
 
     gamma: float = 0.9
     activation: Callable = _identity
+    lipschitz: Optional[float] = None
 
     def __post_init__(self):
         super().__post_init__()
         check(0 < self.gamma < 1, f"SoftmaxCell(gamma=...) must be in (0, 1) for a contraction, got {self.gamma}")
+        constant = activation_lipschitz(self, self.activation, self.lipschitz)
+        check(
+            constant * self.gamma < 1,
+            f"SoftmaxCell: lipschitz·gamma = {constant}·{self.gamma} >= 1, so the cell is not a contraction; "
+            "lower gamma below 1/lipschitz",
+        )
 
     def __call__(self, params: dict, z: jax.Array, u: jax.Array) -> jax.Array:
         return self.activation(self.gamma * column_softmax(params["A"]) @ z + u)
 
     def well_posedness(self, params: dict) -> jax.Array:
-        """``‖γσ(A)‖₁`` (largest absolute column sum), equal to ``γ`` up to rounding."""
-        return inf_norm((self.gamma * column_softmax(params["A"])).T)
+        """``L‖γσ(A)‖₁`` (largest absolute column sum, equal to ``γ`` up to rounding), ``L`` the activation's constant."""
+        constant = activation_lipschitz(self, self.activation, self.lipschitz)
+        return constant * inf_norm((self.gamma * column_softmax(params["A"])).T)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +295,7 @@ class ScaledCell(_InjectedCell):
 
     def __post_init__(self):
         super().__post_init__()
-        check(self.gamma > 0, f"ScaledCell(gamma=...) must be > 0, got {self.gamma}")
+        check(finite(self.gamma) and self.gamma > 0, f"ScaledCell(gamma=...) must be finite and > 0, got {self.gamma}")
 
     def __call__(self, params: dict, z: jax.Array, u: jax.Array) -> jax.Array:
         return jax.nn.relu(self.gamma * params["A"] @ z + u)

@@ -146,21 +146,74 @@ def residuals(x: Array, fx: Array) -> tuple[Array, Array, Array]:
     return abs_res, relative(abs_res, fx_norm), fx_norm
 
 
-def _measure(solver: Solver, step, x, fx, res0):
-    """Residuals of ``x`` and the result code after ``step`` iterations (RUNNING to go on); not differentiated.
+class _Start(NamedTuple):
+    """What a solve's tests compare against: the initial residual (``inf`` when zero) and image norm ``‖f(z₀)‖``."""
 
-    ``res0`` is the initial residual (``inf`` when it was zero): the divergence test's reference, and the
-    scale of the relative residual when ``solver.relative_to == "initial"`` (a zero initial residual
-    makes any nonzero residual infinitely large relative to it).
-    """
-    abs_res, rel_res, fx_norm = residuals(*lax.stop_gradient((x, fx)))
+    res0: Array
+    image0: Array
+
+
+def _scale(solver: Solver, abs_res: Array, fx_norm: Array, start: _Start) -> tuple[Array, Array]:
+    """``(relative residual, scale of the relative test)`` for the scale ``solver.relative_to`` names."""
     scale = fx_norm
     if solver.relative_to == "initial":
-        scale = jnp.where(jnp.isfinite(res0), res0, 0.0).astype(abs_res.dtype)
-        rel_res = relative(abs_res, scale)
+        scale = jnp.where(jnp.isfinite(start.res0), start.res0, 0.0).astype(abs_res.dtype)
+    return relative(abs_res, scale), scale
+
+
+def _exploded(fx_norm: Array, start: _Start, dtype) -> Array:
+    """Whether the image ran away: ``‖f(z)‖ > 2‖f(z₀)‖`` and its rounding ``ε‖f(z)‖`` alone reaches the initial residual.
+
+    There a residual (even 0: ``z + 1 + ½ sin z`` rounds to ``z`` at ``|z| = 10¹⁶``) says nothing about a fixed
+    point, so it cannot count as convergence.
+    """
+    eps = jnp.asarray(jnp.finfo(dtype).eps, fx_norm.dtype)  # x's rounding, in the norms' (float32+) dtype
+    return (fx_norm > 2 * start.image0) & (eps * fx_norm >= start.res0)
+
+
+def _measure(solver: Solver, step, x, fx, start: _Start):
+    """Residuals of ``x`` and the result code after ``step`` iterations (RUNNING to go on); not differentiated.
+
+    ``start.res0`` is the divergence test's reference, and the scale of the relative residual when
+    ``solver.relative_to == "initial"`` (a zero initial residual makes any nonzero residual infinitely
+    large relative to it). A runaway iterate (:func:`_exploded`) never counts as converged.
+    """
+    abs_res, _, fx_norm = residuals(*lax.stop_gradient((x, fx)))
+    rel_res, scale = _scale(solver, abs_res, fx_norm, start)
     code = jnp.where(step >= solver.max_steps, Result.MAX_STEPS, Result.RUNNING)
-    code = jnp.where(abs_res > solver.divergence * res0, Result.DIVERGED, code)
-    return abs_res, rel_res, settle(code, solver.tol, solver.atol, abs_res, fx_norm, scale)
+    code = jnp.where(abs_res > solver.divergence * start.res0, Result.DIVERGED, code)
+    settled = settle(code, solver.tol, solver.atol, abs_res, fx_norm, scale)
+    settled = jnp.where((settled == Result.CONVERGED) & _exploded(fx_norm, start, x.dtype), code, settled)
+    return abs_res, rel_res, settled
+
+
+VERIFY_SLACK = 1.01
+
+
+def _verify(solver: Solver, fn: FlatMap, x: Array, start: _Start, result: Array) -> tuple[Array, Array, Array]:
+    """The residuals of the returned ``x`` from the driver's own evaluation ``fn(x)``, and the result code it confirms.
+
+    The stop was decided on the image the solver's ``step`` returned; a faulty step (e.g. one returning the
+    image of the previous iterate) could claim a residual that ``x`` does not have. A claimed convergence
+    that the driver's residual does not confirm (within a factor ``VERIFY_SLACK`` of the tolerance, for
+    rounding between two evaluations of ``f``) becomes ``MAX_STEPS`` (``NONFINITE`` when ``fn(x)`` is not
+    finite). Costs one evaluation of ``f`` per solve, counted in ``Stats.num_evals``.
+    """
+    x = lax.stop_gradient(x)
+    abs_res, _, fx_norm = residuals(x, lax.stop_gradient(fn(x)))
+    rel_res, scale = _scale(solver, abs_res, fx_norm, start)
+    confirmed = settle(
+        jnp.full_like(result, Result.MAX_STEPS),
+        solver.tol * VERIFY_SLACK,
+        solver.atol * VERIFY_SLACK,
+        abs_res,
+        fx_norm,
+        scale,
+    )
+    confirmed = jnp.where(_exploded(fx_norm, start, x.dtype), Result.MAX_STEPS, confirmed)
+    unconfirmed = jnp.where(confirmed == Result.NONFINITE, Result.NONFINITE, Result.MAX_STEPS)
+    result = jnp.where((result == Result.CONVERGED) & (confirmed != Result.CONVERGED), unconfirmed, result)
+    return abs_res, rel_res, result.astype(jnp.int32)
 
 
 def per_row(fn: FlatMap, batch: Array) -> FlatMap:
@@ -199,12 +252,9 @@ class _Carry(NamedTuple):
     evals: Array
     x: Array
     fx: Array
-    abs_res: Array
-    rel_res: Array
-    res0: Array
+    start: _Start
     best_x: Optional[Array]
     best_abs: Array
-    best_rel: Array
     trace: Optional[Array]
     result: Array
     state: Any
@@ -241,9 +291,9 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
         step = functools.partial(solver.step, fn)
     fx0 = fn(x0)
     zero = jnp.zeros(x0.shape[:-1], jnp.int32)
-    abs0 = norm(lax.stop_gradient(fx0 - x0))
-    res0 = jnp.where(abs0 > 0, abs0, jnp.inf)
-    _, rel0, code0 = _measure(solver, zero, x0, fx0, res0)
+    abs0, _, image0 = residuals(*lax.stop_gradient((x0, fx0)))
+    start = _Start(jnp.where(abs0 > 0, abs0, jnp.inf), image0)
+    _, rel0, code0 = _measure(solver, zero, x0, fx0, start)
     trace = None
     if solver.trace:
         trace = jnp.full((*x0.shape[:-1], solver.max_steps + 1), jnp.nan, rel0.dtype).at[..., 0].set(rel0)
@@ -253,12 +303,9 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
         evals=jnp.ones_like(zero),
         x=x0,
         fx=fx0,
-        abs_res=abs0,
-        rel_res=rel0,
-        res0=res0,
+        start=start,
         best_x=x0 if solver.return_best else None,
         best_abs=jnp.where(jnp.isfinite(abs0), abs0, jnp.inf),
-        best_rel=rel0,
         trace=trace,
         result=code0,
         state=init(x0, fx0),
@@ -276,7 +323,7 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
 
         steps = c.step + active.astype(jnp.int32)
         x, fx = keep(x, c.x), keep(fx, c.fx)
-        abs_res, rel_res, code = _measure(solver, steps, x, fx, c.res0)
+        abs_res, rel_res, code = _measure(solver, steps, x, fx, c.start)
         better = abs_res < c.best_abs
         return _Carry(
             it=c.it + 1,
@@ -284,12 +331,9 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
             evals=c.evals + keep(used, jnp.zeros_like(used)),
             x=x,
             fx=fx,
-            abs_res=abs_res,
-            rel_res=rel_res,
-            res0=c.res0,
+            start=c.start,
             best_x=jnp.where(better[..., None], x, c.best_x) if solver.return_best else None,
             best_abs=jnp.where(better, abs_res, c.best_abs),
-            best_rel=jnp.where(better, rel_res, c.best_rel),
             trace=None if c.trace is None else c.trace.at[..., c.it + 1].set(jnp.where(active, rel_res, jnp.nan)),
             result=keep(code, c.result),
             state=jax.tree_util.tree_map(keep, state, c.state) if batched and freeze_state else state,
@@ -302,21 +346,22 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
         c, _ = lax.scan(lambda c, _: (lax.cond(running(c), body, lambda c: c, c), None), carry, length=solver.max_steps)
     else:
         c = lax.while_loop(running, body, carry)
-    converged = c.result == Result.CONVERGED
-    use_best = (~converged & jnp.isfinite(c.best_abs)) if solver.return_best else jnp.zeros_like(converged)
+    claimed = c.result == Result.CONVERGED
+    use_best = (~claimed & jnp.isfinite(c.best_abs)) if solver.return_best else jnp.zeros_like(claimed)
     x = jnp.where(use_best[..., None], c.best_x, c.x) if solver.return_best else c.x
     # a nonfinite solve returns NaN (value and residuals), unless return_best found a finite iterate
     failed = (c.result == Result.NONFINITE) & ~use_best
     x = jnp.where(failed[..., None], jnp.nan, x)
-    abs_res = jnp.where(failed, jnp.nan, jnp.where(use_best, c.best_abs, c.abs_res))
-    rel_res = jnp.where(failed, jnp.nan, jnp.where(use_best, c.best_rel, c.rel_res))
+    abs_res, rel_res, result = _verify(solver, fn, x, c.start, c.result)
+    abs_res = jnp.where(failed, jnp.nan, abs_res)
+    rel_res = jnp.where(failed, jnp.nan, rel_res)
     stats = Stats(
         num_steps=c.step,
-        num_evals=c.evals,
+        num_evals=c.evals + 1,
         residual=rel_res,
         abs_residual=abs_res,
-        converged=converged,
-        result=c.result,
+        converged=result == Result.CONVERGED,
+        result=result,
         trace=c.trace,
     )
     return Solution(x, stats, c.state)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._numerics import at_least_float32, check
+from .._numerics import at_least_float32, check, finite
 from ._base import Solver
 
 __all__ = ["Anderson", "AndersonState", "cholesky_solve"]
@@ -82,8 +82,8 @@ class Anderson(Solver):
         super().__post_init__()
         check(isinstance(self.m, int) and self.m >= 1, f"m must be an int >= 1, got {self.m!r}")
         check(0.0 < self.beta <= 1.0, f"beta must be in (0, 1], got {self.beta}")
-        check(self.ridge >= 0, f"ridge must be >= 0, got {self.ridge}")
-        check(self.max_coef > 1, f"max_coef must be > 1, got {self.max_coef}")
+        check(finite(self.ridge) and self.ridge >= 0, f"ridge must be finite and >= 0, got {self.ridge}")
+        check(finite(self.max_coef) and self.max_coef > 1, f"max_coef must be finite and > 1, got {self.max_coef}")
 
     def init(self, x, fx):
         (n,) = x.shape

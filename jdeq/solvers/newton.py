@@ -42,6 +42,16 @@ class _NewtonType(LineSearchSolver):
             f"linear_solver must be a jdeq LinearSolver (LU, GMRES, BiCGStab, Lineax, ...), got {self.linear_solver!r}",
         )
 
+    def check_state_dtype(self, x):
+        """ValueError at trace time for a half-precision iterate: the linear solves (LU's dense factorisation,
+        the Krylov solvers' dot products) have no bfloat16/float16 path."""
+        check(
+            jnp.finfo(x.dtype).bits >= 32,
+            f"{type(self).__name__} cannot iterate on a {x.dtype} state (its linear solves need float32 or wider): "
+            f"pass precision=jdeq.Precision({x.dtype}) to fixed_point/root, which runs f in {x.dtype} and the "
+            "solver in float32",
+        )
+
     def step(self, fn, x, fx, state):
         g = fx - x
         direction, state = self._direction(fn, x, g, state)
@@ -82,6 +92,7 @@ class Newton(_NewtonType):
     """
 
     def init(self, x, fx):
+        self.check_state_dtype(x)
         return ()
 
     def _direction(self, fn, x, g, state):
@@ -121,6 +132,7 @@ class Chord(_NewtonType):
 
     def init(self, x, fx):
         """Zeros shaped like the state of a refresh (step 0 refreshes before any use)."""
+        self.check_state_dtype(x)
         shapes = jax.eval_shape(lambda x: self.linear_solver.init(lambda v: v, x), x)
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         return ChordState(jnp.zeros_like(x), zeros, jnp.zeros((), jnp.int32))
