@@ -24,7 +24,8 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m slow
 
-# The smoke tests against the lowest dependency versions pyproject.toml states (a separate venv).
+# The smoke tests (a solve and its gradient, both layers, a tiny fit with a checkpoint saved, loaded and resumed)
+# against the lowest dependency versions pyproject.toml states (a separate venv).
 MIN_VENV := .venv-min
 test-min:
 	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
@@ -59,4 +60,4 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check $(LINT_PATHS)
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) runs .pytest_cache site
+	rm -rf $(VENV) $(MIN_VENV) runs .pytest_cache site build/jax-cache

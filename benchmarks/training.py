@@ -31,7 +31,8 @@ from jdeq import cli
 from jdeq.data import Dataset, load_digits
 from jdeq.models import MLPCell
 from jdeq.nn import DEQ, STATS_COLLECTION, DEQClassifier, forward_stats
-from jdeq.train import as_trainable, evaluate, init_state, make_eval_step, make_train_step, train_epoch
+from jdeq.train import as_trainable, evaluate, make_eval_step, make_train_step
+from jdeq.train._loop import init_state, train_epoch  # fit's own epochs, interleaved with another run's
 
 from .timing import set_cpu_threads
 

@@ -1,8 +1,8 @@
 """jdeq: a functional JAX toolkit for deep equilibrium models (implicit layers)."""
 
+import importlib
 from importlib.metadata import version
 
-from . import nn, optim  # the Flax layers (jdeq.nn.DEQ) and optax transformations (jdeq.optim) after `import jdeq`
 from ._errors import SolveError
 from .gradients import AdjointMode, GradientMode, Implicit, ImplicitJVP, Phantom, Shine, Unrolled
 from .implicit import DEFAULT_SOLVER, fixed_point, fixed_point_batch, root
@@ -19,6 +19,7 @@ from .regularize import (
 )
 from .solvers import (
     GMRES,
+    LU,
     Anderson,
     BiCGStab,
     Broyden,
@@ -38,6 +39,21 @@ from .stats import BackwardStats, read_backward_stats, stats_probe, summarize
 
 __version__ = version("jdeq")
 
+# Imported on first access (``jdeq.nn.DEQ`` works after ``import jdeq``), so that ``import jdeq`` loads neither
+# flax nor optax: the functional core needs JAX only.
+_LAZY_SUBMODULES = ("nn", "optim", "train")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # the import binds it as an attribute of jdeq
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
+
 __all__ = [
     "DEFAULT_SOLVER",
     "GMRES",
@@ -52,6 +68,7 @@ __all__ = [
     "GradientMode",
     "Implicit",
     "ImplicitJVP",
+    "LU",
     "Lineax",
     "LinearSolver",
     "Neumann",
@@ -81,6 +98,7 @@ __all__ = [
     "spectral_radius",
     "stats_probe",
     "summarize",
+    "train",
     "weight_norm_apply",
     "weight_norm_init",
 ]

@@ -7,6 +7,8 @@ import numpy as np
 
 from .stats import Result, read_backward_stats
 
+__all__ = ["SolveError", "raise_on_backward_failure", "raise_unless_converged"]
+
 
 class SolveError(RuntimeError):
     """A solve called with ``throw=True`` did not converge."""

@@ -9,6 +9,17 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+__all__ = [
+    "cast_floats",
+    "check_same_structure",
+    "describe",
+    "flat_map",
+    "flat_rows",
+    "frozen",
+    "is_float",
+    "zero_tangents",
+]
+
 
 def describe(tree: Any) -> str:
     """A short ``structure: shapes/dtypes`` description for error messages."""

@@ -155,7 +155,8 @@ def demo_optimizer(args, data) -> Any:
 
 def _demo_command(args) -> None:
     from .data import load_digits
-    from .train import fit, writable_directory
+    from .train import fit
+    from .train._lock import writable_directory
 
     try:
         out = writable_directory(args.out)

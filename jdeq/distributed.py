@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+__all__ = ["DATA_AXIS", "batch_sharding", "data_mesh", "replicate", "replicated", "shard_batch"]
+
 DATA_AXIS = "data"
 
 

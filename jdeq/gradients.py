@@ -25,11 +25,24 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ._numerics import check, map_rows
+from ._sharding import sum_like
 from ._tree import frozen, zero_tangents
 from .solvers import Solution, Solver, Stats, run
-from .solvers._base import _check, map_rows, sum_like
-from .solvers.linear import AdjointSolver, check_adjoint_solver, measured_stats, solve_linear_fixed_point
+from .solvers.linear import AdjointSolver, check_adjoint_solver, measured_stats
 from .stats import encode_backward_stats
+
+__all__ = [
+    "AdjointMode",
+    "GradientMode",
+    "Implicit",
+    "ImplicitJVP",
+    "Phantom",
+    "Shine",
+    "Unrolled",
+    "first_order_only",
+    "parameter_term",
+]
 
 FlatProblem = Callable[[jax.Array, Any], jax.Array]
 
@@ -140,9 +153,10 @@ class Implicit(AdjointMode):
 
     Attributes:
       solver: the adjoint solver: any jdeq :class:`Solver` iterating the affine map
-        ``u ↦ (∂f/∂z)ᵀ u + ḡ`` from ``u₀ = ḡ``, or a :class:`jdeq.LinearSolver` (:class:`GMRES`,
-        :class:`BiCGStab`, :class:`Neumann` — a truncated series, approximate — or any lineax solver
-        through :class:`Lineax`). ``None`` reuses the forward solver.
+        ``u ↦ (∂f/∂z)ᵀ u + ḡ`` from ``u₀ = ḡ``, or a :class:`jdeq.LinearSolver` (:class:`LU` — dense, for
+        small states —, :class:`GMRES`, :class:`BiCGStab`, :class:`Neumann` — a truncated series,
+        approximate — or any lineax solver through :class:`Lineax`). ``None`` reuses the forward solver.
+        Whichever it is, the mode calls its ``solve_linear(matvec, b, x0)``.
 
     Reverse mode only; use :class:`ImplicitJVP` for ``jax.jvp``. The backward solve's statistics are
     returned through a :func:`jdeq.stats_probe`.
@@ -155,7 +169,7 @@ class Implicit(AdjointMode):
 
     def adjoint(self, forward_solver, vjp_z, g, state):
         solver = forward_solver if self.solver is None else self.solver
-        return solve_linear_fixed_point(solver, lambda u: vjp_z(u) + g, g)
+        return solver.solve_linear(vjp_z, g)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +195,7 @@ class Shine(AdjointMode):
         check_adjoint_solver(self.refine, "Shine")
 
     def solve(self, solver, fn, x0, args, probe):
-        _check(
+        check(
             solver.has_inverse_jacobian,
             f"Shine reuses the forward solver's inverse-Jacobian estimate; {solver!r} keeps none "
             "(use Broyden or Anderson, or implement has_inverse_jacobian/inverse_jacobian_transpose)",
@@ -192,7 +206,7 @@ class Shine(AdjointMode):
         u0 = -map_rows(forward_solver.inverse_jacobian_transpose, state, g)
         if self.refine is None:
             return u0, measured_stats(u0, vjp_z(u0) + g, 0)
-        return solve_linear_fixed_point(self.refine, lambda u: vjp_z(u) + g, g, x0=u0)
+        return self.refine.solve_linear(vjp_z, g, x0=u0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +232,7 @@ class ImplicitJVP(GradientMode):
         linear_solver = solver if self.solver is None else self.solver
 
         def linear_solve(matvec, b):  # solve matvec(t) = b, i.e. t = (I − matvec)(t) + b
-            return solve_linear_fixed_point(linear_solver, lambda t: t - matvec(t) + b, b)[0]
+            return linear_solver.solve_linear(lambda t: t - matvec(t), b)[0]
 
         @jax.custom_jvp
         def solve(x0, args):
@@ -255,8 +269,8 @@ class Phantom(GradientMode):
     tau: float = 1.0
 
     def __post_init__(self):
-        _check(isinstance(self.k, int) and self.k >= 1, f"Phantom k must be an int >= 1, got {self.k!r}")
-        _check(0.0 < self.tau <= 1.0, f"Phantom tau must be in (0, 1], got {self.tau}")
+        check(isinstance(self.k, int) and self.k >= 1, f"Phantom k must be an int >= 1, got {self.k!r}")
+        check(0.0 < self.tau <= 1.0, f"Phantom tau must be in (0, 1], got {self.tau}")
 
     def solve(self, solver, fn, x0, args, probe):
         sol = run(solver, lambda x: fn(x, frozen(args)), lax.stop_gradient(x0))
@@ -277,7 +291,7 @@ class Unrolled(GradientMode):
     """
 
     def solve(self, solver, fn, x0, args, probe):
-        _check(
+        check(
             solver.unrollable,
             f"Unrolled cannot differentiate {solver!r}: its step is not reverse-differentiable "
             "(e.g. Broyden's line search is a while_loop; use line_search=False)",

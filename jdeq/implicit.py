@@ -15,12 +15,15 @@ from typing import Any, Optional
 import jax
 
 from ._errors import raise_on_backward_failure, raise_unless_converged
+from ._numerics import subclass_names
+from ._sharding import vary_like
 from ._tree import check_same_structure, describe, flat_map, flat_rows
 from .gradients import GradientMode, Implicit
 from .precision import Precision
 from .solvers import Anderson, Solution, Solver
-from .solvers._base import subclass_names, vary_like
 from .stats import stats_probe
+
+__all__ = ["DEFAULT_SOLVER", "fixed_point", "fixed_point_batch", "root"]
 
 DEFAULT_SOLVER = Anderson(return_best=True)
 """The one default of fixed_point, fixed_point_batch, root and the Flax layers: Anderson (m = 5) to a

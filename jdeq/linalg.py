@@ -10,7 +10,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from .solvers._base import _check, norm
+from ._numerics import check, norm
+
+__all__ = ["largest_singular_value", "power_iteration", "spectral_norm", "spectral_radius"]
 
 
 def power_iteration(matvec: Callable, v0: jax.Array, num_iters: int) -> tuple[jax.Array, jax.Array]:
@@ -53,7 +55,7 @@ def spectral_norm(w: jax.Array, num_iters: int = 20, key: jax.Array | None = Non
     arXiv 1802.05957). ``key`` draws the start vector (default: a fixed key).
     """
     key = jax.random.PRNGKey(0) if key is None else key
-    _check(w.ndim == 2, f"spectral_norm takes a matrix, got shape {w.shape}")
+    check(w.ndim == 2, f"spectral_norm takes a matrix, got shape {w.shape}")
     w_const = lax.stop_gradient(w)
     _, v = power_iteration(lambda v: w_const.T @ (w_const @ v), jax.random.normal(key, w.shape[1:], w.dtype), num_iters)
     u = w_const @ v

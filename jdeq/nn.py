@@ -16,11 +16,15 @@ explicit arguments, so their gradients come from the implicit rule.
   :class:`BackwardProbe`); the gradient of a loss with respect to it, decoded by
   :func:`jdeq.read_backward_stats`, reports the backward solves (counts add up over the batch).
 - Warm starts (``cache_size=N``): the layer keeps a per-example fixed-point cache, the last equilibrium
-  of each of ``N`` training examples, keyed by the example's index in the dataset (``index=``); a solve
-  starts from its example's cached equilibrium, or from ``z0`` for an example never stored. linen keeps
-  it in the ``"deq_cache"`` collection (used when the caller passes it, mutable; left out: a cold
-  start, as for evaluation), NNX in :class:`FixedPointCache` variables (switched off by
-  ``model.set_attributes(warm_start=False)``). See :func:`cached_start` and :func:`updated_cache`.
+  of each of ``N`` training examples, keyed by the example's index in the dataset; a solve starts from
+  its example's cached equilibrium, or from ``z0`` for an example never stored. linen keeps it in the
+  ``"deq_cache"`` collection (used when the caller passes it, mutable; left out: a cold start, as for
+  evaluation), NNX in :class:`FixedPointCache` variables (switched off by
+  ``model.set_attributes(warm_start=False)``). The index arrives as the backward probe does, so a model
+  that encloses a cached layer passes nothing on: linen's ``"deq_index"`` collection (recorded by
+  ``init``), NNX's :class:`CacheIndex` variable (:func:`set_cache_index`); a hand-written loop may
+  also call the layer with ``index=``. See :func:`cached_start` and :func:`updated_cache` (the cache
+  itself lives in ``jdeq._warm_cache``, plain JAX).
 - Map state other than parameters (BatchNorm's ``batch_stats``) is rejected: a DEQ map must be the
   same map at every iteration. A linen ``"dropout"`` rng draws one key per call, so one solve uses
   the same mask at every iteration (each sample its own when ``per_sample``).
@@ -34,37 +38,64 @@ from typing import Any, Optional
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from ._warm_cache import cached_start, check_cache_size, empty_cache, solve_from_cache, storable, updated_cache
 from .gradients import GradientMode
 from .implicit import DEFAULT_SOLVER, fixed_point, fixed_point_batch
 from .solvers import Solution, Solver, Stats
-from .stats import Result, stats_probe
+from .stats import stats_probe
 
 STATS_COLLECTION = "intermediates"
 STATS_NAME = "deq_stats"
 PROBE_COLLECTION = "deq_probe"
 CACHE_COLLECTION = "deq_cache"
+INDEX_COLLECTION = "deq_index"
+
+__all__ = [
+    "CACHE_COLLECTION",
+    "INDEX_COLLECTION",
+    "PROBE_COLLECTION",
+    "STATS_COLLECTION",
+    "DEQ",
+    "BackwardProbe",
+    "CacheIndex",
+    "DEQClassifier",
+    "FixedPointCache",
+    "NNXDEQ",
+    "NNXDEQClassifier",
+    "cached_start",
+    "check_input",
+    "forward_stats",
+    "set_cache_index",
+    "solve_cell",
+    "storable",
+    "updated_cache",
+]
 
 
 def check_input(cell: Any, params: Any, x: jax.Array) -> None:
     """ValueError unless ``x`` is a floating batch whose per-sample shape fits ``params``."""
-    x = jnp.asarray(x)
     name = type(cell).__name__
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"DEQ({name}) takes floating-point inputs, got dtype {x.dtype} (convert and scale it first)")
-    if x.ndim < 2:
-        raise ValueError(f"DEQ({name}) takes a batch of inputs (batch, ...), got shape {x.shape}")
-    expected = _shapes(jax.eval_shape(lambda key: cell.init(key, x.shape[1:]), jax.random.PRNGKey(0)))
+    _check_batch(name, x)
+    expected = _shapes(jax.eval_shape(lambda key: cell.init(key, jnp.shape(x)[1:]), jax.random.PRNGKey(0)))
     got = _shapes(params)
     if expected != got:
         misfits = [f"{k} is {got.get(k, 'missing')}, expected {v}" for k, v in expected.items() if got.get(k) != v]
         misfits += [f"{k} is not a parameter of this cell" for k in got if k not in expected]
         raise ValueError(
-            f"DEQ({name}) with inputs of per-sample shape {x.shape[1:]}: its parameters do not fit "
+            f"DEQ({name}) with inputs of per-sample shape {jnp.shape(x)[1:]}: its parameters do not fit "
             f"({'; '.join(misfits)}); were they built for another cell (width, channels) or other inputs?"
         )
+
+
+def _check_batch(name: str, x: jax.Array) -> None:
+    """ValueError unless ``x`` is a floating batch ``(batch, ...)``."""
+    dtype, shape = jnp.result_type(x), jnp.shape(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"DEQ({name}) takes floating-point inputs, got dtype {dtype} (convert and scale it first)")
+    if len(shape) < 2:
+        raise ValueError(f"DEQ({name}) takes a batch of inputs (batch, ...), got shape {shape}")
 
 
 def _shapes(tree: Any) -> dict:
@@ -90,6 +121,13 @@ def solve_cell(
     ``backward_stats``: a :func:`jdeq.stats_probe` (unbatched: the counts add up over the batch).
     """
     check_input(cell, params, x)
+    return _solve_cell(
+        cell, params, x, z0=z0, solver=solver, grad=grad, per_sample=per_sample, backward_stats=backward_stats
+    )
+
+
+def _solve_cell(cell, params, x, *, z0, **options) -> Solution:
+    """:func:`solve_cell` on an input already checked (:func:`check_input`)."""
     u = jax.vmap(cell.inject, in_axes=(None, 0))(params, x)
     return _solve_map(
         lambda z, u, p: cell(p, z, u),
@@ -97,10 +135,7 @@ def solve_cell(
         jnp.zeros_like(u) if z0 is None else z0,
         u,
         params,
-        solver=solver,
-        grad=grad,
-        per_sample=per_sample,
-        backward_stats=backward_stats,
+        **options,
     )
 
 
@@ -158,97 +193,8 @@ def _one_of_batch(module_call):
 
 def _cell_start(cell: Any, params: Any, x: jax.Array) -> jax.Array:
     """A jdeq cell's cold start for the batch ``x``: zeros shaped like its injection ``inject(params, x_i)``."""
-    check_input(cell, params, x)
     state = jax.eval_shape(jax.vmap(cell.inject, in_axes=(None, 0)), params, x)
     return jnp.zeros(state.shape, state.dtype)
-
-
-def _check_cache(name: str, cached: jax.Array, seen: jax.Array, z_cold: jax.Array) -> None:
-    """ValueError unless the cache ``(cached, seen)`` holds states shaped and typed like one sample of ``z_cold``."""
-    expected = (len(seen), *z_cold.shape[1:])
-    if seen.ndim != 1 or seen.dtype != jnp.bool_ or cached.shape != expected or cached.dtype != z_cold.dtype:
-        raise ValueError(
-            f"DEQ({name}): the fixed-point cache holds states {cached.shape} {cached.dtype} (seen: {seen.shape} "
-            f"{seen.dtype}), but this layer's state is {z_cold.shape[1:]} {z_cold.dtype}, so the cache should be "
-            f"{expected} {z_cold.dtype} (seen: ({len(seen)},) bool); was it built for another layer, input or dtype?"
-        )
-
-
-def _check_index(name: str, index: Optional[jax.Array], batch: int, size: int) -> None:
-    """ValueError unless ``index`` is ``batch`` integers, each in ``[0, size)`` (a value check only outside jit)."""
-    if index is None:
-        raise ValueError(
-            f"DEQ({name}) has a fixed-point cache of {size} examples: pass index=, each sample's index in the "
-            "dataset (or leave the cache out for a cold start: linen, apply without the 'deq_cache' collection; "
-            "NNX, model.set_attributes(warm_start=False))"
-        )
-    if jnp.shape(index) != (batch,) or not jnp.issubdtype(jnp.result_type(index), jnp.integer):
-        raise ValueError(
-            f"DEQ({name}): index must hold one integer per sample, shape ({batch},), got shape {jnp.shape(index)} "
-            f"dtype {jnp.result_type(index)}"
-        )
-    if isinstance(index, jax.core.Tracer):
-        return
-    values = np.asarray(index)
-    outside = values[(values < 0) | (values >= size)]
-    if outside.size:
-        raise ValueError(
-            f"DEQ({name}): {outside.size} index(es) outside [0, {size}) (the cache size), e.g. {outside[0]}; build "
-            "the layer with cache_size=len(training set)"
-        )
-
-
-def _slots(index: jax.Array, keep: jax.Array, size: int) -> jax.Array:
-    """``index`` where ``keep`` and in range, else ``size`` (past the end: a read fills, a write drops)."""
-    return jnp.where(keep & (index >= 0) & (index < size), index, size)
-
-
-def cached_start(cached: jax.Array, seen: jax.Array, index: jax.Array, z_cold: jax.Array) -> jax.Array:
-    """Each sample's start: ``cached[index_i]`` if example ``index_i`` has an entry (``seen``), else ``z_cold_i``.
-
-    An index outside ``[0, len(seen))`` (possible under jit, where it cannot raise) starts cold.
-    """
-    slots = _slots(index, True, len(seen))
-    hit = seen.at[slots].get(mode="fill", fill_value=False)
-    hit = hit.reshape(hit.shape + (1,) * (z_cold.ndim - 1))
-    return jnp.where(hit, cached.at[slots].get(mode="fill", fill_value=0), z_cold)
-
-
-def storable(sol: Solution) -> jax.Array:
-    """Per sample: whether its solve's end point is worth keeping as a start, i.e. it converged or ran out of
-    steps (a finite iterate) and every entry is finite; a diverged or nonfinite solve is not stored."""
-    batch = len(sol.value)
-    result = jnp.broadcast_to(sol.stats.result, (batch,))  # one problem (per_sample=False): one code for all
-    ended = (result == Result.CONVERGED) | (result == Result.MAX_STEPS)
-    return ended & jnp.all(jnp.isfinite(sol.value.reshape(batch, -1)), axis=1)
-
-
-def updated_cache(cached: jax.Array, seen: jax.Array, index: jax.Array, sol: Solution) -> tuple[jax.Array, jax.Array]:
-    """``(cached, seen)`` with each :func:`storable` sample's equilibrium written at its index; the other
-    entries (other examples, and the samples whose solve failed) keep their previous value."""
-    slots = _slots(index, storable(sol), len(seen))
-    value = jax.lax.stop_gradient(sol.value).astype(cached.dtype)
-    return cached.at[slots].set(value, mode="drop"), seen.at[slots].set(True, mode="drop")
-
-
-def _solve_from_cache(
-    name: str, solve: Callable[[jax.Array], Solution], z_cold: jax.Array, index: Optional[jax.Array], cache
-) -> tuple[Solution, Optional[tuple]]:
-    """``(solve(start), new cache)``: without a ``cache`` (``None``) a cold start from ``z_cold`` and ``None``;
-    with ``cache = (cached, seen)`` the start is :func:`cached_start` and the new cache :func:`updated_cache`."""
-    if cache is None:
-        return solve(z_cold), None
-    cached, seen = cache
-    _check_cache(name, cached, seen, z_cold)
-    _check_index(name, index, len(z_cold), len(seen))
-    index = jnp.asarray(index)
-    sol = solve(cached_start(cached, seen, index, z_cold))
-    return sol, updated_cache(cached, seen, index, sol)
-
-
-def _empty_cache(size: int, z_cold: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """A cache of ``size`` examples with no entry: zero states shaped like one sample of ``z_cold``, none seen."""
-    return jnp.zeros((size, *z_cold.shape[1:]), z_cold.dtype), jnp.zeros((size,), bool)
 
 
 class DEQ(linen.Module):
@@ -263,14 +209,17 @@ class DEQ(linen.Module):
       cell: ``f`` by its former name (``DEQ(cell=MLPCell(64))``).
       cache_size: the number of examples of the per-example fixed-point cache (the training set's size), or
         ``None`` (default): no cache. ``init`` creates it in the ``"deq_cache"`` collection (``"z"``: the
-        last equilibrium of each example, ``"seen"``: whether it has one).
+        last equilibrium of each example, ``"seen"``: whether it has one) and records the layer's place in the
+        ``"deq_index"`` collection (an empty ``"index"``).
 
     Call as ``layer(x, z0, index=None)``; ``z0`` may be omitted for a jdeq cell. Returns the equilibrium,
     shaped like ``z0``. A jdeq cell's parameters live under ``params["cell"]``, a module's under
     ``params["f"]`` (or under its parent's name for it, when the module is created inside a parent's compact
-    method). With the ``"deq_cache"`` collection passed (and mutable), ``index`` (each sample's index in
-    the dataset) is required: each solve starts from :func:`cached_start` and the cache is updated
-    (:func:`updated_cache`); without the collection the solve starts cold from ``z0``.
+    method). With the ``"deq_cache"`` collection passed (and mutable), each sample's index in the dataset is
+    required, as ``index`` or, through any enclosing model, as the ``"deq_index"`` collection (each layer's
+    ``"index"`` leaf set to it: ``tree_map(lambda _: index, variables["deq_index"])``, as
+    :func:`jdeq.train.fit` does): each solve starts from :func:`cached_start` and the cache is updated
+    (:func:`updated_cache`); without the cache collection the solve starts cold from ``z0``.
     """
 
     f: Any = None
@@ -284,7 +233,7 @@ class DEQ(linen.Module):
     def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None, index: Optional[jax.Array] = None) -> jax.Array:
         if (self.f is None) == (self.cell is None):
             raise ValueError("DEQ takes one map: DEQ(f) with a linen module or a jdeq cell (or DEQ(cell=...))")
-        _check_cache_size(self.cache_size)
+        check_cache_size(self.cache_size)
         options = dict(
             solver=self.solver, grad=self.grad, per_sample=self.per_sample, backward_stats=_layer_probe(self)
         )
@@ -306,52 +255,66 @@ def _layer_probe(layer: DEQ) -> Optional[jax.Array]:
     return None
 
 
-def _check_cache_size(cache_size: Optional[int]) -> None:
-    """ValueError unless ``cache_size`` is ``None`` or a positive int."""
-    if cache_size is not None and not (isinstance(cache_size, (int, np.integer)) and cache_size >= 1):
-        raise ValueError(
-            f"cache_size must be None (no cache) or an int >= 1 (the training set size), got {cache_size!r}"
-        )
-
-
 def _layer_cache(layer: DEQ, z_cold: jax.Array) -> Optional[tuple]:
     """The layer's ``"deq_cache"`` variables ``(z, seen)``: created at init, used when the caller passes them."""
     if layer.cache_size is None or not (layer.is_initializing() or layer.has_variable(CACHE_COLLECTION, "z")):
         return None
 
     def empty(part: int) -> jax.Array:
-        return _empty_cache(layer.cache_size, z_cold)[part]
+        return empty_cache(layer.cache_size, z_cold)[part]
 
     return tuple(layer.variable(CACHE_COLLECTION, name, empty, part) for part, name in enumerate(("z", "seen")))
 
 
+def _layer_index(layer: DEQ) -> Optional[jax.Array]:
+    """The samples' indices passed in the ``"deq_index"`` collection, or ``None``: the variable is created empty
+    at init (its place recorded, like the probe's) and filled by the caller (``fit`` does)."""
+    if layer.is_initializing() or layer.has_variable(INDEX_COLLECTION, "index"):
+        index = layer.variable(INDEX_COLLECTION, "index", _no_index).value
+        return None if jnp.shape(index) == (0,) else index
+    return None
+
+
+def _no_index() -> jax.Array:
+    """The placeholder of a layer's cache index: no sample (a call that finds it asks for an index)."""
+    return jnp.zeros((0,), jnp.int32)
+
+
 def _solve_linen(layer: DEQ, name: str, solve: Callable, z_cold: jax.Array, index: Optional[jax.Array]) -> Solution:
-    """``solve`` from the layer's cache (``_solve_from_cache``) when the caller passed it, else from ``z_cold``."""
+    """``solve`` from the layer's cache (``solve_from_cache``) when the caller passed it, else from ``z_cold``; the
+    index is ``index`` if given, else the ``"deq_index"`` collection's."""
     variables = _layer_cache(layer, z_cold)  # created at init, where the solve starts cold
-    if variables is None or layer.is_initializing():
+    if variables is None:
+        return solve(z_cold)
+    passed = _layer_index(layer)  # created at init too
+    if layer.is_initializing():
         return solve(z_cold)
     if not layer.is_mutable_collection(CACHE_COLLECTION):
         raise ValueError(
             f"DEQ({name}): the 'deq_cache' collection was passed but is not mutable: apply with "
             "mutable=['deq_cache'] to keep the new equilibria, or leave it out for a cold start"
         )
-    sol, new = _solve_from_cache(name, solve, z_cold, index, tuple(v.value for v in variables))
+    index = passed if index is None else index
+    sol, new = solve_from_cache(name, solve, z_cold, index, tuple(v.value for v in variables))
     for variable, value in zip(variables, new):
         variable.value = value
     return sol
 
 
 def _linen_cell_solver(layer: DEQ, cell: Any, x: jax.Array, options: dict) -> tuple[jax.Array, Callable]:
-    """``(cold start, solve(start) -> Solution)`` for a jdeq cell, its parameters created at init."""
-    if layer.has_variable("params", "cell"):  # name a misfit input before flax's own shape check does
+    """``(cold start, solve(start) -> Solution)`` for a jdeq cell, its parameters created at init; the input is
+    checked here, once (before flax's own shape check of the parameters, to name a misfit input)."""
+    if layer.has_variable("params", "cell"):
         check_input(cell, layer.get_variable("params", "cell"), x)
+    else:  # init: the parameters are built for x
+        _check_batch(type(cell).__name__, x)
     params = layer.param("cell", lambda key: cell.init(key, jnp.shape(x)[1:]))
     return _cell_solver(cell, params, x, options)
 
 
 def _cell_solver(cell: Any, params: Any, x: jax.Array, options: dict) -> tuple[jax.Array, Callable]:
-    """``(cold start, solve(start) -> Solution)`` for a jdeq cell with ``params``."""
-    return _cell_start(cell, params, x), lambda start: solve_cell(cell, params, x, z0=start, **options)
+    """``(cold start, solve(start) -> Solution)`` for a jdeq cell with ``params``, ``x`` already checked."""
+    return _cell_start(cell, params, x), lambda start: _solve_cell(cell, params, x, z0=start, **options)
 
 
 def _linen_module_solver(layer: DEQ, module: linen.Module, x: jax.Array, z0: Optional[jax.Array], options):
@@ -384,8 +347,8 @@ class DEQClassifier(linen.Module):
     num_classes: int
 
     @linen.compact
-    def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None, index: Optional[jax.Array] = None) -> jax.Array:
-        z = self.deq(x, z0, index)
+    def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None) -> jax.Array:
+        z = self.deq(x, z0)
         pooled = jnp.mean(z, axis=tuple(range(1, z.ndim - 1)))
         return linen.Dense(self.num_classes, param_dtype=pooled.dtype)(pooled)  # no implicit promotion
 
@@ -406,6 +369,18 @@ class FixedPointCache(nnx.Variable):
     """An NNX layer's per-example fixed-point cache (the states and their ``seen`` flags); not a parameter."""
 
 
+class CacheIndex(nnx.Variable):
+    """An NNX layer's cache index: the samples' indices in the dataset for the next call (set by
+    :func:`set_cache_index`; empty: none set)."""
+
+
+def set_cache_index(module: nnx.Module, index: jax.Array) -> None:
+    """Set the :class:`CacheIndex` of every NNX DEQ layer in ``module`` to ``index`` (each sample's index in the
+    dataset), so that a model enclosing cached layers passes nothing on (:func:`jdeq.train.fit` does this)."""
+    index = jnp.asarray(index)
+    nnx.update(module, jax.tree_util.tree_map(lambda _: index, nnx.state(module, CacheIndex)))
+
+
 def _nnx_cache(name: str, cache_size: Optional[int], state_shape, state_dtype) -> tuple:
     """The two :class:`FixedPointCache` variables of an NNX layer with ``cache_size``, or ``(None, None)``."""
     if cache_size is None:
@@ -416,7 +391,7 @@ def _nnx_cache(name: str, cache_size: Optional[int], state_shape, state_dtype) -
             "say the shape of its state)"
         )
     template = jnp.zeros((1, *state_shape), state_dtype or jnp.zeros(()).dtype)
-    return tuple(FixedPointCache(value) for value in _empty_cache(cache_size, template))
+    return tuple(FixedPointCache(value) for value in empty_cache(cache_size, template))
 
 
 class NNXDEQ(nnx.Module):
@@ -432,13 +407,15 @@ class NNXDEQ(nnx.Module):
       per_sample: as in :class:`DEQ`.
       cache_size: as in :class:`DEQ`: the cache is two :class:`FixedPointCache` variables, ``cached_states``
         and ``cached_seen``; the attribute ``warm_start`` (``True`` when there is a cache) switches it off
-        for evaluation: ``model.set_attributes(warm_start=False)``.
+        for evaluation: ``model.set_attributes(warm_start=False)``. The samples' indices come as ``index`` or
+        from the layer's :class:`CacheIndex` variable, which :func:`set_cache_index` sets through any
+        enclosing model.
       state_shape: one sample's state shape, for the cache of a Flax module's layer (a jdeq cell's is known).
       state_dtype: the state's dtype for that cache (default: JAX's default float).
 
-    Call as ``layer(x, z0, index=None)``; with a cache and ``warm_start``, ``index`` (each sample's index
-    in the dataset) is required. Keeps the latest call's forward :class:`jdeq.Stats` as an
-    ``nnx.Intermediate`` (read with :func:`forward_stats`).
+    Call as ``layer(x, z0, index=None)``; with a cache and ``warm_start``, each sample's index in the
+    dataset is required (``index``, or the :class:`CacheIndex` set by :func:`set_cache_index`). Keeps the
+    latest call's forward :class:`jdeq.Stats` as an ``nnx.Intermediate`` (read with :func:`forward_stats`).
     """
 
     def __init__(
@@ -454,7 +431,7 @@ class NNXDEQ(nnx.Module):
         state_shape: Optional[tuple] = None,
         state_dtype: Any = None,
     ):
-        _check_cache_size(cache_size)
+        check_cache_size(cache_size)
         self.solver, self.grad, self.per_sample = solver, grad, per_sample
         self.probe = BackwardProbe(stats_probe())
         self.deq_stats = nnx.Intermediate(None)
@@ -469,16 +446,20 @@ class NNXDEQ(nnx.Module):
             state_shape, state_dtype = state.shape, state.dtype
         self.warm_start = cache_size is not None
         self.cached_states, self.cached_seen = _nnx_cache(type(f).__name__, cache_size, state_shape, state_dtype)
+        self.cache_index = None if cache_size is None else CacheIndex(_no_index())
 
     def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None, index: Optional[jax.Array] = None) -> jax.Array:
         options = dict(solver=self.solver, grad=self.grad, per_sample=self.per_sample, backward_stats=self.probe[...])
         if self.cell is not None:
+            check_input(self.cell, self._cell_params(), x)
             z_cold, solve = _cell_solver(self.cell, self._cell_params(), x, options)
         else:
             z_cold, solve = self._module_solver(x, z0, options)
         use_cache = self.warm_start and self.cached_states is not None
         cache = (self.cached_states[...], self.cached_seen[...]) if use_cache else None
-        sol, new = _solve_from_cache(type(self.f or self.cell).__name__, solve, z_cold, index, cache)
+        if use_cache and index is None and jnp.shape(self.cache_index[...]) != (0,):
+            index = self.cache_index[...]
+        sol, new = solve_from_cache(type(self.f or self.cell).__name__, solve, z_cold, index, cache)
         if new is not None:
             _set_value(self.cached_states, new[0])
             _set_value(self.cached_seen, new[1])
@@ -511,6 +492,6 @@ class NNXDEQClassifier(nnx.Module):
         # the head's parameters in JAX's default float dtype, that of a jdeq cell's state (no implicit promotion)
         self.deq, self.head = deq, nnx.Linear(features, num_classes, param_dtype=jnp.zeros(()).dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None, index: Optional[jax.Array] = None) -> jax.Array:
-        z = self.deq(x, z0, index)
+    def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None) -> jax.Array:
+        z = self.deq(x, z0)
         return self.head(jnp.mean(z, axis=tuple(range(1, z.ndim - 1))))

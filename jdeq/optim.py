@@ -19,24 +19,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .solvers._base import _check
+from ._numerics import check
+
+__all__ = ["RecordState", "project_inf_norm", "project_rows_l1", "record", "recorded"]
 
 
 def project_rows_l1(a: jax.Array, radius: float) -> jax.Array:
     """The Euclidean projection of each row of ``a`` onto the ℓ1 ball of ``radius``: ``‖result‖∞ <= radius``.
 
-    For a row ``a`` outside the ball the projection is ``sign(a) max(|a| − θ, 0)`` with ``θ > 0`` such that
-    its ℓ1 norm is ``radius``, found by sorting ``|a|`` (Duchi, Shalev-Shwartz, Singer & Chandra 2008,
-    "Efficient projections onto the ℓ1-ball", Fig. 1); rows inside the ball are unchanged. Row by row it is
-    the projection onto ``{A : ‖A‖∞ <= radius}`` used by El Ghaoui et al. (arXiv 1908.06315).
+    ``optax.projections.projection_l1_ball`` (the sorting algorithm of Duchi, Shalev-Shwartz, Singer &
+    Chandra 2008, "Efficient projections onto the ℓ1-ball") applied to every row (``jax.vmap``); rows inside
+    the ball are unchanged. Row by row it is the projection onto ``{A : ‖A‖∞ <= radius}`` used by El Ghaoui
+    et al. (arXiv 1908.06315). optax mixes in default-dtype arrays inside, so the projection runs in at least the
+    default float dtype under standard dtype promotion (it is not strict-promotion clean); the result keeps ``a``'s dtype.
     """
-    magnitude = jnp.abs(a)
-    descending = -jnp.sort(-magnitude, axis=-1)
-    excess = jnp.cumsum(descending, axis=-1) - radius
-    ranks = jnp.broadcast_to(jnp.arange(1, a.shape[-1] + 1, dtype=a.dtype), a.shape)
-    kept = jnp.sum(descending * ranks > excess, axis=-1, keepdims=True)  # the number of entries left nonzero
-    theta = jnp.take_along_axis(excess, kept - 1, axis=-1) / kept.astype(a.dtype)
-    return jnp.sign(a) * jnp.maximum(magnitude - jnp.maximum(theta, 0), 0)
+    with jax.numpy_dtype_promotion("standard"):
+        wide = jnp.promote_types(a.dtype, jnp.asarray(1.0).dtype)  # optax computes in the default float dtype
+        scale = jnp.asarray(radius, wide)
+        projected = jax.vmap(lambda row: optax.projections.projection_l1_ball(row, scale))(a.astype(wide))
+    return projected.astype(a.dtype)
 
 
 def _leaf_name(path: tuple) -> Any:
@@ -56,15 +57,15 @@ def project_inf_norm(kappa: float, name: str = "A") -> optax.GradientTransformat
     training. Place it after every transformation that changes the update (it must be the last one to move
     the parameters); it needs the parameters (``optimizer.update(grads, state, params)``, as ``fit`` does).
     """
-    _check(0 < kappa < 1, f"project_inf_norm(kappa=...) must be in (0, 1) for well-posedness, got {kappa}")
+    check(0 < kappa < 1, f"project_inf_norm(kappa=...) must be in (0, 1) for well-posedness, got {kappa}")
 
     def selected(path: tuple) -> bool:
         return _leaf_name(path) == name
 
     def init(params):
         matrices = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params) if selected(path)]
-        _check(bool(matrices), f"project_inf_norm: no parameter is called {name!r} (pass name=... of the matrix)")
-        _check(
+        check(bool(matrices), f"project_inf_norm: no parameter is called {name!r} (pass name=... of the matrix)")
+        check(
             all(jnp.ndim(leaf) == 2 for leaf in matrices),
             f"project_inf_norm: the parameters called {name!r} must be matrices, got shapes "
             f"{[jnp.shape(leaf) for leaf in matrices]}",
@@ -72,7 +73,7 @@ def project_inf_norm(kappa: float, name: str = "A") -> optax.GradientTransformat
         return optax.EmptyState()
 
     def update(updates, state, params=None):
-        _check(params is not None, "project_inf_norm needs the parameters: call optimizer.update(grads, state, params)")
+        check(params is not None, "project_inf_norm needs the parameters: call optimizer.update(grads, state, params)")
 
         def project(path, update, param):
             return project_rows_l1(param + update, kappa) - param if selected(path) else update
@@ -96,7 +97,7 @@ def record(quantity: Callable[[Any], jax.Array], num_steps: int) -> optax.Gradie
     with ``fit``'s checkpoints) and are read with :func:`recorded`. A step that ``fit`` skips (nonfinite)
     records nothing. Use it to follow a well-posedness quantity (``cell.well_posedness``) through training.
     """
-    _check(
+    check(
         isinstance(num_steps, int) and num_steps >= 1, f"record(num_steps=...) must be an int >= 1, got {num_steps!r}"
     )
 
@@ -104,7 +105,7 @@ def record(quantity: Callable[[Any], jax.Array], num_steps: int) -> optax.Gradie
         return RecordState(jnp.zeros((num_steps,), jnp.float32), jnp.zeros((), jnp.int32))
 
     def update(updates, state, params=None):
-        _check(params is not None, "record needs the parameters: call optimizer.update(grads, state, params)")
+        check(params is not None, "record needs the parameters: call optimizer.update(grads, state, params)")
         value = jnp.asarray(quantity(optax.apply_updates(params, updates)), jnp.float32)
         values = state.values.at[state.count].set(value, mode="drop")
         return updates, RecordState(values, state.count + 1)

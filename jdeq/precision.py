@@ -23,6 +23,8 @@ import jax.numpy as jnp
 
 from ._tree import cast_floats
 
+__all__ = ["MATMUL_PRECISIONS", "Precision"]
+
 MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 
 

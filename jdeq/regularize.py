@@ -20,6 +20,16 @@ from .implicit import fixed_point
 from .linalg import spectral_norm
 from .solvers import Anderson, Solution, Solver
 
+__all__ = [
+    "WeightNorm",
+    "correction_loss",
+    "correction_states",
+    "jacobian_penalty",
+    "spectral_normalize",
+    "weight_norm_apply",
+    "weight_norm_init",
+]
+
 
 def jacobian_penalty(f: Callable, z: Any, *args: Any, key: jax.Array, num_probes: int = 1) -> jax.Array:
     """Hutchinson estimate of ``‖∂f/∂z‖_F²`` at ``z`` (e.g. z*), differentiable in ``z`` and ``args``.

@@ -15,6 +15,17 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+__all__ = [
+    "BackwardStats",
+    "PROBE_SIZE",
+    "Result",
+    "Stats",
+    "encode_backward_stats",
+    "read_backward_stats",
+    "stats_probe",
+    "summarize",
+]
+
 Array = jax.Array
 
 

@@ -1,9 +1,17 @@
-"""Shared fixtures: float64 everywhere (exactness claims), strict promotion, and the solver / gradient-mode grids.
+"""Configuration and fixtures: float64 everywhere (exactness claims), strict promotion, JAX's persistent compilation
+cache, and the solver / gradient-mode grids. Plain helpers (tree comparison, toy maps) are in ``helpers.py``.
 
 The whole suite runs under ``jax.numpy_dtype_promotion("strict")`` and ``jax.numpy_rank_promotion("raise")``
 (as optimistix runs its own): jdeq must never rely on implicit dtype or rank promotion. Tests that exercise a
 user's code written for the default settings switch them back locally.
+
+Compiled programs persist in ``build/jax-cache/<worker>`` (``make clean`` removes it), so a second run of the suite
+loads executables instead of compiling them. One directory per pytest-xdist worker: JAX writes cache entries
+without a lock unless ``filelock`` is installed, and a worker must never read an entry another one is writing.
 """
+
+import os
+from pathlib import Path
 
 import jax
 
@@ -11,8 +19,10 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+COMPILATION_CACHE = Path(__file__).parents[1] / "build" / "jax-cache" / os.environ.get("PYTEST_XDIST_WORKER", "main")
+jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)  # most of the suite's programs compile in < 1 s
+
 import pytest  # noqa: E402
 
 import jdeq  # noqa: E402
@@ -37,6 +47,7 @@ ADJOINTS = {
     "broyden": jdeq.Implicit(jdeq.Broyden(tol=TOL, max_steps=300, m=30)),
     "gmres": jdeq.Implicit(jdeq.GMRES(tol=TOL, max_steps=20, restart=20)),
     "bicgstab": jdeq.Implicit(jdeq.BiCGStab(tol=TOL, max_steps=200)),
+    "lu": jdeq.Implicit(jdeq.LU()),
 }
 
 
@@ -67,32 +78,13 @@ def adjoint(request):
     return ADJOINTS[request.param]
 
 
-def random_matrix(seed: int, n: int, norm: float) -> jnp.ndarray:
-    """A random n×n matrix with spectral norm ``norm``."""
-    a = np.random.default_rng(seed).standard_normal((n, n))
-    return jnp.asarray(a * norm / np.linalg.norm(a, 2))
-
-
-def true_relative_residual(f, z, *args) -> float:
-    fz = f(z, *args)
-    return float(jnp.linalg.norm(fz - z) / jnp.linalg.norm(fz))
-
-
-def tanh_map(z, x, w):
-    return jnp.tanh(w @ z + x)
-
-
-def linear_map(z, a, b):
-    return a @ z + b
-
-
 @pytest.fixture
 def interrupted_training(monkeypatch):
     """A context manager ``interrupted_training(epoch, step)``: inside it, ``jdeq.train.fit`` raises
     KeyboardInterrupt when it reaches batch ``step`` of epoch ``epoch`` (both 0-based), as a killed run would."""
     import contextlib
 
-    import jdeq.train as train
+    import jdeq.train._loop as train
 
     original = train.epoch_batches
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_matrix, tanh_map
+from helpers import random_matrix, tanh_map
 
 import jdeq
 

@@ -7,15 +7,15 @@ import socket
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import optax
 import pytest
+from helpers import leaves_equal
 
 import jdeq.train as train
 from jdeq.data import Dataset, load_digits
 from jdeq.models import MLPCell
 from jdeq.nn import DEQ, DEQClassifier
+from jdeq.train._lock import LOCK_FILE, directory_lock
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,6 @@ def fit(data, epochs, directory, width=8, **kwargs):
     return train.fit(
         model(width), optax.adam(1e-2), data, epochs=epochs, checkpoint_dir=directory, progress=False, **kwargs
     )
-
-
-def leaves_equal(a, b) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
 def contents(directory) -> dict:
@@ -90,7 +86,7 @@ def edit_the_seed(checkpoint):
 def test_load_returns_the_latest_params_and_fit_leaves_no_lock(saved):
     directory, result, _ = saved
     assert leaves_equal(train.load(directory, model()), result.state.params)
-    assert not (directory / train.LOCK_FILE).exists()
+    assert not (directory / LOCK_FILE).exists()
     with pytest.raises(ValueError, match=r"model\.deq\.f\.features: saved \"8\", new \"16\""):
         train.load(directory, model(16))
 
@@ -168,7 +164,7 @@ def test_fewer_epochs_than_saved_is_a_clear_error(digits, copy):
 
 
 def test_a_directory_locked_by_a_live_run_is_refused_at_once(digits, copy):
-    lock = copy / train.LOCK_FILE
+    lock = copy / LOCK_FILE
     lock.write_text(f'{{"pid": {os.getpid()}, "host": "{socket.gethostname()}"}}')
     with pytest.raises(train.DirectoryLockedError, match=rf"in use by another run \(pid {os.getpid()} on "):
         fit(digits, 3, copy)
@@ -178,10 +174,10 @@ def test_a_directory_locked_by_a_live_run_is_refused_at_once(digits, copy):
 def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lock = tmp_path / train.LOCK_FILE
+    lock = tmp_path / LOCK_FILE
     lock.write_text(f'{{"pid": {dead.pid}, "host": "{socket.gethostname()}"}}')
     with pytest.warns(UserWarning, match=rf"replacing the stale lock .* of pid {dead.pid} on "):
-        with train.directory_lock(tmp_path):
+        with directory_lock(tmp_path):
             assert f'"pid": {os.getpid()}' in lock.read_text()
     assert not lock.exists()
 

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TOL, random_matrix, tanh_map
+from conftest import TOL
+from helpers import leaves_equal, random_matrix, tanh_map
 
 import jdeq
 from jdeq.models import MLPCell
@@ -38,11 +39,6 @@ def grad_of(solver, mode, w=W, x=X):
     return jax.grad(loss, argnums=(0, 1))(w, x)
 
 
-def assert_trees_close(a, b, rtol):
-    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(u, v, rtol=rtol, atol=1e-12)
-
-
 def test_examples_are_defined_outside_jdeq():
     assert Relaxation.__module__ == "user_module" and issubclass(Relaxation, jdeq.Solver)
     assert issubclass(LastStep, jdeq.GradientMode) and issubclass(IdentityAdjoint, jdeq.AdjointMode)
@@ -68,7 +64,7 @@ def test_custom_solver_solves_and_reports_stats():
 )
 def test_custom_solver_gives_the_exact_gradient_in_every_exact_mode(mode):
     reference = grad_of(jdeq.Anderson(tol=TOL, max_steps=300), jdeq.Unrolled())
-    assert_trees_close(grad_of(CUSTOM, mode), reference, rtol=1e-7)
+    assert leaves_equal(grad_of(CUSTOM, mode), reference, rtol=1e-7, atol=1e-12)
 
 
 def test_custom_solver_inverse_jacobian_reaches_shine():
@@ -86,7 +82,9 @@ def test_custom_solver_as_a_fallback_stage_and_through_shine():
     sol = jdeq.fixed_point(tanh_map, jnp.zeros(N), X, W, solver=chain)
     assert bool(sol.stats.converged) and int(sol.state.stage) == 0
     reference = grad_of(jdeq.Anderson(tol=TOL, max_steps=300), jdeq.Unrolled())
-    assert_trees_close(grad_of(chain, jdeq.Shine(refine=jdeq.FixedPoint(tol=TOL, max_steps=500))), reference, 1e-7)
+    assert leaves_equal(
+        grad_of(chain, jdeq.Shine(refine=jdeq.FixedPoint(tol=TOL, max_steps=500))), reference, rtol=1e-7, atol=1e-12
+    )
 
 
 def test_solver_without_estimate_is_rejected_by_shine_by_capability():
@@ -102,7 +100,7 @@ def test_solver_without_estimate_is_rejected_by_shine_by_capability():
 @pytest.mark.parametrize("mode", [LastStep(), IdentityAdjoint()], ids=["last_step", "identity_adjoint"])
 @pytest.mark.parametrize("solver", [CUSTOM, jdeq.Broyden(tol=TOL, max_steps=300)], ids=["custom", "broyden"])
 def test_custom_modes_give_the_jacobian_free_gradient(mode, solver):
-    assert_trees_close(grad_of(solver, mode), grad_of(solver, jdeq.Phantom(k=1)), rtol=1e-9)
+    assert leaves_equal(grad_of(solver, mode), grad_of(solver, jdeq.Phantom(k=1)), rtol=1e-9, atol=1e-12)
 
 
 def test_custom_mode_and_solver_through_fixed_point_batch():
@@ -202,17 +200,17 @@ def test_gmres_max_steps_counts_iterations_not_restarts():
     a = random_matrix(7, 12, 0.9)
     b = jnp.linspace(1.0, 2.0, 12)
 
-    def affine(u):
-        return a.T @ u + b
+    def matvec(u):
+        return a.T @ u
 
-    _, few = jdeq.GMRES(tol=1e-10, max_steps=3, restart=20).solve_fixed_point(affine, b)
-    u, enough = jdeq.GMRES(tol=1e-10, max_steps=12, restart=20).solve_fixed_point(affine, b)
+    _, few = jdeq.GMRES(tol=1e-10, max_steps=3, restart=20).solve_linear(matvec, b)
+    u, enough = jdeq.GMRES(tol=1e-10, max_steps=12, restart=20).solve_linear(matvec, b)
     assert int(few.result) == jdeq.Result.MAX_STEPS and bool(enough.converged)
     np.testing.assert_allclose(u, jnp.linalg.solve(jnp.eye(12) - a.T, b), rtol=1e-8)
 
 
 def test_every_linear_solver_is_a_linear_solver():
-    for solver in (jdeq.GMRES(), jdeq.BiCGStab(), jdeq.Neumann(3), jdeq.Lineax(solver=None)):
+    for solver in (jdeq.LU(), jdeq.GMRES(), jdeq.BiCGStab(), jdeq.Neumann(3), jdeq.Lineax(solver=None)):
         assert isinstance(solver, jdeq.LinearSolver)
 
 
@@ -220,9 +218,8 @@ def test_lineax_solvers_work_as_the_adjoint_solver():
     lineax = pytest.importorskip("lineax")
     reference = grad_of(jdeq.Anderson(tol=TOL, max_steps=300), jdeq.Unrolled())
     for inner in (lineax.GMRES(rtol=1e-12, atol=1e-14), lineax.LU()):
-        assert_trees_close(
-            grad_of(jdeq.Anderson(tol=TOL, max_steps=300), jdeq.Implicit(jdeq.Lineax(inner))), reference, 1e-7
-        )
+        got = grad_of(jdeq.Anderson(tol=TOL, max_steps=300), jdeq.Implicit(jdeq.Lineax(inner)))
+        assert leaves_equal(got, reference, rtol=1e-7, atol=1e-12)
 
 
 # --- no recompiles --------------------------------------------------------------------------------------
@@ -236,3 +233,24 @@ def test_jitted_custom_solve_traces_once_for_new_values():
 
     for scale in (1.0, 0.5, -0.3):
         jax.block_until_ready(jax.grad(lambda w, x: jnp.sum(solve(x, w)))(W, scale * X))
+
+
+def test_lu_factorises_once_and_solves_any_right_hand_side_one_problem_or_a_batch():
+    a = random_matrix(3, 9, 0.9)
+    b = jnp.linspace(-1.0, 2.0, 9)
+    lu = jdeq.LU()
+    state = lu.init(lambda u: a.T @ u, b)
+    exact = jnp.linalg.solve(jnp.eye(9) - a.T, b)
+    for scale in (1.0, -3.0):
+        u, stats = lu.solve(state, lambda u: a.T @ u, scale * b)
+        np.testing.assert_allclose(u, scale * exact, rtol=1e-10)
+        assert bool(stats.converged) and float(stats.residual) <= 1e-12
+    rows = jnp.stack([b, 2 * b, -b])
+    u, stats = lu.solve_linear(lambda u: u @ a, rows)  # row i: u_i = aᵀ u_i + b_i
+    np.testing.assert_allclose(u, jnp.stack([exact, 2 * exact, -exact]), rtol=1e-10)
+    assert stats.converged.shape == (3,) and bool(jnp.all(stats.converged))
+
+
+def test_lu_of_a_singular_system_is_not_converged():
+    _, stats = jdeq.LU().solve_linear(lambda u: u, jnp.ones(4))  # I − M = 0
+    assert not bool(stats.converged)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import linear_map
+from helpers import linear_map
 
 import jdeq
 from jdeq import Result

@@ -9,9 +9,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import leaves_equal
 
 import jdeq
 import jdeq.train as train
+import jdeq.train._fit
 from jdeq.data import Dataset, load_digits
 
 SOLVER = jdeq.Anderson(m=4, tol=1e-4, max_steps=30)
@@ -79,10 +81,6 @@ def top2(outputs, y):
     return {"top2": jnp.mean(jnp.any(best.astype(y.dtype) == y[:, None], axis=-1))}
 
 
-def leaves_equal(a, b) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
-
-
 @pytest.mark.parametrize("per_sample", [True, False], ids=["per_sample", "whole_batch"])
 def test_linen_conv_module_trains_with_a_custom_loss(digit_images, per_sample):
     result = train.fit(
@@ -104,25 +102,42 @@ def test_linen_conv_module_trains_with_a_custom_loss(digit_images, per_sample):
     assert counts == 4 * 32
 
 
+def nnx_fit(digits, model, **kwargs):
+    return train.fit(
+        model, optax.adam(1e-2), digits, epochs=3, batch_size=64, loss_fn=smoothed_loss, progress=False, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def nnx_runs(digits):
+    """``get(per_sample) -> (model, its initial parameters, fit result)``: each uninterrupted NNX run made once,
+    on first use, and shared by the tests that only read it."""
+    runs = {}
+
+    def get(per_sample):
+        if per_sample not in runs:
+            model = NNXClassifier(nnx.Rngs(0), per_sample)
+            before = [np.array(leaf) for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))]  # a copy
+            runs[per_sample] = model, before, nnx_fit(digits, model)
+        return runs[per_sample]
+
+    return get
+
+
 @pytest.mark.parametrize("per_sample", [True, False], ids=["per_sample", "whole_batch"])
-def test_nnx_model_trains_in_place_with_a_custom_loss(digits, per_sample):
-    model = NNXClassifier(nnx.Rngs(0), per_sample)
-    before = [np.array(leaf) for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))]  # a copy
-    result = train.fit(model, optax.adam(1e-2), digits, epochs=3, batch_size=64, loss_fn=smoothed_loss, progress=False)
+def test_nnx_model_trains_in_place_with_a_custom_loss(nnx_runs, per_sample):
+    model, before, result = nnx_runs(per_sample)
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert result.history[-1]["test_accuracy"] > 0.5 and result.history[-1]["bwd_mean_steps"] >= 1
     assert leaves_equal(nnx.state(model, nnx.Param), result.state.params)  # the model holds the trained params
     assert not leaves_equal(before, result.state.params)
 
 
-def test_nnx_run_resumes_bit_for_bit(digits, tmp_path, interrupted_training):
-    def run(**kwargs):
-        return train.fit(NNXClassifier(nnx.Rngs(0)), optax.adam(1e-2), digits, epochs=3, progress=False, **kwargs)
-
-    uninterrupted = run()
+def test_nnx_run_resumes_bit_for_bit(digits, nnx_runs, tmp_path, interrupted_training):
+    uninterrupted = nnx_runs(True)[2]
     with interrupted_training(2, 1), pytest.raises(KeyboardInterrupt):
-        run(checkpoint_dir=tmp_path)
-    resumed = run(checkpoint_dir=tmp_path)
+        nnx_fit(digits, NNXClassifier(nnx.Rngs(0)), checkpoint_dir=tmp_path)
+    resumed = nnx_fit(digits, NNXClassifier(nnx.Rngs(0)), checkpoint_dir=tmp_path)
     assert leaves_equal(resumed.state.params, uninterrupted.state.params)
     assert resumed.history == uninterrupted.history
     model = NNXClassifier(nnx.Rngs(1))  # other initial values, same shapes: load fills in the trained ones
@@ -133,17 +148,17 @@ def test_nnx_run_resumes_bit_for_bit(digits, tmp_path, interrupted_training):
 def test_a_nonfinite_step_halts_the_run_between_metric_fetches(digits, monkeypatch):
     """With log_every=4 the host sees step 2's NaN only after step 4: steps 3 and 4 must not have moved the state."""
     calls = []
-    original = train.train_epoch
+    original = jdeq.train._fit.train_epoch
 
     def spy(train_step, state, *args):
-        def step(state, x, y, halted):
+        def step(state, x, y, halted, index):
             x = jnp.asarray(x).at[0, 0].set(jnp.nan) if len(calls) == 1 else x  # the second step's batch holds a NaN
             calls.append(state)
-            return train_step(state, x, y, halted)
+            return train_step(state, x, y, halted, index)
 
         return original(step, state, *args)
 
-    monkeypatch.setattr(train, "train_epoch", spy)
+    monkeypatch.setattr(jdeq.train._fit, "train_epoch", spy)
     with pytest.raises(train.NonfiniteError, match=r"at epoch 1, step 2 "):
         train.fit(NNXClassifier(nnx.Rngs(0)), optax.adam(1e-2), digits, epochs=1, log_every=4, progress=False)
     assert len(calls) == 4  # the host noticed at the fetch after step 4

@@ -168,3 +168,60 @@ def test_group_norm_normalizes_each_sample_and_group_and_batches_like_vmap():
     np.testing.assert_allclose(groups.var(axis=(1, 2, 4)), 1.0, rtol=1e-4)
     per_sample = jax.vmap(lambda x: group_norm(x, scale, bias, groups=3))(h)
     np.testing.assert_allclose(out, per_sample, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("api", ["linen_init", "linen_apply", "nnx", "solve_cell"])
+def test_a_layer_call_checks_its_input_once(api, monkeypatch):
+    """Every entry point runs the batch check exactly once per call (it is part of check_input)."""
+    import jdeq.nn as nn_module
+
+    cell, shape = CELLS["mlp"]
+    x, calls = batch(shape), []
+    original = nn_module._check_batch
+    monkeypatch.setattr(nn_module, "_check_batch", lambda *args: calls.append(args) or original(*args))
+    layer = linen_layer(cell)
+    params = layer.init(jax.random.PRNGKey(0), x) if api == "linen_apply" else None
+    if api == "nnx":
+        nnx_layer = NNXDEQ(cell, shape, rngs=nnx.Rngs(0), solver=TIGHT)
+    calls.clear()
+    if api == "linen_init":
+        layer.init(jax.random.PRNGKey(0), x)
+    elif api == "linen_apply":
+        layer.apply(params, x)
+    elif api == "nnx":
+        nnx_layer(x)
+    else:
+        solve_cell(cell, cell.init(jax.random.PRNGKey(0), shape), x, solver=TIGHT, grad=None)
+    assert len(calls) == 1
+
+
+IMPORT_CHECK = """
+import sys
+import jdeq
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"flax", "optax", "orbax"})
+assert not heavy, f"import jdeq loaded {heavy}"
+assert {"nn", "optim", "train"} <= set(dir(jdeq)) and {"nn", "optim", "train"} <= set(jdeq.__all__)
+layer = jdeq.nn.DEQ  # first access imports the Flax layers
+assert "flax" in sys.modules and layer.__module__ == "jdeq.nn"
+assert jdeq.train.fit and jdeq.optim
+for module in (jdeq, jdeq.nn, jdeq.train):
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
+    assert not missing, (module.__name__, missing)
+try:
+    jdeq.no_such_name
+except AttributeError as err:
+    assert "no_such_name" in str(err)
+else:
+    raise AssertionError("jdeq.no_such_name did not raise")
+print("ok")
+"""
+
+
+def test_import_jdeq_loads_neither_flax_nor_optax_until_a_layer_is_used():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", IMPORT_CHECK], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -5,7 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import random_matrix, tanh_map
+from helpers import random_matrix, rel_err, tanh_map
 
 import jdeq
 
@@ -33,10 +33,6 @@ def exact_fixed_point():
     return sol.value
 
 
-def relative_error(a, b):
-    return float(jnp.linalg.norm(a.astype(jnp.float64) - b) / jnp.linalg.norm(b))
-
-
 @pytest.mark.parametrize("low", list(LOW))
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_low_precision_map_reaches_its_rounding_level(low, name):
@@ -50,7 +46,7 @@ def test_low_precision_map_reaches_its_rounding_level(low, name):
     for field in ("residual", "abs_residual"):
         assert getattr(sol.stats, field).dtype == jnp.float32
     assert float(sol.stats.residual) <= eps
-    assert relative_error(sol.value, exact_fixed_point()) <= 2 * eps
+    assert rel_err(sol.value, exact_fixed_point()) <= 2 * eps
 
 
 def test_unreachable_tolerance_is_not_reported_as_converged():
@@ -94,7 +90,7 @@ def test_gradients_are_finite_and_close_to_float64(low):
     for g, e, master in zip(grads, exact_gradients(), (w, x)):
         assert g.dtype == master.dtype == jnp.float32
         assert bool(jnp.all(jnp.isfinite(g)))
-        assert relative_error(g, e) <= 16 * float(jnp.finfo(LOW[low]).eps)
+        assert rel_err(g, e) <= 16 * float(jnp.finfo(LOW[low]).eps)
 
 
 def test_matmul_precision_reaches_the_products_of_both_passes():

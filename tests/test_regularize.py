@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SOLVERS, random_matrix, tanh_map
+from conftest import SOLVERS
+from helpers import random_matrix, tanh_map
 
 import jdeq
 

@@ -295,3 +295,12 @@ def test_newton_type_solvers_in_a_linen_layer_with_implicit_gradients(solver):
     got, want = jax.grad(loss)(params, layer)["params"], jax.grad(loss)(params, reference)["params"]
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(g, w, atol=1e-9)
+
+
+def test_chord_keeps_a_matrix_free_solvers_refresh_point_and_converges():
+    m = jnp.asarray(np.random.default_rng(5).standard_normal((10, 10))) / 12  # spectral norm about 0.5
+    solver = jdeq.Chord(tol=1e-10, max_steps=100, refresh=4, linear_solver=jdeq.GMRES(tol=1e-12, max_steps=30))
+    sol = jdeq.root(lambda z: m @ z + 1.0 - z, jnp.zeros(10), solver=solver)
+    assert bool(sol.stats.converged)
+    np.testing.assert_allclose(sol.value, jnp.linalg.solve(jnp.eye(10) - m, jnp.ones(10)), rtol=1e-8)
+    assert sol.state.solver_state == () and sol.state.point.shape == (10,)

@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from helpers import leaves_equal
 
 import jdeq
 from jdeq import distributed
 from jdeq.models import MLPCell
-from jdeq.nn import DEQ, NNXDEQ
+from jdeq.nn import DEQ, NNXDEQ, DEQClassifier
 
 
 def test_solve_and_implicit_gradient():
@@ -69,3 +70,25 @@ def test_batch_solve_and_gradient_inside_shard_map():
     sharded = jax.shard_map(solve, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"))
     g = jax.jit(jax.grad(lambda w: jnp.sum(sharded(x, w))))(jnp.float32(0.5))
     assert bool(jnp.isfinite(g))
+
+
+def test_a_tiny_fit_saves_a_checkpoint_that_loads_and_resumes(tmp_path):
+    """``jdeq.train`` at the lowest stated versions (orbax's included): one epoch, ``load``, then a resumed second."""
+    import jdeq.train
+    from jdeq.data import Dataset, load_digits
+
+    digits = load_digits(seed=0)
+    data = Dataset("tiny", digits.x_train[:64], digits.y_train[:64], digits.x_test[:32], digits.y_test[:32], 10)
+
+    def fit(epochs):
+        model = DEQClassifier(DEQ(MLPCell(8)), 10)
+        return jdeq.train.fit(
+            model, optax.adam(1e-2), data, epochs=epochs, batch_size=32, checkpoint_dir=tmp_path, progress=False
+        )
+
+    first = fit(1)
+    loaded = jdeq.train.load(tmp_path, DEQClassifier(DEQ(MLPCell(8)), 10))
+    assert leaves_equal(loaded, first.state.params)
+    resumed = fit(2)
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
+    assert resumed.history[0] == first.history[0]  # epoch 1 restored from the checkpoint, not trained again

@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SOLVERS, TOL, linear_map, random_matrix, tanh_map, true_relative_residual
+from conftest import SOLVERS, TOL
+from helpers import linear_map, random_matrix, tanh_map, true_relative_residual
 
 import jdeq
 from jdeq import Result

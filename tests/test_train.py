@@ -10,12 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import leaves_equal
 
 import jdeq.train as train
 from jdeq import Anderson, Implicit, cli
 from jdeq.data import Dataset, load_digits
 from jdeq.models import MLPCell
 from jdeq.nn import DEQ, DEQClassifier
+from jdeq.train._lock import LOCK_FILE
+from jdeq.train._loop import epoch_batches
 
 SOLVER = Anderson(m=4, tol=1e-4, max_steps=30)
 
@@ -35,12 +38,14 @@ def run(data, epochs, **kwargs):
     return train.fit(small_model(), optax.adam(1e-2), data, epochs=epochs, batch_size=50, progress=False, **kwargs)
 
 
-def leaves_equal(a, b) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+@pytest.fixture(scope="module")
+def three_epochs(small_digits):
+    """One uninterrupted 3-epoch run, shared by the tests that only read its result."""
+    return run(small_digits, epochs=3)
 
 
-def test_training_learns_and_reports_solver_metrics(small_digits):
-    result = run(small_digits, epochs=3)
+def test_training_learns_and_reports_solver_metrics(three_epochs):
+    result = three_epochs
     first, last = result.history[0], result.history[-1]
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
     assert last["loss"] < first["loss"]
@@ -61,8 +66,10 @@ def test_same_seed_same_parameters_other_seed_differs(small_digits):
     assert not leaves_equal(a.state.params, c.state.params)
 
 
-def test_interrupted_run_resumes_to_exactly_the_uninterrupted_parameters(small_digits, tmp_path, interrupted_training):
-    uninterrupted = run(small_digits, epochs=3)
+def test_interrupted_run_resumes_to_exactly_the_uninterrupted_parameters(
+    small_digits, three_epochs, tmp_path, interrupted_training
+):
+    uninterrupted = three_epochs
     with interrupted_training(2, 2), pytest.raises(KeyboardInterrupt):
         run(small_digits, epochs=3, checkpoint_dir=tmp_path)
     assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [1, 2]
@@ -154,7 +161,7 @@ def all_leaves_finite(tree) -> bool:
 
 
 def first_index(epoch, n=300, batch_size=64):
-    return next(train.epoch_batches(0, epoch, n, batch_size))[0]
+    return next(epoch_batches(0, epoch, n, batch_size))[0]
 
 
 def fit_poisoned(poison, data, epochs, **kwargs):
@@ -166,7 +173,7 @@ def test_nonfinite_loss_stops_naming_epoch_and_step_and_is_never_saved(small_dig
     with pytest.raises(train.NonfiniteError, match=r"nonfinite loss, gradient or update at epoch 2, step 1 "):
         fit_poisoned("loss", marked(small_digits, first_index(epoch=1)), 3, checkpoint_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["1"]
-    assert not (tmp_path / train.LOCK_FILE).exists()
+    assert not (tmp_path / LOCK_FILE).exists()
 
 
 def test_nonfinite_gradient_with_a_finite_loss_stops(small_digits):
@@ -177,7 +184,7 @@ def test_nonfinite_gradient_with_a_finite_loss_stops(small_digits):
 def test_skipped_nonfinite_steps_are_counted_and_leave_the_state_finite(small_digits):
     index = first_index(epoch=0)
     result = fit_poisoned("loss", marked(small_digits, index), 2, on_nonfinite="skip")
-    in_full_batches = [index in np.concatenate(list(train.epoch_batches(0, e, 300, 64))) for e in (0, 1)]
+    in_full_batches = [index in np.concatenate(list(epoch_batches(0, e, 300, 64))) for e in (0, 1)]
     assert [row["skipped_steps"] for row in result.history] == [int(b) for b in in_full_batches]
     assert all_leaves_finite(result.state) and all(np.isfinite(row["loss"]) for row in result.history)
 

@@ -13,12 +13,22 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import leaves_equal
 
 import jdeq
 import jdeq.train as train
 from jdeq.data import Dataset, load_digits
 from jdeq.models import MLPCell
-from jdeq.nn import CACHE_COLLECTION, DEQ, NNXDEQ, STATS_COLLECTION, DEQClassifier, NNXDEQClassifier, forward_stats
+from jdeq.nn import (
+    CACHE_COLLECTION,
+    DEQ,
+    INDEX_COLLECTION,
+    NNXDEQ,
+    STATS_COLLECTION,
+    DEQClassifier,
+    NNXDEQClassifier,
+    forward_stats,
+)
 
 TIGHT = jdeq.Anderson(m=5, tol=1e-10, max_steps=200)
 FIT_SOLVER = jdeq.Anderson(m=4, tol=1e-4, max_steps=30)
@@ -29,11 +39,6 @@ DTYPE = jnp.float32  # digits' dtype
 
 def batch(n=4, seed=0, features=7):
     return jnp.asarray(np.random.default_rng(seed).standard_normal((n, features)))
-
-
-def leaves_equal(a, b) -> bool:
-    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    return len(leaves_a) == len(leaves_b) and all(np.array_equal(x, y) for x, y in zip(leaves_a, leaves_b))
 
 
 def warm_apply(layer, params, cache, x, index):
@@ -151,6 +156,9 @@ def test_bad_cache_use_is_named(initial):
         warm_apply(LAYER, params, other, x, jnp.arange(4))
     with pytest.raises(ValueError, match="not mutable"):
         LAYER.apply(variables, x, index=jnp.arange(4))
+    assert variables[INDEX_COLLECTION]["index"].shape == (0,)  # init records the place of the index, empty
+    with pytest.raises(ValueError, match=r"fixed-point cache of 10 examples: pass index="):
+        LAYER.apply(variables, x, mutable=[CACHE_COLLECTION])  # the empty index init recorded is no index
     with pytest.raises(ValueError, match="cache_size must be None"):
         DEQ(MLPCell(WIDTH), cache_size=0).init(jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match="needs state_shape"):
@@ -168,14 +176,14 @@ class NNXMap(nnx.Module):
 
 
 class NNXModel(nnx.Module):
-    """A user's own NNX model: the DEQ layer over its own map, ``index`` passed on."""
+    """A user's own NNX model: the DEQ layer over its own map; no index anywhere in it."""
 
     def __init__(self, rngs, cache_size, solver=FIT_SOLVER):
         layer = NNXDEQ(NNXMap(rngs), solver=solver, cache_size=cache_size, state_shape=(WIDTH,), state_dtype=DTYPE)
         self.deq, self.head = layer, nnx.Linear(WIDTH, 10, rngs=rngs)
 
-    def __call__(self, x, index=None):
-        return self.head(self.deq(x, jnp.zeros((len(x), WIDTH), DTYPE), index))
+    def __call__(self, x):
+        return self.head(self.deq(x, jnp.zeros((len(x), WIDTH), DTYPE)))
 
 
 class LinenMap(linen.Module):
@@ -185,25 +193,33 @@ class LinenMap(linen.Module):
 
 
 class LinenModel(linen.Module):
-    """A user's own linen model: the DEQ layer over its own map, ``index`` passed on."""
+    """A user's own linen model: the DEQ layer over its own map; no index anywhere in it."""
 
     cache_size: int
+    solver: jdeq.Solver = FIT_SOLVER
 
     @linen.compact
-    def __call__(self, x, index=None):
-        layer = DEQ(LinenMap(), solver=FIT_SOLVER, cache_size=self.cache_size)
-        return linen.Dense(10)(layer(x, jnp.zeros((len(x), WIDTH), x.dtype), index))
+    def __call__(self, x):
+        layer = DEQ(LinenMap(), solver=self.solver, cache_size=self.cache_size)
+        return linen.Dense(10)(layer(x, jnp.zeros((len(x), WIDTH), x.dtype)))
 
 
 def test_nnx_layer_warms_up_and_switches_off_for_evaluation():
+    """The index reaches the layer inside the user's model through its CacheIndex variable (set_cache_index)."""
     model = NNXModel(nnx.Rngs(0), SIZE, PLAIN)
     x, index = batch(features=64).astype(DTYPE), jnp.arange(4)
-    call = nnx.jit(lambda model, x, index: (model(x, index), forward_stats(model)[0].num_steps))
-    cold = call(model, x, index)[1]
-    np.testing.assert_array_equal(call(model, x, index)[1], 0)  # same parameters: each start is already z*
+
+    @nnx.jit
+    def call(model, x):
+        return model(x), forward_stats(model)[0].num_steps
+
+    jdeq.nn.set_cache_index(model, index)
+    cold = call(model, x)[1]
+    np.testing.assert_array_equal(call(model, x)[1], 0)  # same parameters: each start is already z*
     cache = nnx.state(model, jdeq.nn.FixedPointCache)
     model.set_attributes(warm_start=False)
-    np.testing.assert_array_equal(call(model, x, None)[1], cold)  # no index needed, the cache untouched
+    jdeq.nn.set_cache_index(model, jnp.zeros((0,), jnp.int32))  # no index needed, the cache untouched
+    np.testing.assert_array_equal(call(model, x)[1], cold)
     assert leaves_equal(nnx.state(model, jdeq.nn.FixedPointCache), cache)
     model.set_attributes(warm_start=True)
     with pytest.raises(ValueError, match="pass index="):
@@ -221,19 +237,24 @@ def test_fit_fills_the_cache_of_a_users_own_model(small_digits, api):
     assert result.history[1]["fwd_mean_steps"] < result.history[0]["fwd_mean_steps"]
 
 
-def test_fit_names_a_cache_that_does_not_fit_the_data_or_a_model_without_index(small_digits):
-    class NoIndex(linen.Module):
-        @linen.compact
-        def __call__(self, x):
-            return DEQClassifier(DEQ(MLPCell(WIDTH), solver=PLAIN, cache_size=200), 10)(x)
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_fit_warm_starts_a_users_module_that_takes_no_index(small_digits, api):
+    """The user's model is written with no index argument at all: fit gives the cached layer each sample's index
+    as Flax state, the cache fills, and epoch 2 starts from the stored equilibria (fewer forward steps)."""
+    data = small_digits._replace(x_train=small_digits.x_train[:100], y_train=small_digits.y_train[:100])
+    model = LinenModel(100, PLAIN) if api == "linen" else NNXModel(nnx.Rngs(0), 100, PLAIN)
+    result = train.fit(model, optax.adam(1e-2), data, epochs=2, batch_size=50, progress=False)
+    seen = [leaf for leaf in jax.tree_util.tree_leaves(result.state.cache) if leaf.dtype == bool]
+    assert len(seen) == 1 and np.all(seen[0])  # 100 examples, 2 full batches: every one stored
+    assert result.history[1]["fwd_mean_steps"] < result.history[0]["fwd_mean_steps"]
+    if api == "nnx":  # the user's model is left as it was given: its index placeholder empty
+        assert jnp.shape(model.deq.cache_index[...]) == (0,)
 
-    def fit(model):
-        return train.fit(model, optax.adam(1e-2), small_digits, epochs=1, batch_size=50, progress=False)
 
+def test_fit_names_a_cache_that_does_not_fit_the_data(small_digits):
+    model = DEQClassifier(DEQ(MLPCell(WIDTH), solver=PLAIN, cache_size=150), 10)
     with pytest.raises(ValueError, match=r"cache holds 150 examples, the training set 200"):
-        fit(DEQClassifier(DEQ(MLPCell(WIDTH), solver=PLAIN, cache_size=150), 10))
-    with pytest.raises(ValueError, match=r"NoIndex has a DEQ layer with a fixed-point cache.*add an index argument"):
-        fit(NoIndex())
+        train.fit(model, optax.adam(1e-2), small_digits, epochs=1, batch_size=50, progress=False)
 
 
 @pytest.mark.slow  # with the test above, several fit runs: ~50 s of CPU

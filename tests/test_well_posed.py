@@ -10,16 +10,17 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import leaves_equal
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import jdeq
 from jdeq.models import InfNormCell, MonotoneCell, ScaledCell, SoftmaxCell
+from jdeq.models.splitting import ForwardBackward, PeacemanRachford
 from jdeq.models.well_posed import inf_norm
 from jdeq.nn import DEQ, NNXDEQ, DEQClassifier, forward_stats
 from jdeq.optim import project_inf_norm, project_rows_l1, record, recorded
-from jdeq.solvers.splitting import ForwardBackward, PeacemanRachford
 
 PROPERTY = settings(max_examples=12, deadline=None, derandomize=True)
 EPS = float(jnp.finfo(jnp.float64).eps)
@@ -175,8 +176,7 @@ def test_implicit_gradients_match_unrolled_and_finite_differences(name):
     assert loss(params, u, jdeq.Implicit())[1]
     implicit = jax.grad(value, argnums=(0, 1))(params, u, jdeq.Implicit())
     unrolled = jax.grad(value, argnums=(0, 1))(params, u, jdeq.Unrolled())
-    for got, want in zip(jax.tree_util.tree_leaves(implicit), jax.tree_util.tree_leaves(unrolled)):
-        np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9)
+    assert leaves_equal(implicit, unrolled, rtol=1e-7, atol=1e-9)
     check_grads(lambda p, u: value(p, u, jdeq.Implicit()), (params, u), order=1, modes=["rev"], eps=1e-6)
 
 

@@ -1,7 +1,7 @@
 """Pure equilibrium maps: practical DEQ cells, well-posed cells, the models of the global-convergence papers,
 and the zoo researchers train (the multiscale conv DEQ and the DEQ-Transformer language model)."""
 
-from . import gao, kawaguchi, ling, mdeq, transformer, well_posed
+from . import gao, kawaguchi, ling, mdeq, splitting, transformer, well_posed
 from .cells import ConvCell, MLPCell
 from .mdeq import ZOO_SOLVER, MDEQClassifier, MultiscaleCell
 from .transformer import (
@@ -33,6 +33,7 @@ __all__ = [
     "kawaguchi",
     "ling",
     "mdeq",
+    "splitting",
     "teacher_forced_loss",
     "transformer",
     "well_posed",

@@ -21,8 +21,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+__all__ = [
+    "ConvCell",
+    "MLPCell",
+    "channelwise",
+    "check_shape",
+    "conv",
+    "group_norm",
+    "layer_norm",
+    "matmul",
+    "promote",
+    "scaled_normal",
+]
 
-def _check_shape(cell, x_shape: tuple, ndim: int, layout: str) -> tuple:
+
+def check_shape(cell, x_shape: tuple, ndim: int, layout: str) -> tuple:
     x_shape = tuple(x_shape)
     if len(x_shape) != ndim or min(x_shape, default=0) < 1:
         raise ValueError(
@@ -31,7 +44,7 @@ def _check_shape(cell, x_shape: tuple, ndim: int, layout: str) -> tuple:
     return x_shape
 
 
-def _normal(key, shape, scale: float, fan_in: int) -> jax.Array:
+def scaled_normal(key, shape, scale: float, fan_in: int) -> jax.Array:
     """``N(0, scale² / fan_in)`` weights in the default float dtype."""
     return jax.random.normal(key, shape, jnp.zeros(()).dtype) * (scale / jnp.sqrt(fan_in))
 
@@ -97,12 +110,12 @@ class MLPCell:
             raise ValueError(f"MLPCell(features=...) must be an int >= 1, got {self.features!r}")
 
     def init(self, key: jax.Array, x_shape: tuple) -> dict:
-        (dim,) = _check_shape(self, x_shape, 1, "features")
+        (dim,) = check_shape(self, x_shape, 1, "features")
         kw, ku = jax.random.split(key)
         n = self.features
         return {
-            "W": _normal(kw, (n, n), self.w_scale, n),
-            "U": _normal(ku, (n, dim), 1.0, dim),
+            "W": scaled_normal(kw, (n, n), self.w_scale, n),
+            "U": scaled_normal(ku, (n, dim), 1.0, dim),
             "b": jnp.zeros((n,), jnp.zeros(()).dtype),
         }
 
@@ -145,15 +158,15 @@ class ConvCell:
             raise ValueError(f"ConvCell(kernel_size=...) must be odd, got {self.kernel_size}")
 
     def init(self, key: jax.Array, x_shape: tuple) -> dict:
-        _, _, c_in = _check_shape(self, x_shape, 3, "height, width, channels")
+        _, _, c_in = check_shape(self, x_shape, 3, "height, width, channels")
         k, c = self.kernel_size, self.channels
         k_in, k1, k2 = jax.random.split(key, 3)
         ones, zeros = jnp.ones((c,), jnp.zeros(()).dtype), jnp.zeros((c,), jnp.zeros(()).dtype)
         return {
-            "K_in": _normal(k_in, (k, k, c_in, c), 1.0, k * k * c_in),
+            "K_in": scaled_normal(k_in, (k, k, c_in, c), 1.0, k * k * c_in),
             "b": zeros,
-            "K1": _normal(k1, (k, k, c, c), self.w_scale, k * k * c),
-            "K2": _normal(k2, (k, k, c, c), self.w_scale, k * k * c),
+            "K1": scaled_normal(k1, (k, k, c, c), self.w_scale, k * k * c),
+            "K2": scaled_normal(k2, (k, k, c, c), self.w_scale, k * k * c),
             "norms": [{"scale": ones, "bias": zeros} for _ in range(3)],
         }
 

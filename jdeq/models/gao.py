@@ -17,7 +17,9 @@ import jax.numpy as jnp
 
 from ..linalg import largest_singular_value
 from ..solvers import Solution, Solver
-from ._relu import DEFAULT_SOLVER, gaussian, relu_solve
+from ._relu import CONTRACTION_SOLVER, gaussian, relu_solve
+
+__all__ = ["DEFAULT_GAMMA", "equilibrium", "init", "predict", "quadratic_loss_and_stats", "solve", "well_posedness"]
 
 DEFAULT_GAMMA = 0.2
 
@@ -41,24 +43,24 @@ def init(
 
 
 def solve(
-    params: dict, x: jax.Array, gamma: float = DEFAULT_GAMMA, solver: Solver = DEFAULT_SOLVER, z0=None
+    params: dict, x: jax.Array, gamma: float = DEFAULT_GAMMA, solver: Solver = CONTRACTION_SOLVER, z0=None
 ) -> Solution:
     """``Z* = ReLU(γ A Z* + U X)`` (``m × n``) by :func:`jdeq.fixed_point`: the :class:`Solution` with its ``stats``."""
     return relu_solve(gamma * params["A"], params["U"] @ x, solver, z0)
 
 
-def equilibrium(params: dict, x: jax.Array, gamma: float = DEFAULT_GAMMA, solver: Solver = DEFAULT_SOLVER, z0=None):
+def equilibrium(params: dict, x: jax.Array, gamma: float = DEFAULT_GAMMA, solver: Solver = CONTRACTION_SOLVER, z0=None):
     """``Z* = ReLU(γ A Z* + U X)`` (``m × n``), the value of :func:`solve`."""
     return solve(params, x, gamma, solver, z0).value
 
 
-def predict(params: dict, x: jax.Array, gamma: float = DEFAULT_GAMMA, solver: Solver = DEFAULT_SOLVER) -> jax.Array:
+def predict(params: dict, x: jax.Array, gamma: float = DEFAULT_GAMMA, solver: Solver = CONTRACTION_SOLVER) -> jax.Array:
     """``ŷ = uᵀ Z*`` (length ``n``)."""
     return params["u"] @ equilibrium(params, x, gamma, solver)
 
 
 def quadratic_loss_and_stats(
-    params: dict, x: jax.Array, y: jax.Array, gamma: float = DEFAULT_GAMMA, solver=DEFAULT_SOLVER
+    params: dict, x: jax.Array, y: jax.Array, gamma: float = DEFAULT_GAMMA, solver=CONTRACTION_SOLVER
 ):
     """``(½‖uᵀZ* − y‖², stats)``: the loss and the equilibrium solve's :class:`jdeq.Stats`."""
     sol = solve(params, x, gamma, solver)

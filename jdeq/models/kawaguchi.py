@@ -19,7 +19,26 @@ import jax.numpy as jnp
 from ..implicit import fixed_point
 from ..solvers import Anderson, Solution, Solver
 
-DEFAULT_SOLVER = Anderson(tol=1e-12, max_steps=200, m=5)
+__all__ = [
+    "EXACT_SOLVER",
+    "column_softmax",
+    "dense_function_weight",
+    "dense_predict",
+    "equilibrium",
+    "equilibrium_map",
+    "function_weight",
+    "init",
+    "logistic_loss",
+    "predict",
+    "solve",
+    "square_loss",
+]
+
+EXACT_SOLVER = Anderson(tol=1e-12, max_steps=200, m=5)
+"""This model's default solver, not :data:`jdeq.DEFAULT_SOLVER`: the theory of Kawaguchi (2021) is checked against
+closed forms (``Z* = (I − γσ(A))⁻¹Φ``, the function-space weight, the gradient-flow dynamics) to ~1e-12, far
+below ``DEFAULT_SOLVER``'s relative residual of 1e-5. The map is linear with ``‖γσ(A)‖₁ = γ < 1``, so Anderson
+reaches 1e-12 well within 200 steps."""
 
 
 def column_softmax(a: jax.Array) -> jax.Array:
@@ -32,22 +51,22 @@ def equilibrium_map(z: jax.Array, phi: jax.Array, a: jax.Array, gamma: float) ->
     return gamma * column_softmax(a) @ z + phi
 
 
-def solve(params: dict, phi: jax.Array, gamma: float, solver: Solver = DEFAULT_SOLVER) -> Solution:
+def solve(params: dict, phi: jax.Array, gamma: float, solver: Solver = EXACT_SOLVER) -> Solution:
     """``Z* = (I − γσ(A))⁻¹ Φ`` by :func:`jdeq.fixed_point`: the :class:`Solution` with the solve's ``stats``."""
     return fixed_point(equilibrium_map, jnp.zeros_like(phi), phi, params["A"], gamma, solver=solver)
 
 
-def equilibrium(params: dict, phi: jax.Array, gamma: float, solver: Solver = DEFAULT_SOLVER) -> jax.Array:
+def equilibrium(params: dict, phi: jax.Array, gamma: float, solver: Solver = EXACT_SOLVER) -> jax.Array:
     """``Z* = (I − γσ(A))⁻¹ Φ`` by :func:`jdeq.fixed_point` (implicit gradients in ``A`` and ``Φ``)."""
     return solve(params, phi, gamma, solver).value
 
 
-def predict(params: dict, phi: jax.Array, gamma: float, solver: Solver = DEFAULT_SOLVER) -> jax.Array:
+def predict(params: dict, phi: jax.Array, gamma: float, solver: Solver = EXACT_SOLVER) -> jax.Array:
     """``f_θ(X) = B Z*``, shape ``m_y × n``."""
     return params["B"] @ equilibrium(params, phi, gamma, solver)
 
 
-def function_weight(params: dict, gamma: float, solver: Solver = DEFAULT_SOLVER) -> jax.Array:
+def function_weight(params: dict, gamma: float, solver: Solver = EXACT_SOLVER) -> jax.Array:
     """``W(θ) = B (I − γσ(A))⁻¹``: the equilibrium with ``Φ = I``, multiplied by ``B``."""
     m = params["A"].shape[0]
     return predict(params, jnp.eye(m, dtype=params["A"].dtype), gamma, solver)

@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from ..solvers import Solution, Solver
-from ._relu import DEFAULT_SOLVER, gaussian, relu_solve
+from ._relu import CONTRACTION_SOLVER, gaussian, relu_solve
+
+__all__ = ["DEFAULT_SIGMA_W", "equilibrium", "init", "predict", "quadratic_loss", "quadratic_loss_and_stats", "solve"]
 
 DEFAULT_SIGMA_W = 0.1
 
@@ -36,27 +38,27 @@ def init(
     }
 
 
-def solve(params: dict, x: jax.Array, solver: Solver = DEFAULT_SOLVER, z0=None) -> Solution:
+def solve(params: dict, x: jax.Array, solver: Solver = CONTRACTION_SOLVER, z0=None) -> Solution:
     """``Z* = ReLU(W Z* + U X)`` (``m × n``) by :func:`jdeq.fixed_point` from ``z0`` (default zeros), with ``stats``."""
     return relu_solve(params["W"], params["U"] @ x, solver, z0)
 
 
-def equilibrium(params: dict, x: jax.Array, solver: Solver = DEFAULT_SOLVER, z0=None) -> jax.Array:
+def equilibrium(params: dict, x: jax.Array, solver: Solver = CONTRACTION_SOLVER, z0=None) -> jax.Array:
     """``Z* = ReLU(W Z* + U X)`` (``m × n``), the value of :func:`solve`."""
     return solve(params, x, solver, z0).value
 
 
-def predict(params: dict, x: jax.Array, solver: Solver = DEFAULT_SOLVER) -> jax.Array:
+def predict(params: dict, x: jax.Array, solver: Solver = CONTRACTION_SOLVER) -> jax.Array:
     """``ŷ = aᵀ Z*`` (length ``n``)."""
     return params["a"] @ equilibrium(params, x, solver)
 
 
-def quadratic_loss(params: dict, x: jax.Array, y: jax.Array, solver: Solver = DEFAULT_SOLVER) -> jax.Array:
+def quadratic_loss(params: dict, x: jax.Array, y: jax.Array, solver: Solver = CONTRACTION_SOLVER) -> jax.Array:
     """``Φ(θ) = ½ ‖ŷ − y‖²`` (a sum over samples, as in the paper's bound)."""
     return quadratic_loss_and_stats(params, x, y, solver)[0]
 
 
-def quadratic_loss_and_stats(params: dict, x: jax.Array, y: jax.Array, solver: Solver = DEFAULT_SOLVER):
+def quadratic_loss_and_stats(params: dict, x: jax.Array, y: jax.Array, solver: Solver = CONTRACTION_SOLVER):
     """``(Φ(θ), stats)``: the loss and the equilibrium solve's :class:`jdeq.Stats`."""
     sol = solve(params, x, solver)
     return 0.5 * jnp.sum(jnp.square(params["a"] @ sol.value - y)), sol.stats

@@ -26,12 +26,14 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from .._numerics import check
 from ..optim import project_rows_l1
-from ..solvers._base import _check
-from ..solvers.splitting import MonotoneProblem, PeacemanRachford, Splitting
 from . import gao
-from .cells import _check_shape, _normal, matmul
+from .cells import check_shape, matmul, scaled_normal
 from .kawaguchi import column_softmax
+from .splitting import MonotoneProblem, PeacemanRachford, Splitting
+
+__all__ = ["InfNormCell", "MonotoneCell", "ScaledCell", "SoftmaxCell", "inf_norm"]
 
 
 def _identity(h: jax.Array) -> jax.Array:
@@ -50,24 +52,24 @@ class _InjectedCell:
     features: int
 
     def __post_init__(self):
-        _check(
+        check(
             isinstance(self.features, int) and self.features >= 1,
             f"{type(self).__name__}(features=...) must be an int >= 1, got {self.features!r}",
         )
 
     def init(self, key: jax.Array, x_shape: tuple) -> dict:
-        (dim,) = _check_shape(self, x_shape, 1, "features")
+        (dim,) = check_shape(self, x_shape, 1, "features")
         k_mix, k_in = jax.random.split(key)
         n = self.features
         return {
             **self.init_mixing(k_mix),
-            "U": _normal(k_in, (n, dim), 1.0, dim),
+            "U": scaled_normal(k_in, (n, dim), 1.0, dim),
             "b": jnp.zeros((n,), jnp.zeros(()).dtype),
         }
 
     def init_mixing(self, key: jax.Array) -> dict:
         """``{"A": A}`` at initialisation, ``A ~ N(0, 1/features)`` (``‖A‖₂ ≈ 2``)."""
-        return {"A": _normal(key, (self.features, self.features), 1.0, self.features)}
+        return {"A": scaled_normal(key, (self.features, self.features), 1.0, self.features)}
 
     def inject(self, params: dict, x: jax.Array) -> jax.Array:
         return matmul(params["U"], x) + params["b"]
@@ -81,11 +83,11 @@ class MonotoneCell(_InjectedCell):
     ``F(z) = K z − u`` is ``m``-strongly monotone and the equilibrium ``z = relu(W z + u)`` exists and is
     unique for every parameter value (Winston & Kolter, Theorem 1). Iterating ``relu(W z + u)`` itself
     carries no guarantee (``‖W‖₂`` is unbounded); the cell's map is instead an operator-splitting map of
-    :mod:`jdeq.solvers.splitting` whose only fixed point is that equilibrium:
+    :mod:`jdeq.models.splitting` whose only fixed point is that equilibrium:
 
-    * :class:`~jdeq.solvers.splitting.PeacemanRachford` (default): ``M(x) = R_F(2 relu(x − αF(x)) − x + αF(x))``,
+    * :class:`~jdeq.models.splitting.PeacemanRachford` (default): ``M(x) = R_F(2 relu(x − αF(x)) − x + αF(x))``,
       a contraction for every ``α > 0``, factor ``√(1 − 4αm/(1 + αL)²)``, ``L = ‖I − W‖₂``;
-    * :class:`~jdeq.solvers.splitting.ForwardBackward`: ``T(z) = relu(z − α F(z))``, factor
+    * :class:`~jdeq.models.splitting.ForwardBackward`: ``T(z) = relu(z − α F(z))``, factor
       ``√(1 − 2αm + α²L²)``, below 1 for ``α < 2m/L²``.
 
     With ``alpha=None`` the step minimises the factor and is computed from the parameters at each call,
@@ -106,8 +108,8 @@ class MonotoneCell(_InjectedCell):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(self.m > 0, f"MonotoneCell(m=...) must be > 0 (the strong-monotonicity margin), got {self.m}")
-        _check(
+        check(self.m > 0, f"MonotoneCell(m=...) must be > 0 (the strong-monotonicity margin), got {self.m}")
+        check(
             isinstance(self.splitting, Splitting),
             f"MonotoneCell(splitting=...) must be ForwardBackward() or PeacemanRachford(), got {self.splitting!r}",
         )
@@ -116,7 +118,7 @@ class MonotoneCell(_InjectedCell):
         """``A, B ~ N(0, w_scale²/features)``."""
         k_a, k_b = jax.random.split(key)
         n = self.features
-        return {"A": _normal(k_a, (n, n), self.w_scale, n), "B": _normal(k_b, (n, n), self.w_scale, n)}
+        return {"A": scaled_normal(k_a, (n, n), self.w_scale, n), "B": scaled_normal(k_b, (n, n), self.w_scale, n)}
 
     def weight(self, params: dict) -> jax.Array:
         """``W = (1 − m) I − AᵀA + B − Bᵀ``."""
@@ -156,7 +158,7 @@ class InfNormCell(_InjectedCell):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(0 < self.kappa < 1, f"InfNormCell(kappa=...) must be in (0, 1) for well-posedness, got {self.kappa}")
+        check(0 < self.kappa < 1, f"InfNormCell(kappa=...) must be in (0, 1) for well-posedness, got {self.kappa}")
 
     def init_mixing(self, key: jax.Array) -> dict:
         """``A ~ N(0, 1/features)`` with each row projected onto the ℓ1 ball of radius ``κ``."""
@@ -190,7 +192,7 @@ class SoftmaxCell(_InjectedCell):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(0 < self.gamma < 1, f"SoftmaxCell(gamma=...) must be in (0, 1) for a contraction, got {self.gamma}")
+        check(0 < self.gamma < 1, f"SoftmaxCell(gamma=...) must be in (0, 1) for a contraction, got {self.gamma}")
 
     def __call__(self, params: dict, z: jax.Array, u: jax.Array) -> jax.Array:
         return self.activation(self.gamma * column_softmax(params["A"]) @ z + u)
@@ -218,7 +220,7 @@ class ScaledCell(_InjectedCell):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(self.gamma > 0, f"ScaledCell(gamma=...) must be > 0, got {self.gamma}")
+        check(self.gamma > 0, f"ScaledCell(gamma=...) must be > 0, got {self.gamma}")
 
     def __call__(self, params: dict, z: jax.Array, u: jax.Array) -> jax.Array:
         return jax.nn.relu(self.gamma * params["A"] @ z + u)

@@ -1,12 +1,12 @@
-"""Root-finders sharing one driver loop (:func:`run`) and the linear solvers of the backward pass."""
+"""Root-finders sharing one driver loop (:func:`run`) and the linear solvers of the backward pass and of Newton's step."""
 
-from . import splitting
-from ._base import Result, Solution, Solver, Stats, run
+from ..stats import Result, Stats
+from ._base import Solution, Solver, run
 from .anderson import Anderson
 from .broyden import Broyden
 from .fallback import Fallback
 from .fixed_point import FixedPoint
-from .linear import GMRES, BiCGStab, LinearSolver, Lineax, Neumann
+from .linear import GMRES, LU, BiCGStab, LinearSolver, Lineax, Neumann
 from .newton import Chord, Newton
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "Fallback",
     "FixedPoint",
     "GMRES",
+    "LU",
     "Lineax",
     "LinearSolver",
     "Neumann",
@@ -26,5 +27,4 @@ __all__ = [
     "Solver",
     "Stats",
     "run",
-    "splitting",
 ]

@@ -18,7 +18,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_batching import custom_vmap
 
+from .._numerics import check, check_stopping, norm, relative
+from .._sharding import vary_like
 from ..stats import Result, Stats
+
+__all__ = ["FlatMap", "RESIDUAL_SCALES", "Solution", "Solver", "per_row", "residuals", "run", "settle"]
 
 Array = jax.Array
 FlatMap = Callable[[Array], Array]
@@ -34,30 +38,6 @@ class Solution(NamedTuple):
     value: Any
     stats: Stats
     state: Any = None
-
-
-def at_least_float32(dtype) -> jnp.dtype:
-    """``dtype`` if it has 32 bits or more, else float32 (no implicit promotion: works under strict promotion)."""
-    return jnp.dtype(dtype) if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
-
-
-def norm(v: Array) -> Array:
-    """Euclidean norm over the last axis, in at least float32 (safe for bfloat16/float16 iterates).
-
-    Scaled by ``max|v|`` before squaring, so a finite ``v`` has a finite norm (``Σ v²`` of an
-    entry of 1e19 overflows float32); NaN and inf entries give NaN and inf.
-    """
-    v = v.astype(at_least_float32(v.dtype))
-    scale = jnp.max(jnp.abs(v), axis=-1, initial=jnp.zeros((), v.dtype))
-    safe = jnp.where((scale > 0) & jnp.isfinite(scale), scale, jnp.ones_like(scale))
-    return safe * jnp.sqrt(jnp.sum(jnp.square(v / safe[..., None]), axis=-1))
-
-
-def relative(abs_res: Array, scale: Array) -> Array:
-    """``abs_res / scale`` with 0/0 = 0, r/0 = inf, and NaN when either is NaN."""
-    safe = jnp.where(scale > 0, scale, 1.0)
-    ratio = jnp.where(scale > 0, abs_res / safe, jnp.where(abs_res > 0, jnp.inf, 0.0))
-    return jnp.where(jnp.isnan(abs_res) | jnp.isnan(scale), jnp.nan, ratio)
 
 
 RESIDUAL_SCALES = ("image", "initial")
@@ -92,11 +72,11 @@ class Solver:
 
     def __post_init__(self):
         check_stopping(self.tol, self.atol, self.max_steps)
-        _check(
+        check(
             self.relative_to in RESIDUAL_SCALES,
             f"relative_to must be one of {RESIDUAL_SCALES}, got {self.relative_to!r}",
         )
-        _check(self.divergence > 1, f"divergence must be > 1, got {self.divergence}")
+        check(self.divergence > 1, f"divergence must be > 1, got {self.divergence}")
 
     def init(self, x: Array, fx: Array) -> Any:
         """The solver's own state (a pytree of fixed shapes) for iterate ``x`` with ``fx = fn(x)``."""
@@ -139,28 +119,14 @@ class Solver:
         """``Hᵀ v`` for the estimate ``H ≈ (∂f/∂z − I)^{-1}`` kept in ``state`` (when ``has_inverse_jacobian``)."""
         raise NotImplementedError(f"{type(self).__name__} keeps no inverse-Jacobian estimate")
 
+    def solve_linear(self, matvec: FlatMap, b: Array, x0: Optional[Array] = None) -> tuple[Array, Stats]:
+        """Solve the affine fixed point ``u = M u + b`` (``matvec(u) = M u``) by iterating it from ``x0`` (default ``b``).
 
-def subclass_names(base: type) -> str:
-    """Names of the public concrete subclasses of ``base`` defined so far (for error messages)."""
-    found, stack = set(), list(base.__subclasses__())
-    while stack:
-        cls = stack.pop()
-        stack.extend(cls.__subclasses__())
-        if not cls.__name__.startswith("_") and not getattr(cls, "__abstractmethods__", None):
-            found.add(cls.__name__)
-    return ", ".join(sorted(found))
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def check_stopping(tol: float, atol: float, max_steps: int) -> None:
-    """ValueError unless ``tol > 0``, ``atol >= 0`` and ``max_steps`` is an int >= 1."""
-    _check(tol > 0, f"tol must be > 0, got {tol}")
-    _check(atol >= 0, f"atol must be >= 0, got {atol}")
-    _check(isinstance(max_steps, int) and max_steps >= 1, f"max_steps must be an int >= 1, got {max_steps!r}")
+        The adjoint-solver interface that :class:`jdeq.LinearSolver` shares: any root-finder solves the
+        backward pass's ``u = (∂f/∂z)ᵀ u + ḡ`` this way, a batch ``(B, n)`` with the batch driver of :func:`run`.
+        """
+        sol = run(self, lambda u: matvec(u) + b, b if x0 is None else x0)
+        return sol.value, sol.stats
 
 
 def settle(code, tol, atol, abs_res, fx_norm, scale=None) -> Array:
@@ -216,7 +182,7 @@ def per_row(fn: FlatMap, batch: Array) -> FlatMap:
 
     @row.def_vmap
     def row_batched(axis_size, in_batched, x, consts):
-        _check(
+        check(
             axis_size == size and not any(jax.tree_util.tree_leaves(in_batched[1])),
             f"a row map of a batch of {size} was vmapped over an axis of size {axis_size} or with its own arrays "
             "batched: inside a batch solve, a solver step may vmap only over the samples",
@@ -224,49 +190,6 @@ def per_row(fn: FlatMap, batch: Array) -> FlatMap:
         return closed(x if in_batched[0] else jnp.broadcast_to(x, (axis_size, *x.shape)), *consts), True
 
     return lambda x: row(x, consts)
-
-
-def map_rows(f: Callable, *xs: Any) -> Any:
-    """``f(*xs)`` for one problem (1-D last argument), ``jax.vmap(f)(*xs)`` over the rows of a batch (2-D)."""
-    return jax.vmap(f)(*xs) if jnp.ndim(xs[-1]) == 2 else f(*xs)
-
-
-def _varying_axes(x: Array) -> frozenset:
-    """The manual mesh axes ``x`` varies over (``jax.typeof(x)``: ``.manual_axis_type.varying``, ``.vma`` before jax 0.9)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    return mat.varying if mat is not None else getattr(aval, "vma", frozenset())
-
-
-def vary_like(tree: Any, ref: Any) -> Any:
-    """``tree`` with every leaf varying over the manual mesh axes any leaf of ``ref`` varies over.
-
-    Inside ``jax.shard_map`` a loop carry must keep its type, and a constant (a zero start, a counter,
-    a zero memory) combined with per-device data must vary like it. A no-op outside ``shard_map``.
-    """
-    axes = frozenset().union(*map(_varying_axes, jax.tree_util.tree_leaves(ref)))
-    if not axes:
-        return tree
-
-    def vary(leaf):
-        missing = tuple(sorted(axes - _varying_axes(leaf)))
-        if not missing:
-            return leaf
-        if hasattr(lax, "pcast"):  # jax >= 0.9; earlier: lax.pvary
-            return lax.pcast(leaf, missing, to="varying")
-        return lax.pvary(leaf, missing)
-
-    return jax.tree_util.tree_map(vary, tree)
-
-
-def sum_like(cotangent: Array, primal: Array) -> Array:
-    """``cotangent`` summed (``psum``) over the manual mesh axes it varies over and ``primal`` does not.
-
-    The cotangent of an input replicated across a ``jax.shard_map`` is the sum of every device's
-    contribution (e.g. backward statistics counted on each device's shard of the batch).
-    """
-    extra = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
-    return lax.psum(cotangent, extra) if extra else cotangent
 
 
 class _Carry(NamedTuple):

@@ -1,18 +1,52 @@
-"""Backtracking on the residual ``‖f(z) − z‖``, shared by the quasi-Newton and Newton solvers."""
+"""Backtracking on the residual ``‖f(z) − z‖``, shared by the quasi-Newton and Newton solvers.
+
+:class:`LineSearchSolver` declares the line-search fields once; :class:`jdeq.Broyden`, :class:`jdeq.Newton`
+and :class:`jdeq.Chord` inherit them and take their steps with :meth:`LineSearchSolver.advance`.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._base import _check, norm, per_row
+from .._numerics import check, norm
+from ._base import Solver, per_row
+
+__all__ = ["LineSearchSolver", "advance"]
 
 
-def check_line_search(ls_steps: int, ls_c: float) -> None:
-    """ValueError unless ``ls_steps`` is an int >= 1 and ``0 < ls_c < 1``."""
-    _check(isinstance(ls_steps, int) and ls_steps >= 1, f"ls_steps must be an int >= 1, got {ls_steps!r}")
-    _check(0.0 < ls_c < 1.0, f"ls_c must be in (0, 1), got {ls_c}")
+@dataclasses.dataclass(frozen=True)
+class LineSearchSolver(Solver):
+    """A :class:`Solver` whose step ``z⁺ = z + α d`` may backtrack on the residual.
+
+    Attributes:
+      line_search: backtrack ``α = 1, ½, ¼, …`` until ``‖g(z⁺)‖ <= (1 − c α)‖g(z)‖``, ``g(z) = f(z) − z``.
+      ls_steps: most backtracking evaluations per step (each costs one evaluation of f).
+      ls_c: sufficient-decrease constant ``c`` in ``(0, 1)``.
+    """
+
+    line_search: bool = False
+    ls_steps: int = 4
+    ls_c: float = 1e-4
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(
+            isinstance(self.ls_steps, int) and self.ls_steps >= 1,
+            f"ls_steps must be an int >= 1, got {self.ls_steps!r}",
+        )
+        check(0.0 < self.ls_c < 1.0, f"ls_c must be in (0, 1), got {self.ls_c}")
+
+    def advance(self, fn, x, direction, g_norm):
+        """:func:`advance` with this solver's line-search fields."""
+        return advance(fn, x, direction, g_norm, self.line_search, self.ls_steps, self.ls_c)
+
+    @property
+    def unrollable(self) -> bool:
+        return not self.line_search  # the backtracking is a while_loop
 
 
 def advance(fn, x, direction, g_norm, line_search: bool, ls_steps: int, ls_c: float):

@@ -9,7 +9,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._base import Solver, _check, at_least_float32
+from .._numerics import at_least_float32, check
+from ._base import Solver
+
+__all__ = ["Anderson", "AndersonState", "cholesky_solve"]
 
 
 class AndersonState(NamedTuple):
@@ -74,10 +77,10 @@ class Anderson(Solver):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(isinstance(self.m, int) and self.m >= 1, f"m must be an int >= 1, got {self.m!r}")
-        _check(0.0 < self.beta <= 1.0, f"beta must be in (0, 1], got {self.beta}")
-        _check(self.ridge >= 0, f"ridge must be >= 0, got {self.ridge}")
-        _check(self.max_coef > 1, f"max_coef must be > 1, got {self.max_coef}")
+        check(isinstance(self.m, int) and self.m >= 1, f"m must be an int >= 1, got {self.m!r}")
+        check(0.0 < self.beta <= 1.0, f"beta must be in (0, 1], got {self.beta}")
+        check(self.ridge >= 0, f"ridge must be >= 0, got {self.ridge}")
+        check(self.max_coef > 1, f"max_coef must be > 1, got {self.max_coef}")
 
     def init(self, x, fx):
         (n,) = x.shape

@@ -9,8 +9,10 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from ._base import Solver, _check, at_least_float32, norm
-from ._line_search import advance, check_line_search
+from .._numerics import at_least_float32, check, norm
+from ._line_search import LineSearchSolver
+
+__all__ = ["Broyden", "BroydenState", "apply_inverse", "apply_inverse_transpose", "secant_scale"]
 
 
 class BroydenState(NamedTuple):
@@ -49,7 +51,7 @@ def secant_scale(s, y):
 
 
 @dataclasses.dataclass(frozen=True)
-class Broyden(Solver):
+class Broyden(LineSearchSolver):
     """Broyden's "good" method on ``g(z) = f(z) − z`` with a bounded low-rank inverse Jacobian.
 
     The inverse Jacobian estimate is ``H_k = γI + Σ u_i v_iᵀ`` (Broyden 1965; the form used for
@@ -68,25 +70,19 @@ class Broyden(Solver):
       m: number of rank-one terms kept, >= 1.
       gamma: the initial inverse Jacobian ``γI`` after the first step (finite, nonzero); ``None``
         estimates it from the first step.
-      line_search: backtrack ``α = 1, ½, ¼, …`` until ``‖g(z⁺)‖ <= (1 − c α)‖g(z)‖``.
-      ls_steps: most backtracking evaluations per step (each costs one evaluation of f).
-      ls_c: sufficient-decrease constant ``c`` in ``(0, 1)``.
+      line_search, ls_steps, ls_c: the backtracking of :class:`~jdeq.solvers._line_search.LineSearchSolver`.
     """
 
     m: int = 20
     gamma: Optional[float] = None
-    line_search: bool = False
-    ls_steps: int = 4
-    ls_c: float = 1e-4
 
     def __post_init__(self):
         super().__post_init__()
-        _check(isinstance(self.m, int) and self.m >= 1, f"m must be an int >= 1, got {self.m!r}")
-        _check(
+        check(isinstance(self.m, int) and self.m >= 1, f"m must be an int >= 1, got {self.m!r}")
+        check(
             self.gamma is None or (math.isfinite(self.gamma) and self.gamma != 0),
             f"gamma must be None or a finite nonzero number, got {self.gamma!r}",
         )
-        check_line_search(self.ls_steps, self.ls_c)
 
     def init(self, x, fx):
         zeros = jnp.zeros((self.m, x.shape[0]), x.dtype)
@@ -95,7 +91,7 @@ class Broyden(Solver):
 
     def step(self, fn, x, fx, state):
         g = fx - x
-        x_new, fx_new, used = advance(fn, x, -state.hg, norm(g), self.line_search, self.ls_steps, self.ls_c)
+        x_new, fx_new, used = self.advance(fn, x, -state.hg, norm(g))
         g_new = fx_new - x_new
         s = x_new - x
         y = g_new - g
@@ -121,10 +117,6 @@ class Broyden(Solver):
     @property
     def batch_axes(self):
         return BroydenState(us=0, vs=0, hg=0, count=None, gamma=0)
-
-    @property
-    def unrollable(self) -> bool:
-        return not self.line_search  # the backtracking is a while_loop
 
     @property
     def has_inverse_jacobian(self) -> bool:

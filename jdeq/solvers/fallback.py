@@ -10,9 +10,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._base import Solver, _check, norm
+from .._numerics import check, norm
+from ._base import Solver
 from .anderson import Anderson
 from .fixed_point import FixedPoint
+
+__all__ = ["Fallback", "FallbackState"]
 
 
 class FallbackState(NamedTuple):
@@ -55,14 +58,14 @@ class Fallback(Solver):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(isinstance(self.stages, tuple) and len(self.stages) >= 1, "stages must be a non-empty tuple of solvers")
+        check(isinstance(self.stages, tuple) and len(self.stages) >= 1, "stages must be a non-empty tuple of solvers")
         for stage in self.stages:
-            _check(isinstance(stage, Solver), f"every stage must be a jdeq Solver, got {stage!r}")
-        _check(
+            check(isinstance(stage, Solver), f"every stage must be a jdeq Solver, got {stage!r}")
+        check(
             1 < self.growth < self.divergence,
             f"growth must be in (1, divergence={self.divergence}), got {self.growth}",
         )
-        _check(
+        check(
             self.patience is None or (isinstance(self.patience, int) and self.patience >= 1),
             f"patience must be None or an int >= 1, got {self.patience!r}",
         )

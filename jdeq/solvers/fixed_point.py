@@ -6,7 +6,10 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from ._base import Solver, _check
+from .._numerics import check
+from ._base import Solver
+
+__all__ = ["FixedPoint"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +26,7 @@ class FixedPoint(Solver):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(0.0 <= self.damping < 1.0, f"damping must be in [0, 1), got {self.damping}")
+        check(0.0 <= self.damping < 1.0, f"damping must be in [0, 1), got {self.damping}")
 
     def init(self, x, fx):
         return ()

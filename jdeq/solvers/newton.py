@@ -1,67 +1,51 @@
-"""Newton's method and the chord method on ``g(z) = f(z) − z``, dense or matrix-free."""
+"""Newton's method and the chord method on ``g(z) = f(z) − z``, with any :class:`~jdeq.LinearSolver` (default dense LU)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsp_linalg
 from jax import lax
 
-from ._base import Solver, _check, norm
-from ._line_search import advance, check_line_search
-from .linear import LinearSolver, solve_linear_fixed_point
+from .._numerics import check, norm
+from ._line_search import LineSearchSolver
+from .linear import LU, LinearSolver, dense_operator
+
+__all__ = ["Chord", "ChordState", "Newton", "dense_jacobian"]
 
 
 def dense_jacobian(fn, x):
-    """``∂fn/∂x``: ``(n, n)`` for one problem, ``(B, n, n)`` for a batch ``(B, n)`` that ``fn`` maps row by row.
-
-    ``n`` Jacobian–vector products with the basis vectors; for a batch each product runs ``fn`` once on
-    the whole batch (the rows are independent, so the basis vector ``e_j`` in every row gives every
-    row's column ``j``).
-    """
+    """``∂fn/∂x``: ``(n, n)`` for one problem, ``(B, n, n)`` for a batch ``(B, n)`` that ``fn`` maps row by row."""
     _, jvp = jax.linearize(fn, x)
-    basis = jnp.eye(x.shape[-1], dtype=x.dtype)
-    columns = jax.vmap(lambda e: jvp(jnp.broadcast_to(e, x.shape)))(basis)  # (n, [B,] n): column j first
-    return jnp.moveaxis(columns, 0, -1)
-
-
-def _identity_minus(jacobian):
-    """``I − J`` for one ``(n, n)`` or a batch ``(B, n, n)`` of Jacobians (broadcast explicitly: rank promotion may raise)."""
-    return jnp.broadcast_to(jnp.eye(jacobian.shape[-1], dtype=jacobian.dtype), jacobian.shape) - jacobian
-
-
-_lu_factor = jnp.vectorize(
-    lambda a: tuple(v.astype(jnp.int32) if i else v for i, v in enumerate(jsp_linalg.lu_factor(a))),
-    signature="(n,n)->(n,n),(n)",
-)
-_lu_solve = jnp.vectorize(lambda lu, pivots, b: jsp_linalg.lu_solve((lu, pivots), b), signature="(n,n),(n),(n)->(n)")
+    return dense_operator(jvp, x)
 
 
 @dataclasses.dataclass(frozen=True)
-class _NewtonType(Solver):
+class _NewtonType(LineSearchSolver):
     """Fields and the step shared by :class:`Newton` and :class:`Chord`: ``z⁺ = z + α d``, ``(I − J) d = g``.
 
     With ``g(z) = f(z) − z`` and ``J`` an approximation of ``∂f/∂z``, ``d = (I − J)^{-1} g`` is the
-    Newton direction ``−(∂g/∂z)^{-1} g``; nothing is assumed about the sign of the Jacobian.
-    ``Stats.num_evals`` counts evaluations of ``f``; the Jacobian products of the linear solves are not
-    counted.
+    Newton direction ``−(∂g/∂z)^{-1} g``; nothing is assumed about the sign of the Jacobian. The linear
+    system ``d = J d + g`` is solved by ``linear_solver`` (its :meth:`~jdeq.LinearSolver.init` on the
+    Jacobian–vector product ``J``, then :meth:`~jdeq.LinearSolver.solve`). ``Stats.num_evals`` counts
+    evaluations of ``f``; the Jacobian products of the linear solves are not counted.
     """
 
-    line_search: bool = False
-    ls_steps: int = 4
-    ls_c: float = 1e-4
+    linear_solver: LinearSolver = LU()
 
     def __post_init__(self):
         super().__post_init__()
-        check_line_search(self.ls_steps, self.ls_c)
+        check(
+            isinstance(self.linear_solver, LinearSolver),
+            f"linear_solver must be a jdeq LinearSolver (LU, GMRES, BiCGStab, Lineax, ...), got {self.linear_solver!r}",
+        )
 
     def step(self, fn, x, fx, state):
         g = fx - x
         direction, state = self._direction(fn, x, g, state)
-        x_new, fx_new, used = advance(fn, x, direction, norm(g), self.line_search, self.ls_steps, self.ls_c)
+        x_new, fx_new, used = self.advance(fn, x, direction, norm(g))
         return x_new, fx_new, state, used
 
     def batch_step(self, fn, x, fx, state, axes):
@@ -69,8 +53,16 @@ class _NewtonType(Solver):
         and every linear solve is one solve per row."""
         return self.step(fn, x, fx, state)
 
+    def _solve(self, solver_state, jvp, g):
+        solve = self.linear_solver.solve if g.ndim == 1 else self.linear_solver.solve_rows
+        return solve(solver_state, jvp, g)[0]
+
     def _direction(self, fn, x, g, state):
         raise NotImplementedError
+
+    @property
+    def unrollable(self) -> bool:
+        return super().unrollable and self.linear_solver.unrollable  # Krylov solves and backtracking are loops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,42 +74,24 @@ class Newton(_NewtonType):
     either sign of the Jacobian, so it suits :func:`jdeq.root` where iterating ``z − g`` would expand.
 
     Attributes:
-      linear_solver: ``None`` materialises ``∂f/∂z`` (``n`` Jacobian–vector products per step) and solves
-        densely (LU): for small states. A :class:`jdeq.LinearSolver` (:class:`jdeq.GMRES`,
-        :class:`jdeq.BiCGStab`, :class:`jdeq.Lineax` with any lineax solver) solves matrix-free with
+      linear_solver: :class:`jdeq.LU` (default) materialises ``∂f/∂z`` (``n`` Jacobian–vector products per
+        step) and solves densely: for small states. A matrix-free :class:`jdeq.LinearSolver`
+        (:class:`jdeq.GMRES`, :class:`jdeq.BiCGStab`, :class:`jdeq.Lineax` with any lineax solver) solves with
         Jacobian–vector products (an inexact Newton method: its tolerance bounds the step's accuracy).
-      line_search: backtrack ``α = 1, ½, ¼, …`` until ``‖g(z⁺)‖ <= (1 − c α)‖g(z)‖``.
-      ls_steps: most backtracking evaluations per step.
-      ls_c: sufficient-decrease constant ``c`` in ``(0, 1)``.
+      line_search, ls_steps, ls_c: the backtracking of :class:`~jdeq.solvers._line_search.LineSearchSolver`.
     """
-
-    linear_solver: Optional[LinearSolver] = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check(
-            self.linear_solver is None or isinstance(self.linear_solver, LinearSolver),
-            f"linear_solver must be None (dense) or a jdeq LinearSolver, got {self.linear_solver!r}",
-        )
 
     def init(self, x, fx):
         return ()
 
     def _direction(self, fn, x, g, state):
-        if self.linear_solver is None:
-            return jnp.linalg.solve(_identity_minus(dense_jacobian(fn, x)), g[..., None])[..., 0], state
         _, jvp = jax.linearize(fn, x)
-        direction, _ = solve_linear_fixed_point(self.linear_solver, lambda d: jvp(d) + g, g)
-        return direction, state
-
-    @property
-    def unrollable(self) -> bool:
-        return self.linear_solver is None and not self.line_search  # Krylov solves and backtracking are loops
+        return self._solve(self.linear_solver.init(jvp, g), jvp, g), state
 
 
 class ChordState(NamedTuple):
-    lu: jax.Array  # (n, n): LU factors of I − ∂f/∂z at the last refresh
-    pivots: jax.Array  # (n,) int32
+    point: jax.Array  # (n,): the iterate of the last refresh, where ∂f/∂z is taken
+    solver_state: Any  # the linear solver's state for I − ∂f/∂z there (LU: its factors)
     count: jax.Array  # steps taken (shared by a batch)
 
 
@@ -125,42 +99,42 @@ class ChordState(NamedTuple):
 class Chord(_NewtonType):
     """The chord method: Newton's step with ``∂f/∂z`` from the last refresh, every ``refresh`` steps.
 
-    ``I − ∂f/∂z`` is materialised (``n`` Jacobian–vector products) and LU-factorised at steps
-    ``0, refresh, 2·refresh, …``; the steps in between cost one evaluation of ``f`` and two triangular
-    solves. Converges linearly near a root, at a rate that shrinks with the distance to the root
-    (Kelley, *Iterative Methods for Linear and Nonlinear Equations*, SIAM 1995, Thm. 5.4.1);
-    ``refresh=1`` is Newton's method. Dense only: a matrix-free chord step would linearise ``f`` at the
-    stored point again every step, which costs what a Newton step costs.
+    At steps ``0, refresh, 2·refresh, …`` the linear solver's state is rebuilt at the current iterate
+    (:meth:`~jdeq.LinearSolver.init`) and kept in between. With :class:`jdeq.LU` (the default) that is the LU
+    factorisation of ``I − ∂f/∂z`` (``n`` Jacobian–vector products), so the steps in between cost one
+    evaluation of ``f`` and two triangular solves. Converges linearly near a root, at a rate that shrinks
+    with the distance to the root (Kelley, *Iterative Methods for Linear and Nonlinear Equations*, SIAM
+    1995, Thm. 5.4.1); ``refresh=1`` is Newton's method. A matrix-free solver has no state to keep: its
+    products are taken at the stored refresh point, which linearises ``f`` there again each step, so a
+    step costs what a Newton step with that solver costs.
 
     Attributes:
       refresh: steps between Jacobian refreshes, >= 1.
-      line_search, ls_steps, ls_c: as in :class:`Newton`.
+      linear_solver, line_search, ls_steps, ls_c: as in :class:`Newton`.
     """
 
     refresh: int = 5
 
     def __post_init__(self):
         super().__post_init__()
-        _check(
-            isinstance(self.refresh, int) and self.refresh >= 1, f"refresh must be an int >= 1, got {self.refresh!r}"
-        )
+        check(isinstance(self.refresh, int) and self.refresh >= 1, f"refresh must be an int >= 1, got {self.refresh!r}")
 
     def init(self, x, fx):
-        n = x.shape[-1]
-        return ChordState(jnp.zeros((n, n), x.dtype), jnp.zeros((n,), jnp.int32), jnp.zeros((), jnp.int32))
+        """Zeros shaped like the state of a refresh (step 0 refreshes before any use)."""
+        shapes = jax.eval_shape(lambda x: self.linear_solver.init(lambda v: v, x), x)
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return ChordState(jnp.zeros_like(x), zeros, jnp.zeros((), jnp.int32))
 
     def _direction(self, fn, x, g, state):
-        def factorise(_):
-            return _lu_factor(_identity_minus(dense_jacobian(fn, x)))
+        def refresh(_):
+            _, jvp = jax.linearize(fn, x)
+            return x, self.linear_solver.init(jvp, g)
 
         due = jnp.any(state.count % self.refresh == 0)  # one count for a batch (also when the state is per sample)
-        lu, pivots = lax.cond(due, factorise, lambda _: (state.lu, state.pivots), None)
-        return _lu_solve(lu, pivots, g), ChordState(lu, pivots, state.count + 1)
+        point, solver_state = lax.cond(due, refresh, lambda _: (state.point, state.solver_state), None)
+        _, jvp = jax.linearize(fn, point)  # unused (and compiled away) by a solver whose state holds the operator
+        return self._solve(solver_state, jvp, g), ChordState(point, solver_state, state.count + 1)
 
     @property
     def batch_axes(self):
-        return ChordState(lu=0, pivots=0, count=None)
-
-    @property
-    def unrollable(self) -> bool:
-        return not self.line_search
+        return ChordState(point=0, solver_state=0, count=None)

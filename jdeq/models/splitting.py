@@ -41,6 +41,8 @@ from jax import lax
 
 from ..linalg import largest_singular_value
 
+__all__ = ["ForwardBackward", "MonotoneProblem", "PeacemanRachford", "Splitting"]
+
 
 class MonotoneProblem(NamedTuple):
     """``0 ∈ F(z) + N_C(z)`` with ``F(z) = K z − u`` and ``K ⪰ m I`` (``m > 0``), for one sample ``u``."""

@@ -1,0 +1,219 @@
+"""Checkpoints of :func:`jdeq.train.fit`: the orbax manager, checksums, the run config, resume and load.
+
+Checkpoints are written at the end of each epoch, with the sha256 of every item and the run's configuration,
+so a run resumed from its last intact checkpoint replays exactly the steps an uninterrupted run takes; damaged
+ones are set aside (renamed), never deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ..data import Dataset
+from ._adapters import as_trainable
+from ._loop import TrainState
+
+CHECKPOINTS_KEPT = 3
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint could be read back intact (unreadable, partial, or altered on disk)."""
+
+
+def checkpoint_manager(directory: str | Path, read_only: bool = False) -> ocp.CheckpointManager:
+    """A synchronous orbax manager keeping the last :data:`CHECKPOINTS_KEPT` epochs (older ones deleted
+    only after a newer one is complete: orbax writes to a temporary directory and renames it)."""
+    with _orbax_quiet():  # also its notes on read_only options
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=CHECKPOINTS_KEPT, enable_async_checkpointing=False, read_only=read_only
+        )
+        return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+@contextlib.contextmanager
+def _orbax_quiet() -> Iterator[None]:
+    """Silence orbax's absl error logging: the damage it meets is reported once, by jdeq, as a warning."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def checksum(tree: Any) -> str:
+    """sha256 of the bytes of every leaf of ``tree``, in tree order."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        digest.update(np.asarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
+def run_config(model: dict, opt_state: Any, data: Dataset, seed: int, batch_size: int, config: dict) -> dict:
+    """What identifies a run, as flat JSON ``{field: value}``: the ``model``'s fields (``model.<path>``, see
+    :func:`model_fields`), the optimizer state's structure and shapes, the data's shapes, ``seed``,
+    ``batch_size`` and the user's ``config`` (``config.<key>``)."""
+    fields = {
+        **model,
+        "optimizer.structure": str(jax.tree_util.tree_structure(opt_state)),
+        "optimizer.shapes": " ".join(
+            f"{leaf.dtype}{list(leaf.shape)}" for leaf in jax.tree_util.tree_leaves(opt_state)
+        ),
+        "data.x_train": list(data.x_train.shape),
+        "data.x_test": list(data.x_test.shape),
+        "data.dtype": str(data.x_train.dtype),
+        "data.num_classes": int(data.num_classes),
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        **{f"config.{key}": value for key, value in config.items()},
+    }
+    try:
+        return json.loads(json.dumps(fields))  # as it reads back: tuples become lists
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config must map names to JSON values: {err}") from None
+
+
+def check_config(directory: Path, epoch: int, saved: dict, new: dict) -> None:
+    """ValueError naming each field in which ``new`` differs from ``saved``, the run config of checkpoint ``epoch``."""
+
+    def show(config, key):
+        text = json.dumps(config[key]) if key in config else "(absent)"
+        return text if len(text) <= 200 else text[:197] + "..."
+
+    differ = [
+        f"{k}: saved {show(saved, k)}, new {show(new, k)}"
+        for k in sorted(saved.keys() | new.keys())
+        if saved.get(k) != new.get(k)
+    ]
+    if differ:
+        raise ValueError(
+            f"checkpoint {epoch} in {directory} was saved by another run configuration ({'; '.join(differ)}); "
+            "it is left as it is: resume with the same configuration, or use another checkpoint_dir"
+        )
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, epoch: int, state: TrainState, history: list[dict], config: dict):
+    """Save ``state`` (its fixed-point cache too, if any), ``history`` and ``run`` (``config``, and the
+    :func:`checksum` of it and of each item) as checkpoint ``epoch``."""
+    arrays = {"params": state.params, "opt_state": state.opt_state}
+    if state.cache is not None:
+        arrays["cache"] = state.cache
+    items = {**arrays, "history": history, "config": config}
+    run = {"config": config, "sha256": {name: checksum(item) for name, item in items.items()}}
+    args = ocp.args.Composite(
+        **{name: ocp.args.StandardSave(item) for name, item in arrays.items()},
+        history=ocp.args.JsonSave(history),
+        run=ocp.args.JsonSave(run),
+    )
+    manager.save(epoch, args=args)
+    manager.wait_until_finished()
+
+
+def _read(manager: ocp.CheckpointManager, epoch: int, **items: Any) -> dict:
+    """orbax's restore of ``items`` (name: restore args) of checkpoint ``epoch``; CheckpointError (one line) if it fails."""
+    try:
+        with _orbax_quiet():
+            return dict(manager.restore(epoch, args=ocp.args.Composite(**items)))
+    except Exception as err:  # orbax/tensorstore raise many types for damaged files
+        lines = str(err).strip().splitlines() or [""]
+        raise CheckpointError(f"unreadable ({type(err).__name__}: {lines[0][:160]})") from None
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, epoch: int, prepare: Callable[[int, dict], dict]) -> dict:
+    """The items of checkpoint ``epoch`` named by ``prepare(epoch, saved_config)`` (name: template, ``None`` for
+    JSON), verified against their checksums; CheckpointError (the reason) if unreadable or altered."""
+    run = _read(manager, epoch, run=ocp.args.JsonRestore())["run"]
+    if not (isinstance(run, dict) and isinstance(run.get("config"), dict) and isinstance(run.get("sha256"), dict)):
+        raise CheckpointError("unreadable (no record of its config and checksums)")
+    if checksum(run["config"]) != run["sha256"].get("config"):
+        raise CheckpointError("altered on disk (sha256 mismatch in config)")
+    templates = prepare(epoch, run["config"])
+    args = {k: ocp.args.JsonRestore() if t is None else ocp.args.StandardRestore(t) for k, t in templates.items()}
+    items = _read(manager, epoch, **args)
+    altered = [name for name in templates if checksum(items[name]) != run["sha256"].get(name)]
+    if altered:
+        raise CheckpointError(f"altered on disk (sha256 mismatch in {', '.join(altered)})")
+    return items
+
+
+def restore_latest(manager: ocp.CheckpointManager, prepare: Callable[[int, dict], dict]) -> tuple[int, dict]:
+    """``(epoch, items)`` of the newest intact checkpoint (see :func:`restore_checkpoint`); each newer one is
+    skipped with a warning. CheckpointError listing every checkpoint and why if none is intact."""
+    failures = []
+    for epoch in sorted(manager.all_steps(), reverse=True):
+        try:
+            return epoch, restore_checkpoint(manager, epoch, prepare)
+        except CheckpointError as err:
+            failures.append(f"checkpoint {epoch}: {err}")
+            warnings.warn(f"skipping checkpoint {epoch} in {manager.directory}: {err}", stacklevel=3)
+    raise CheckpointError(f"no intact checkpoint in {manager.directory} ({'; '.join(failures) or 'none saved'})")
+
+
+def set_aside(manager: ocp.CheckpointManager, epochs: list[int]) -> None:
+    """Rename checkpoints ``epochs`` (found damaged) to ``<epoch>.damaged[-<n>]``, so those epochs can be saved
+    again; jdeq deletes nothing."""
+    directory = Path(manager.directory)
+    for epoch in epochs:
+        names = (f"{epoch}.damaged" + (f"-{n}" if n else "") for n in itertools.count())
+        target = next(directory / name for name in names if not (directory / name).exists())
+        (directory / str(epoch)).rename(target)
+        warnings.warn(f"moved damaged checkpoint {epoch} to {target}", stacklevel=3)
+    manager.reload()
+
+
+def resume(manager: ocp.CheckpointManager, state: TrainState, config: dict, epochs: int) -> tuple[TrainState, list]:
+    """``(state, history)`` to continue from: the newest intact checkpoint's, newer damaged ones set aside;
+    ``(state, [])`` if there is none. ValueError, leaving the checkpoints as they are, if it was saved by a
+    run of another ``config`` or trained for more than ``epochs`` epochs."""
+    if not manager.all_steps():
+        return state, []
+
+    def templates(epoch: int, saved: dict) -> dict:
+        check_config(Path(manager.directory), epoch, saved, config)
+        cache = {} if state.cache is None else {"cache": state.cache}
+        return {"params": state.params, "opt_state": state.opt_state, **cache, "history": None}
+
+    epoch, items = restore_latest(manager, templates)
+    if epoch > epochs:
+        raise ValueError(
+            f"checkpoint {epoch} in {manager.directory} is of a run already trained for {epoch} epochs, more than "
+            f"epochs={epochs}: pass epochs >= {epoch} to continue it, read it with jdeq.train.load, or use another "
+            "checkpoint_dir"
+        )
+    set_aside(manager, [e for e in manager.all_steps() if e > epoch])
+    return TrainState(items["params"], items["opt_state"], items.get("cache")), list(items["history"])
+
+
+def load(checkpoint_dir: str | Path, model: Any) -> Any:
+    """The ``params`` of ``model`` in the newest intact checkpoint of a :func:`fit` run in ``checkpoint_dir``; an NNX
+    ``model`` is updated in place with them, ready for inference. The template comes from ``model.init`` with the
+    saved seed and input shape (linen) or the model's own parameters (NNX). Newer damaged checkpoints are skipped
+    with a warning; nothing on disk is modified. ValueError if ``model``'s fields differ from the saved model's."""
+    directory = Path(checkpoint_dir).absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory {directory}")
+    trainable = as_trainable(model)
+
+    def templates(epoch: int, saved: dict) -> dict:
+        model_saved = {k: v for k, v in saved.items() if k == "model" or k.startswith("model.")}
+        check_config(directory, epoch, model_saved, trainable.fields())
+        x = jnp.zeros((1, *saved["data.x_train"][1:]), saved["data.dtype"])
+        return {"params": trainable.init(saved["seed"], x)}
+
+    params = restore_latest(checkpoint_manager(directory, read_only=True), templates)[1]["params"]
+    trainable.finish(params)
+    return params

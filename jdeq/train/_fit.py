@@ -1,0 +1,125 @@
+"""fit: the one driver of a training run (epochs, evaluation, checkpoints, progress)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from ..data import Dataset, check_dataset
+from ._adapters import as_trainable
+from ._checkpoints import checkpoint_manager, resume, run_config, save_checkpoint
+from ._lock import directory_lock, writable_directory
+from ._loop import (
+    TrainState,
+    default_loss,
+    default_metrics,
+    epoch_summary,
+    evaluate,
+    init_state,
+    make_eval_step,
+    make_train_step,
+    train_epoch,
+)
+
+
+class FitResult(NamedTuple):
+    """``state`` after the last epoch, one ``history`` row (a dict of floats) per epoch, and the wall time."""
+
+    state: TrainState
+    history: list[dict]
+    wall_time_s: float
+
+
+def fit(
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    eval_batch_size: int = 512,
+    seed: int = 0,
+    loss_fn: Optional[Callable] = None,
+    metrics_fn: Optional[Callable] = None,
+    eval_data: Optional[tuple[np.ndarray, np.ndarray]] = None,
+    on_epoch_end: Optional[Callable[[int, dict], None]] = None,
+    log_every: int = 10,
+    checkpoint_dir: Optional[str | Path] = None,
+    config: Optional[dict] = None,
+    on_nonfinite: str = "stop",
+    progress: bool = True,
+) -> FitResult:
+    """Train ``model``, a linen ``Module`` or an ``nnx.Module`` mapping a batch ``x`` to outputs, on ``data``.
+
+    Args:
+      loss_fn: ``loss_fn(outputs, y) -> scalar``, averaged over the batch (default: softmax
+        cross-entropy of logits against integer labels).
+      metrics_fn: ``metrics_fn(outputs, y) -> {name: scalar}`` (default: accuracy).
+      eval_data: ``(x, y)`` evaluated after each epoch (default: ``data``'s test split).
+      on_epoch_end: ``on_epoch_end(epoch, row)`` after each epoch's history row (1-based epoch).
+      log_every: training metrics are fetched from the device every ``log_every`` steps (and at the end of each
+        epoch), not after each step.
+
+    Each history row holds the epoch's mean training metrics (``loss``, the metrics, forward/backward
+    solver statistics of the DEQ layers, ``skipped_steps``) and ``test_*`` metrics on ``eval_data``.
+    Parameters: linen models are initialised from ``PRNGKey(seed)``; an NNX model starts from its own
+    parameters (the seed sets the batch order) and holds the trained ones when ``fit`` returns.
+
+    With ``checkpoint_dir`` (checked writable first, then locked for the run by a ``jdeq.lock`` file holding
+    this process's pid and host; a stale one is replaced), the run resumes from the newest intact checkpoint
+    there (newer damaged ones are renamed aside; a checkpoint of another configuration, or of a run trained
+    for more than ``epochs``, is a ValueError) and saves one per epoch, with sha256 checksums and the run's
+    configuration: the model's fields, the optimizer state's structure, the data's shapes, ``seed``,
+    ``batch_size`` and ``config``, a dict of JSON values.
+
+    Warm starts: when the model's DEQ layers have a fixed-point cache (``cache_size=len(data.x_train)``), each
+    training step gives them the batch's indices in ``data.x_train`` (linen: the ``"deq_index"`` collection;
+    NNX: :func:`jdeq.nn.set_cache_index`; the model's ``__call__`` passes nothing on) and keeps the cache in
+    the state (checkpointed, restored on resume); evaluation starts cold.
+
+    A step with a nonfinite loss, gradient or update never changes the state; ``on_nonfinite="stop"``
+    (default) then raises :class:`NonfiniteError` naming the epoch and step, ``"skip"`` goes on (each
+    history row counts its ``skipped_steps``; its other training metrics are over the steps kept).
+    """
+    check_dataset(data)
+    n = len(data.x_train)
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in [1, {n}] (the training set size), got {batch_size}")
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f'on_nonfinite must be "stop" or "skip", got {on_nonfinite!r}')
+    if not (isinstance(log_every, int) and log_every >= 1):
+        raise ValueError(f"log_every must be an int >= 1, got {log_every!r}")
+    trainable = as_trainable(model)
+    loss_fn, metrics_fn = loss_fn or default_loss, metrics_fn or default_metrics
+    x_eval, y_eval = (data.x_test, data.y_test) if eval_data is None else eval_data
+    directory = None if checkpoint_dir is None else writable_directory(checkpoint_dir)
+    with contextlib.nullcontext() if directory is None else directory_lock(directory):
+        state = init_state(trainable, optimizer, data, seed)
+        run = run_config(trainable.fields(), state.opt_state, data, seed, batch_size, config or {})
+        manager = None if directory is None else checkpoint_manager(directory)
+        state, history = (state, []) if manager is None else resume(manager, state, run, epochs)
+        train_step = make_train_step(trainable, optimizer, loss_fn, metrics_fn, on_nonfinite == "stop")
+        eval_step = make_eval_step(trainable, loss_fn, metrics_fn)
+        steps_per_epoch = n // batch_size
+        start = time.perf_counter()
+        with tqdm(
+            total=epochs * steps_per_epoch, initial=len(history) * steps_per_epoch, disable=not progress, unit="step"
+        ) as bar:
+            for epoch in range(len(history), epochs):
+                bar.set_description(f"epoch {epoch + 1}/{epochs}")
+                state, rows = train_epoch(train_step, state, data, seed, epoch, batch_size, log_every, bar)
+                test = evaluate(eval_step, state.params, x_eval, y_eval, eval_batch_size)
+                history.append({"epoch": epoch + 1, **epoch_summary(rows), **{f"test_{k}": v for k, v in test.items()}})
+                if manager is not None:
+                    save_checkpoint(manager, epoch + 1, state, history, run)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch + 1, history[-1])
+        trainable.finish(state.params)
+        return FitResult(state, history, time.perf_counter() - start)
