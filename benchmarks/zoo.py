@@ -25,40 +25,44 @@ RUNS = {
     "lm-skip": ["lm", "--skipdeq"],
     "explicit-lm": ["lm", "--depth", "{depth}"],
 }
+"""Each run's ``jdeq train`` arguments; ``--depth`` (the explicit LM's L) is set to match the DEQ's forward cost."""
 
 
 def commit() -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
 
 
-def run(name: str, out: Path, extra: list[str], depth: int) -> dict:
-    """``jdeq train`` for run ``name`` into ``out/name``; its ``metrics.json``'s result row."""
+def run(name: str, out: Path, extra: list[str], depth: int, reuse: bool) -> dict:
+    """``jdeq train`` for run ``name`` into ``out/name`` (with ``reuse``, a finished run there is read, not rerun);
+    its ``metrics.json``'s result row."""
     from jdeq import cli
 
-    argv = ["train", *[a.format(depth=depth) for a in RUNS[name]], "--out", str(out / name), *extra]
-    cli.main(argv)
-    return json.loads((out / name / "metrics.json").read_text())["row"]
+    metrics = out / name / "metrics.json"
+    if not (reuse and metrics.exists()):
+        cli.main(["train", *[a.format(depth=depth) for a in RUNS[name]], "--out", str(out / name), *extra])
+    return json.loads(metrics.read_text())["row"]
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     parser.add_argument("--out", default="runs/zoo")
-    parser.add_argument("--depth", type=int, default=8, help="the explicit LM's depth (match the DEQ's forward NFE)")
+    parser.add_argument("--depth", type=int, default=7, help="the explicit LM's depth (match the DEQ's forward NFE)")
     parser.add_argument("--memory", default="benchmarks/results/zoo-memory.json", help="zoo_memory's JSON")
     parser.add_argument("--results", default=f"benchmarks/results/zoo-{datetime.date.today()}.json")
+    parser.add_argument("--reuse", action="store_true", help="read the runs already finished in --out")
     args, extra = parser.parse_known_args(argv)
     memory = json.loads(Path(args.memory).read_text()) if Path(args.memory).exists() else {}
     rows = []
     for name in args.runs:
-        row = run(name, Path(args.out), extra, args.depth)
+        row = run(name, Path(args.out), extra, args.depth, args.reuse)
         key = "mdeq" if row["model"] == "mdeq" else "deq_lm"
         temp = memory.get(key, {})
         row["train_temp_bytes"] = (
             temp.get("Explicit", {}) if row["model"] == "explicit_lm" else temp.get("Implicit", {})
         )
         row["commit"] = commit()
-        row["load_average"] = os.getloadavg()
+        row["load_average_1_5_15min"] = os.getloadavg()  # at collection time: the machine is shared
         rows.append(row)
         Path(args.results).write_text(json.dumps(rows, indent=2) + "\n")
     return rows

@@ -7,12 +7,15 @@ forward budgets (the solver's ``max_steps``) of 10, 20, 40; the explicit weight-
 L = 2, 4, 8, 12. No timing, no run: the numbers are the compiler's, the same on every run on a platform.
 
     python -m benchmarks.zoo_memory            # prints the table, writes JSON and a figure
+    python -m benchmarks.zoo_memory --part deq_lm:Explicit --out part.json   # one part (run parts in parallel)
+    python -m benchmarks.zoo_memory --combine part*.json                      # then the table and the figure
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -58,36 +61,34 @@ def budget_solver(budget: int) -> jdeq.Solver:
     return dataclasses.replace(ZOO_SOLVER, max_steps=budget)
 
 
-def mdeq_memory() -> dict:
+def mdeq_memory(grad: str) -> dict:
+    """``{budget: temp bytes}`` of the MDEQ training step (digits batch) with gradient mode ``grad``."""
     images = jax.ShapeDtypeStruct(MDEQ_BATCH, jnp.float32)
     labels = jax.ShapeDtypeStruct(MDEQ_BATCH[:1], jnp.int32)
     return {
-        name: {
-            str(b): step_temp_bytes(MDEQClassifier(10, solver=budget_solver(b), grad=g), images, labels, cross_entropy)
-            for b in BUDGETS
-        }
-        for name, g in GRADS.items()
-    }
-
-
-def lm_memory(dim: int = 64) -> dict:
-    tokens = jax.ShapeDtypeStruct((LM_BATCH, LM_LENGTH), jnp.int32)
-    rows = {
-        name: {
-            str(b): step_temp_bytes(
-                DEQTransformerLM(LM_VOCAB, dim=dim, solver=budget_solver(b), grad=g), tokens, tokens, cross_entropy
-            )
-            for b in BUDGETS
-        }
-        for name, g in GRADS.items()
-    }
-    rows["Explicit"] = {
-        str(depth): step_temp_bytes(
-            WeightTiedTransformerLM(LM_VOCAB, dim=dim, depth=depth), tokens, tokens, cross_entropy
+        str(b): step_temp_bytes(
+            MDEQClassifier(10, solver=budget_solver(b), grad=GRADS[grad]), images, labels, cross_entropy
         )
-        for depth in DEPTHS
+        for b in BUDGETS
     }
-    return rows
+
+
+def lm_memory(grad: str, dim: int = 64) -> dict:
+    """``{budget: temp bytes}`` of the DEQ-Transformer's training step with gradient mode ``grad``, or
+    ``{depth: temp bytes}`` of the explicit weight-tied transformer's (``grad="Explicit"``)."""
+    tokens = jax.ShapeDtypeStruct((LM_BATCH, LM_LENGTH), jnp.int32)
+    if grad == "Explicit":
+        models = {str(d): WeightTiedTransformerLM(LM_VOCAB, dim=dim, depth=d) for d in DEPTHS}
+    else:
+        models = {
+            str(b): DEQTransformerLM(LM_VOCAB, dim=dim, solver=budget_solver(b), grad=GRADS[grad]) for b in BUDGETS
+        }
+    return {key: step_temp_bytes(model, tokens, tokens, cross_entropy) for key, model in models.items()}
+
+
+PARTS = {("mdeq", grad): functools.partial(mdeq_memory, grad) for grad in GRADS} | {
+    ("deq_lm", grad): functools.partial(lm_memory, grad) for grad in (*GRADS, "Explicit")
+}
 
 
 def claims(lm: dict, mdeq: dict) -> dict:
@@ -112,7 +113,7 @@ def plot(results: dict, path: Path) -> Path:
 
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     for ax, model in zip(fig.subplots(1, 2), ("mdeq", "deq_lm")):
-        for name, rows in results[model].items():
+        for name, rows in results[model].items():  # Implicit, Unrolled (and the explicit LM)
             x = [int(k) for k in rows]
             label = f"{name} (depth L)" if name == "Explicit" else f"{name} (forward budget)"
             ax.plot(x, np.asarray(list(rows.values())) / 2**20, "o-", label=label)
@@ -127,13 +128,24 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/zoo-memory.json")
     parser.add_argument("--figure", default="docs/figures/zoo/memory.png")
+    parser.add_argument("--part", help="measure one part only, MODEL:GRAD (e.g. deq_lm:Explicit), into --out")
+    parser.add_argument("--combine", nargs="+", help="combine the parts' JSON files into --out and the figure")
     args = parser.parse_args(argv)
-    results = {"mdeq": mdeq_memory(), "deq_lm": lm_memory(), "platform": jax.devices()[0].platform}
-    results["claims"] = claims(results["deq_lm"], results["mdeq"])
+    if args.part:
+        model, grad = args.part.split(":")
+        results = {model: {grad: PARTS[model, grad]()}}
+    else:
+        results = {"mdeq": {}, "deq_lm": {}}
+        parts = [json.loads(Path(p).read_text()) for p in args.combine] if args.combine else None
+        for model, grad in PARTS:
+            found = [p[model][grad] for p in parts or [] if grad in p.get(model, {})]
+            results[model][grad] = found[0] if parts else PARTS[model, grad]()
+        results["claims"] = claims(results["deq_lm"], results["mdeq"])
+        results["platform"] = jax.devices()[0].platform
+        Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
+        plot(results, Path(args.figure))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
-    plot(results, Path(args.figure))
     print(json.dumps(results, indent=2))
     return results
 

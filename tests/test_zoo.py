@@ -1,5 +1,6 @@
 """The model zoo: MDEQClassifier, DEQTransformerLM and its weight-tied baseline, and the pydoc text data."""
 
+import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +21,7 @@ from jdeq.models import (
 from jdeq.models.mdeq import branch_channels, pack, unpack
 
 TIGHT = jdeq.Anderson(m=5, tol=1e-11, max_steps=300)
+UNROLLED_BUDGET = jdeq.Anderson(m=5, tol=1e-11, max_steps=100)  # Unrolled scans over every step of its budget
 
 
 def converged(stats_tree) -> np.ndarray:
@@ -147,6 +149,7 @@ def test_mdeq_implicit_gradient_matches_finite_differences_and_unrolled_in_float
     params = jax.jit(model.init)(jax.random.PRNGKey(0), images)["params"]
     _, sown = jax.jit(lambda p: model.apply({"params": p}, images, mutable=["intermediates"]))(params)
     assert converged(sown).all()  # to 1e-11: the gradients below are those of the equilibrium
+    assert np.max(jdeq.nn.forward_stats(sown)[0].num_steps) < UNROLLED_BUDGET.max_steps
 
     def loss_with(m):
         return lambda p: jnp.mean(
@@ -155,7 +158,7 @@ def test_mdeq_implicit_gradient_matches_finite_differences_and_unrolled_in_float
 
     analytic, numeric, grads = directional_check(loss_with(model), params)
     assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric))
-    unrolled = jax.jit(jax.grad(loss_with(small_mdeq(TIGHT, jdeq.Unrolled()))))(params)
+    unrolled = jax.jit(jax.grad(loss_with(small_mdeq(UNROLLED_BUDGET, jdeq.Unrolled()))))(params)
     for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(unrolled)):
         np.testing.assert_allclose(g, u, rtol=1e-6, atol=1e-9)
     assert all(bool(jnp.any(g != 0)) for g in jax.tree_util.tree_leaves(grads["f"]))
@@ -223,13 +226,16 @@ def test_deq_lm_implicit_gradient_matches_finite_differences_and_unrolled_in_flo
     options = dict(dim=8, heads=2, max_len=8, param_dtype=jnp.float64)
     model = TeacherForced(DEQTransformerLM(7, solver=TIGHT, **options))
     params = jax.jit(model.init)(jax.random.PRNGKey(0), windows)["params"]
+    _, sown = jax.jit(lambda p: model.apply({"params": p}, windows, mutable=["intermediates"]))(params)
+    assert converged(sown).all()  # to 1e-11, within the unrolled reference's budget too
+    assert np.max(jdeq.nn.forward_stats(sown)[0].num_steps) < UNROLLED_BUDGET.max_steps
 
     def loss_with(m):
         return lambda p: teacher_forced_loss(m.apply({"params": p}, windows), None)
 
     analytic, numeric, grads = directional_check(loss_with(model), params)
     assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric))
-    unrolled_lm = DEQTransformerLM(7, solver=TIGHT, grad=jdeq.Unrolled(), **options)
+    unrolled_lm = DEQTransformerLM(7, solver=UNROLLED_BUDGET, grad=jdeq.Unrolled(), **options)
     unrolled = jax.jit(jax.grad(loss_with(TeacherForced(unrolled_lm))))(params)
     for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(unrolled)):
         np.testing.assert_allclose(g, u, rtol=1e-6, atol=1e-9)
@@ -250,3 +256,82 @@ def test_deq_lm_through_nnx_bridge():
     grads = nnx.grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
     assert model(tokens).shape == (2, 6, 11)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+
+
+# --- SkipDEQ ------------------------------------------------------------------------------------------------------
+
+
+class TanhCell(linen.Module):
+    @linen.compact
+    def __call__(self, z, x):
+        return jnp.tanh(0.5 * linen.Dense(6, param_dtype=z.dtype)(z) + x)
+
+
+class Guess(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        return linen.Dense(6, param_dtype=x.dtype)(x)
+
+
+def test_skipdeq_trains_the_guess_by_the_consistency_loss_only_and_leaves_the_map_gradient_unchanged():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 6)))
+    plain = jdeq.nn.DEQ(TanhCell(), solver=TIGHT)
+    skip = jdeq.nn.DEQ(TanhCell(), solver=TIGHT, skip=Guess(), skip_weight=0.3)
+    variables = jax.jit(skip.init)(jax.random.PRNGKey(0), x, jnp.zeros_like(x))
+    params = variables["params"]
+    assert set(params) == {"f", "skip"}
+
+    def task(out):
+        return jnp.sum(jnp.sin(out))
+
+    grads = jax.jit(jax.grad(lambda p: task(skip.apply({"params": p}, x, jnp.zeros_like(x)))))(params)
+    plain_grads = jax.jit(jax.grad(lambda p: task(plain.apply({"params": p}, x, jnp.zeros_like(x)))))(
+        {"f": params["f"]}
+    )
+    np.testing.assert_allclose(grads["f"]["Dense_0"]["kernel"], plain_grads["f"]["Dense_0"]["kernel"], atol=1e-9)
+    z_star = jax.jit(plain.apply)({"params": {"f": params["f"]}}, x, jnp.zeros_like(x))
+    expected = jax.grad(lambda g: 0.3 * jdeq.nn.consistency_loss(Guess().apply({"params": g}, x), z_star))(
+        params["skip"]
+    )
+    np.testing.assert_allclose(grads["skip"]["Dense_0"]["kernel"], expected["Dense_0"]["kernel"], atol=1e-9)
+    out, sown = jax.jit(lambda p: skip.apply({"params": p}, x, jnp.zeros_like(x), mutable=["intermediates"]))(params)
+    loss = sown["intermediates"][jdeq.nn.SKIP_LOSS_NAME][0]
+    np.testing.assert_allclose(loss, jdeq.nn.consistency_loss(Guess().apply({"params": params["skip"]}, x), z_star))
+
+
+def test_skipdeq_guess_shortens_the_solve_once_it_matches_and_names_a_misfit():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 6)))
+    layer = jdeq.nn.DEQ(TanhCell(), solver=jdeq.Anderson(tol=1e-8, max_steps=100), skip=Guess(), skip_weight=1.0)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(0), x, jnp.zeros_like(x))["params"]
+    apply = jax.jit(lambda p: layer.apply({"params": p}, x, jnp.zeros_like(x), mutable=["intermediates"]))
+    before = np.mean(jdeq.nn.forward_stats(apply(params)[1])[0].num_steps)
+    step = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x, jnp.zeros_like(x)) * 0.0)))
+    for _ in range(200):  # the task loss is zero: only the consistency loss trains the guess
+        params = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, step(params))
+    (_, sown) = apply(params)
+    assert np.mean(jdeq.nn.forward_stats(sown)[0].num_steps) < before
+    assert float(sown["intermediates"][jdeq.nn.SKIP_LOSS_NAME][0]) < 1e-3
+    with pytest.raises(ValueError, match="skip module returned"):
+        jdeq.nn.DEQ(TanhCell(), skip=linen.Dense(3)).init(jax.random.PRNGKey(0), x, jnp.zeros_like(x))
+    with pytest.raises(ValueError, match="skip_weight"):
+        jdeq.nn.DEQ(TanhCell(), skip=Guess(), skip_weight=-1.0).init(jax.random.PRNGKey(0), x, jnp.zeros_like(x))
+
+
+def test_skipdeq_in_nnx_and_in_the_zoo_models(standard_promotion):
+    class NCell(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(6, 6, param_dtype=jnp.float64, rngs=rngs)
+
+        def __call__(self, z, x):
+            return jnp.tanh(0.5 * self.a(z) + x)
+
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 6)))
+    rngs = nnx.Rngs(0)
+    layer = jdeq.nn.NNXDEQ(NCell(rngs), solver=TIGHT, skip=nnx.Linear(6, 6, param_dtype=jnp.float64, rngs=rngs))
+    grads = nnx.grad(lambda m: jnp.sum(m(x, jnp.zeros_like(x))))(layer)
+    assert float(jnp.abs(grads.skip.kernel[...]).sum()) > 0 and float(layer.skip_loss[...]) > 0
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 6)), jnp.int32)
+    lm = DEQTransformerLM(11, dim=8, heads=2, max_len=8, skip=True)
+    assert "skip" in jax.eval_shape(lm.init, jax.random.PRNGKey(0), tokens)["params"]
+    images = jnp.zeros((2, 4, 4, 1), jnp.float32)
+    assert "skip" in jax.eval_shape(small_mdeq(TIGHT).clone(skip=True).init, jax.random.PRNGKey(0), images)["params"]
