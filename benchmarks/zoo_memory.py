@@ -92,19 +92,26 @@ PARTS = {("mdeq", grad): functools.partial(mdeq_memory, grad) for grad in GRADS}
 
 
 def claims(lm: dict, mdeq: dict) -> dict:
-    """Each target of the module docstring: the measured ratio and whether it holds."""
+    """Each target of the module docstring that its measurements allow: the measured ratio and whether it holds."""
     out = {}
     for model, rows in (("mdeq", mdeq), ("deq_lm", lm)):
-        growth = rows["Implicit"]["40"] / rows["Implicit"]["10"]
-        unrolled = rows["Unrolled"]["40"] / rows["Unrolled"]["10"]
-        out[f"{model}_implicit_40_over_10"] = {"value": growth, "max": IMPLICIT_GROWTH_MAX, "holds": growth <= 1.1}
-        out[f"{model}_unrolled_40_over_10"] = {"value": unrolled, "grows": unrolled > IMPLICIT_GROWTH_MAX}
-    ratio = max(lm["Implicit"].values()) / lm["Explicit"]["12"]
-    out["deq_lm_implicit_over_explicit_L12"] = {
-        "value": ratio,
-        "max": IMPLICIT_OVER_EXPLICIT12_MAX,
-        "holds": ratio <= IMPLICIT_OVER_EXPLICIT12_MAX,
-    }
+        if "Implicit" in rows:
+            growth = rows["Implicit"]["40"] / rows["Implicit"]["10"]
+            out[f"{model}_implicit_40_over_10"] = {
+                "value": growth,
+                "max": IMPLICIT_GROWTH_MAX,
+                "holds": growth <= IMPLICIT_GROWTH_MAX,
+            }
+        if "Unrolled" in rows:
+            unrolled = rows["Unrolled"]["40"] / rows["Unrolled"]["10"]
+            out[f"{model}_unrolled_40_over_10"] = {"value": unrolled, "grows": unrolled > IMPLICIT_GROWTH_MAX}
+    if "Implicit" in lm and "Explicit" in lm:
+        ratio = max(lm["Implicit"].values()) / lm["Explicit"]["12"]
+        out["deq_lm_implicit_over_explicit_L12"] = {
+            "value": ratio,
+            "max": IMPLICIT_OVER_EXPLICIT12_MAX,
+            "holds": ratio <= IMPLICIT_OVER_EXPLICIT12_MAX,
+        }
     return out
 
 
@@ -139,7 +146,8 @@ def main(argv=None) -> dict:
         parts = [json.loads(Path(p).read_text()) for p in args.combine] if args.combine else None
         for model, grad in PARTS:
             found = [p[model][grad] for p in parts or [] if grad in p.get(model, {})]
-            results[model][grad] = found[0] if parts else PARTS[model, grad]()
+            if found or not parts:  # a part not measured is left out, not made up
+                results[model][grad] = found[0] if parts else PARTS[model, grad]()
         results["claims"] = claims(results["deq_lm"], results["mdeq"])
         results["platform"] = jax.devices()[0].platform
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
