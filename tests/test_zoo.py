@@ -23,6 +23,7 @@ from jdeq.models import (
 from jdeq.models.mdeq import branch_channels, pack, unpack
 
 TIGHT = jdeq.Anderson(m=5, tol=1e-11, max_steps=300)
+FD_RTOL = 1e-4  # a central difference at eps 1e-6 of losses whose solves stop at 1e-11: errors of ~1e-11 / 1e-6
 UNROLLED_BUDGET = jdeq.Anderson(m=5, tol=1e-11, max_steps=100)  # Unrolled scans over every step of its budget
 
 
@@ -159,7 +160,7 @@ def test_mdeq_implicit_gradient_matches_finite_differences_and_unrolled_in_float
         )
 
     analytic, numeric, grads = directional_check(loss_with(model), params)
-    assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric))
+    assert abs(analytic - numeric) <= FD_RTOL * max(1.0, abs(numeric))
     unrolled = jax.jit(jax.grad(loss_with(small_mdeq(UNROLLED_BUDGET, jdeq.Unrolled()))))(params)
     for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(unrolled)):
         np.testing.assert_allclose(g, u, rtol=1e-6, atol=1e-9)
@@ -236,7 +237,7 @@ def test_deq_lm_implicit_gradient_matches_finite_differences_and_unrolled_in_flo
         return lambda p: teacher_forced_loss(m.apply({"params": p}, windows), None)
 
     analytic, numeric, grads = directional_check(loss_with(model), params)
-    assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric))
+    assert abs(analytic - numeric) <= FD_RTOL * max(1.0, abs(numeric))
     unrolled_lm = DEQTransformerLM(7, solver=UNROLLED_BUDGET, grad=jdeq.Unrolled(), **options)
     unrolled = jax.jit(jax.grad(loss_with(TeacherForced(unrolled_lm))))(params)
     for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(unrolled)):

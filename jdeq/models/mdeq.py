@@ -96,7 +96,9 @@ class _Conv(linen.Module):
         )
         if not self.normalized:
             return conv(h)
-        return linen.WeightNorm(conv, variable_filter={"kernel"}, scale_init=_scale_init(self.scale))(h)
+        return linen.WeightNorm(
+            conv, variable_filter={"kernel"}, scale_init=_scale_init(self.scale), param_dtype=self.param_dtype
+        )(h)
 
 
 def _scale_init(scale: float):
