@@ -163,7 +163,8 @@ def test_mdeq_implicit_gradient_matches_finite_differences_and_unrolled_in_float
     assert abs(analytic - numeric) <= FD_RTOL * max(1.0, abs(numeric))
     unrolled = jax.jit(jax.grad(loss_with(small_mdeq(UNROLLED_BUDGET, jdeq.Unrolled()))))(params)
     for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(unrolled)):
-        np.testing.assert_allclose(g, u, rtol=1e-5, atol=1e-9)  # the unrolled derivative lags its iterate
+        # the unrolled derivative through a solve stopped at 1e-11 lags its iterate: 1e-5 of each leaf's scale
+        assert float(jnp.max(jnp.abs(g - u))) <= 1e-5 * float(jnp.max(jnp.abs(u)))
     assert all(bool(jnp.any(g != 0)) for g in jax.tree_util.tree_leaves(grads["f"]))
 
 
@@ -241,7 +242,8 @@ def test_deq_lm_implicit_gradient_matches_finite_differences_and_unrolled_in_flo
     unrolled_lm = DEQTransformerLM(7, solver=UNROLLED_BUDGET, grad=jdeq.Unrolled(), **options)
     unrolled = jax.jit(jax.grad(loss_with(TeacherForced(unrolled_lm))))(params)
     for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(unrolled)):
-        np.testing.assert_allclose(g, u, rtol=1e-5, atol=1e-9)  # the unrolled derivative lags its iterate
+        # the unrolled derivative through a solve stopped at 1e-11 lags its iterate: 1e-5 of each leaf's scale
+        assert float(jnp.max(jnp.abs(g - u))) <= 1e-5 * float(jnp.max(jnp.abs(u)))
 
 
 def test_teacher_forced_metrics():
