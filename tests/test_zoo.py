@@ -164,7 +164,7 @@ def test_mdeq_implicit_gradient_matches_finite_differences_and_unrolled_in_float
     unrolled = jax.jit(jax.grad(loss_with(small_mdeq(UNROLLED_BUDGET, jdeq.Unrolled()))))(params)
     for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(unrolled)):
         # the unrolled derivative through a solve stopped at 1e-11 lags its iterate: 1e-5 of each leaf's scale
-        assert float(jnp.max(jnp.abs(g - u))) <= 1e-5 * float(jnp.max(jnp.abs(u)))
+        assert float(jnp.max(jnp.abs(g - u))) <= 1e-5 * float(jnp.max(jnp.abs(u))) + 1e-12  # + zero leaves
     assert all(bool(jnp.any(g != 0)) for g in jax.tree_util.tree_leaves(grads["f"]))
 
 
@@ -243,7 +243,7 @@ def test_deq_lm_implicit_gradient_matches_finite_differences_and_unrolled_in_flo
     unrolled = jax.jit(jax.grad(loss_with(TeacherForced(unrolled_lm))))(params)
     for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(unrolled)):
         # the unrolled derivative through a solve stopped at 1e-11 lags its iterate: 1e-5 of each leaf's scale
-        assert float(jnp.max(jnp.abs(g - u))) <= 1e-5 * float(jnp.max(jnp.abs(u)))
+        assert float(jnp.max(jnp.abs(g - u))) <= 1e-5 * float(jnp.max(jnp.abs(u))) + 1e-12  # + zero leaves
 
 
 def test_teacher_forced_metrics():
