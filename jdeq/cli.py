@@ -1,5 +1,5 @@
 """The ``jdeq`` command: ``jdeq demo`` trains a DEQ on bundled real data; ``jdeq solvers`` compares solvers;
-``jdeq reproduce`` runs the paper reproductions."""
+``jdeq reproduce`` runs the paper reproductions; ``jdeq train mdeq|lm`` trains the zoo models."""
 
 from __future__ import annotations
 
@@ -209,16 +209,16 @@ def _demo_command(args) -> None:
     )
 
 
-def write_outputs(out: Path, metrics: dict, history: list[dict], title: str) -> tuple[Path, Path]:
-    """Write ``out/metrics.json`` and ``out/training.png`` (:func:`jdeq.plots.plot_history`) as a pair: both are
-    written to a temporary directory in ``out``, then renamed into place with SIGINT held off, so an interrupt
-    leaves both files of the previous run or both of this one."""
+def write_outputs(out: Path, metrics: dict, history: list[dict], title: str, plot=None) -> tuple[Path, Path]:
+    """Write ``out/metrics.json`` and ``out/training.png`` (``plot(history, path, title)``, default
+    :func:`jdeq.plots.plot_history`) as a pair: both are written to a temporary directory in ``out``, then renamed
+    into place with SIGINT held off, so an interrupt leaves both files of the previous run or both of this one."""
     from .plots import plot_history
 
     staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=out))
     try:
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        plot_history(history, staging / "training.png", title)
+        (plot or plot_history)(history, staging / "training.png", title)
         with _sigint_held():
             for name in ("training.png", "metrics.json"):
                 os.replace(staging / name, out / name)
@@ -262,6 +262,191 @@ def _reproduce_command(args) -> None:
         print(f"{len(unmeasured)} claim(s) measured by no run (holds='unmeasured' in results.json).")
 
 
+ZOO_MODELS = {"mdeq": "mdeq", "lm": "deq_lm"}
+
+
+def zoo_data(args) -> Any:
+    """The task's data: digits (or CIFAR-10 from ``--cifar10 DIR``) as NHWC images; pydoc text (or ``--text FILE``)
+    as windows of ``--length + 1`` characters, the training split cut to its first ``--train-chars``."""
+    from .data import load_cifar10, load_digits, load_text
+
+    if args.task == "mdeq":
+        return load_cifar10(args.cifar10) if args.cifar10 else load_digits(seed=args.seed, flatten=False)
+    text = load_text(args.text)
+    if args.train_chars:
+        text = text._replace(train=text.train[: args.train_chars])
+    return text.windows(args.length)
+
+
+def zoo_model(args, data) -> Any:
+    """An :class:`~jdeq.models.MDEQClassifier`, or a :class:`~jdeq.models.DEQTransformerLM` (with ``--depth L`` the
+    explicit :class:`~jdeq.models.WeightTiedTransformerLM`) wrapped in :class:`~jdeq.models.TeacherForced`."""
+    from .models import DEQTransformerLM, MDEQClassifier, TeacherForced, WeightTiedTransformerLM
+
+    solver = Anderson(m=5, tol=args.tol, max_steps=args.max_steps, return_best=True)
+    skip = dict(skip=args.skipdeq, skip_weight=args.skip_weight)
+    if args.task == "mdeq":
+        return MDEQClassifier(data.num_classes, solver=solver, **skip)
+    options = dict(dim=args.dim, heads=args.heads, max_len=args.length)
+    if args.depth:
+        return TeacherForced(WeightTiedTransformerLM(data.num_classes, depth=args.depth, **options))
+    return TeacherForced(DEQTransformerLM(data.num_classes, solver=solver, **options, **skip))
+
+
+def classification_metrics(outputs: jax.Array, y: jax.Array) -> dict:
+    """``{"accuracy": ...}`` of logits against integer labels."""
+    return {"accuracy": jnp.mean((jnp.argmax(outputs, -1).astype(y.dtype) == y).astype(jnp.float32))}
+
+
+def held_out(model, params, x: np.ndarray, y: np.ndarray, batch_size: int, metrics_fn) -> dict:
+    """``metrics_fn`` over all of ``(x, y)``, with every forward solve's statistics: ``fwd_mean_steps`` and
+    ``fwd_converged_fraction`` (``None`` for a model without DEQ layers)."""
+    from .nn import STATS_COLLECTION, forward_stats
+
+    @jax.jit
+    def apply(params, x, y):
+        outputs, sown = model.apply({"params": params}, x, mutable=[STATS_COLLECTION])
+        stats = forward_stats(sown)
+        steps = [jnp.ravel(s.num_steps) for s in stats]
+        converged = [jnp.ravel(s.converged) for s in stats]
+        return metrics_fn(outputs, y), steps, converged
+
+    sums: dict = {}
+    steps, converged = [], []
+    for start in range(0, len(x), batch_size):  # a smaller last batch: one more compilation, exact means
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        metrics, s, c = jax.device_get(apply(params, xb, yb))
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(value) * len(xb)
+        steps += s
+        converged += c
+    solves = {"fwd_mean_steps": None, "fwd_converged_fraction": None}
+    if steps:
+        solves = {
+            "fwd_mean_steps": float(np.mean(np.concatenate(steps))),
+            "fwd_converged_fraction": float(np.mean(np.concatenate(converged))),
+        }
+    return {**{key: value / len(x) for key, value in sums.items()}, **solves}
+
+
+def plot_zoo_history(history: list[dict], path: Path, title: str) -> Path:
+    """Loss, the task's metric (accuracy or bits per character), forward steps (NFE) and converged fraction per
+    epoch, side by side."""
+    from matplotlib.figure import Figure
+
+    metric = "bpc" if "bpc" in history[0] else "accuracy"
+    panels = [
+        ("loss", [("train", "loss"), ("test", "test_loss")]),
+        (metric, [("train", metric), ("test", f"test_{metric}")]),
+        ("forward steps (NFE) per sample", [("train", "fwd_mean_steps"), ("test", "test_fwd_mean_steps")]),
+        ("converged fraction (train)", [("forward", "fwd_converged_fraction")]),
+    ]
+    fig = Figure(figsize=(4.0 * len(panels), 3.3), layout="constrained")
+    epochs = [row["epoch"] for row in history]
+    for ax, (label, curves) in zip(fig.subplots(1, len(panels)), panels):
+        for name, key in curves:
+            if key in history[0]:
+                ax.plot(epochs, [row[key] for row in history], marker="o", markersize=3, label=name)
+        ax.set(xlabel="epoch", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def parameter_count(params: Any) -> int:
+    return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))
+
+
+def _train_command(args) -> None:
+    import optax
+
+    from .models import bits_per_character, teacher_forced_loss
+    from .train import fit
+    from .train._lock import writable_directory
+
+    try:
+        out = writable_directory(args.out)
+    except ValueError as err:
+        raise SystemExit(f"jdeq train: --out {err}") from None
+    data = zoo_data(args)
+    model = zoo_model(args, data)
+    steps = args.epochs * (len(data.x_train) // args.batch_size)
+    optimizer = optax.adamw(optax.cosine_decay_schedule(args.lr, steps), weight_decay=args.weight_decay)
+    lm = args.task == "lm"
+    loss_fn, metrics_fn = (teacher_forced_loss, bits_per_character) if lm else (None, classification_metrics)
+    name = "explicit_lm" if lm and args.depth else ZOO_MODELS[args.task]
+    print(
+        f"jdeq train {args.task}: {name}{' + SkipDEQ' if args.skipdeq and not args.depth else ''} on {data.name} "
+        f"({len(data.x_train)} train / {len(data.x_test)} test), {args.epochs} epochs of {steps // args.epochs} "
+        f"steps, {jax.default_backend()}"
+    )
+    result = fit(
+        model,
+        optimizer,
+        data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        seed=args.seed,
+        loss_fn=loss_fn,
+        metrics_fn=metrics_fn,
+        checkpoint_dir=out / "checkpoints",
+        config={"task": args.task},
+        log_every=5,
+    )
+    test = held_out(model, result.state.params, data.x_test, data.y_test, args.batch_size, metrics_fn)
+    metric = "bpc" if lm else "accuracy"
+    converged = test["fwd_converged_fraction"]
+    row = {
+        "model": name,
+        "dataset": data.name,
+        "params": parameter_count(result.state.params),
+        "metric": metric,
+        "value": test[metric],
+        "fwd_converged_fraction": converged,
+        "fwd_mean_steps": args.depth if name == "explicit_lm" else test["fwd_mean_steps"],
+        "converged_ok": None if converged is None else converged >= 0.99,
+        "skipdeq": bool(args.skipdeq and name != "explicit_lm"),
+        "steps": steps,
+        "wall_s": result.wall_time_s,
+    }
+    metrics = {"row": row, "test": test, "config": {k: v for k, v in vars(args).items() if k != "run"}}
+    paths = write_outputs(
+        out, {**metrics, "history": result.history}, result.history, f"{name} on {data.name}", plot_zoo_history
+    )
+    flag = "" if converged is None or converged >= 0.99 else "  NOT CONVERGED: below 99 % of the test solves"
+    print(
+        f"test {metric} {row['value']:.4f}, forward steps {row['fwd_mean_steps']}, converged fraction "
+        f"{converged}{flag}; wall time {result.wall_time_s:.1f} s -> {paths[0]}, {paths[1]}"
+    )
+
+
+def _zoo_arguments(p: argparse.ArgumentParser, task: str) -> None:
+    """The options of ``jdeq train mdeq`` and ``jdeq train lm`` (defaults that finish in minutes on 2 CPU cores)."""
+    mdeq = task == "mdeq"
+    p.add_argument("--epochs", type=_positive_int, default=12 if mdeq else 3, help="training epochs")
+    p.add_argument("--batch-size", type=_positive_int, default=64 if mdeq else 32, help="samples per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, cosine decay)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--tol", type=float, default=1e-3, help="forward solver tolerance (relative residual)")
+    p.add_argument("--max-steps", type=_positive_int, default=40, help="forward solver step budget")
+    p.add_argument("--skipdeq", action="store_true", help="learn the solver's start (SkipDEQ)")
+    p.add_argument("--skip-weight", type=float, default=1.0, help="the SkipDEQ consistency loss's weight")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and batch order (digits: also the split)")
+    p.add_argument("--out", default=f"runs/{task}", help="output directory (checkpoints resume from it)")
+    if mdeq:
+        p.add_argument("--cifar10", default=None, help="train on CIFAR-10's python batches in this directory")
+        return
+    p.add_argument("--text", default="pydoc", help='"pydoc" (bundled with Python) or a UTF-8 text file')
+    p.add_argument("--train-chars", type=_positive_int, default=100_000, help="train on the first N characters")
+    p.add_argument("--length", type=_positive_int, default=64, help="characters per training window")
+    p.add_argument("--dim", type=_positive_int, default=64, help="model width")
+    p.add_argument("--heads", type=_positive_int, default=4, help="attention heads")
+    p.add_argument("--depth", type=_positive_int, default=None, help="train the explicit weight-tied LM of L layers")
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``jdeq`` command line: ``parser().parse_args(["demo"])`` gives the demo's defaults."""
     parser = argparse.ArgumentParser(prog="jdeq", description=__doc__)
@@ -302,6 +487,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes (all three in a few minutes on a CPU)")
     p.add_argument("--out", default="runs/reproduce", help="results go to OUT/<paper>/ (default: runs/reproduce)")
     p.set_defaults(run=_reproduce_command)
+    train = sub.add_parser("train", help="train a zoo model: the multiscale DEQ (mdeq) or the DEQ-Transformer LM (lm)")
+    tasks = train.add_subparsers(dest="task", required=True)
+    for task, text in (
+        ("mdeq", "MDEQClassifier on digits (or --cifar10 DIR)"),
+        ("lm", "DEQTransformerLM on pydoc text (or --text FILE; --depth L: the explicit baseline)"),
+    ):
+        p = tasks.add_parser(task, help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _zoo_arguments(p, task)
+        p.set_defaults(run=_train_command)
     return parser
 
 

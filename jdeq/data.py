@@ -311,3 +311,98 @@ def load_cifar10(directory: str | Path, download: bool = False, flatten: bool = 
     x_train = np.concatenate([x for x, _ in train]) / 255.0
     y_train = np.concatenate([y for _, y in train])
     return _finish("cifar10", x_train, y_train, x_test / 255.0, y_test, 10, flatten)
+
+
+TEXT_SPLIT = (0.9, 0.05, 0.05)
+"""The fixed split of a text: its first 90 % of characters train, the next 5 % validate, the last 5 % test."""
+
+
+class TextDataset(NamedTuple):
+    """A character-level text split: ``train``, ``valid``, ``test`` (int32 character ids, contiguous in the text)
+    and ``vocab`` (the characters, sorted; id ``i`` is ``vocab[i]``)."""
+
+    name: str
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    vocab: str
+
+    def encode(self, text: str) -> np.ndarray:
+        """The ids of ``text``'s characters (ValueError naming the first character outside ``vocab``)."""
+        codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+        known = np.frombuffer(self.vocab.encode("utf-32-le"), np.uint32)  # sorted: the vocabulary is
+        ids = np.minimum(np.searchsorted(known, codes), max(len(known) - 1, 0))
+        unknown = known[ids] != codes if len(known) else np.ones(len(codes), bool)
+        if unknown.any():
+            first = int(np.argmax(unknown))
+            raise ValueError(
+                f"text dataset {self.name!r}: character {text[first]!r} (at {first}) is not in its vocabulary"
+            )
+        return ids.astype(np.int32)
+
+    def decode(self, ids: np.ndarray) -> str:
+        """The characters of ``ids``."""
+        return "".join(self.vocab[int(i)] for i in np.ravel(ids))
+
+    def windows(self, length: int, eval_split: str = "test") -> Dataset:
+        """Non-overlapping windows of ``length + 1`` characters as a :class:`Dataset` for :func:`jdeq.train.fit`:
+        ``x`` the windows (int32, ``(N, length + 1)``; a model reads ``x[:, :-1]`` and predicts ``x[:, 1:]``,
+        see :class:`jdeq.models.TeacherForced`), ``y`` each window's last character (the last target);
+        ``x_test`` from ``eval_split`` (``"test"`` or ``"valid"``); ``num_classes`` the vocabulary size."""
+        if not (isinstance(length, (int, np.integer)) and length >= 1):
+            raise ValueError(f"windows(length=...) must be an int >= 1, got {length!r}")
+        if eval_split not in ("test", "valid"):
+            raise ValueError(f'eval_split must be "test" or "valid", got {eval_split!r}')
+
+        def cut(ids: np.ndarray, split: str) -> np.ndarray:
+            count = len(ids) // (length + 1)
+            if count == 0:
+                raise ValueError(
+                    f"text dataset {self.name!r}: its {split} split has {len(ids)} characters, fewer than one window "
+                    f"of {length + 1}"
+                )
+            return ids[: count * (length + 1)].reshape(count, length + 1)
+
+        train, evaluation = cut(self.train, "train"), cut(getattr(self, eval_split), eval_split)
+        return check_dataset(
+            Dataset(f"{self.name}-{length}", train, train[:, -1], evaluation, evaluation[:, -1], len(self.vocab))
+        )
+
+
+def pydoc_text() -> str:
+    """The English prose of the Python documentation topics bundled with CPython (``pydoc_data.topics``,
+    about 465 k characters): every topic's text in the order of its sorted name, separated by a blank line."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+def load_text(source: str | Path = "pydoc") -> TextDataset:
+    """A character-level :class:`TextDataset` of ``"pydoc"`` (:func:`pydoc_text`, no download) or of a UTF-8
+    text file at the path ``source``, split by :data:`TEXT_SPLIT` (contiguous: train, valid, test in that order).
+
+    The vocabulary is every character of the whole text, so the three splits share it. A missing file is a
+    ``FileNotFoundError``; a file that is not UTF-8, or is too short to give each split a character, a
+    ``ValueError`` naming it.
+    """
+    if str(source) == "pydoc":
+        name, text = "pydoc", pydoc_text()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"load_text: {path} is not a file (pass 'pydoc' or the path of a UTF-8 text file)")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"load_text: {path} is not UTF-8 text ({error})") from None
+        name = path.stem
+    if len(text) < 1 / min(TEXT_SPLIT):
+        raise ValueError(
+            f"load_text: {source} has {len(text)} characters; each of the train/valid/test splits "
+            f"({', '.join(f'{share:.0%}' for share in TEXT_SPLIT)}) needs at least one"
+        )
+    vocab = "".join(sorted(set(text)))
+    ids = TextDataset(name, *(np.zeros(0, np.int32),) * 3, vocab).encode(text)
+    train_end = int(len(ids) * TEXT_SPLIT[0])
+    valid_end = train_end + int(len(ids) * TEXT_SPLIT[1])
+    return TextDataset(name, ids[:train_end], ids[train_end:valid_end], ids[valid_end:], vocab)

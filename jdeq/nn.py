@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ._skip import SKIP_LOSS_NAME, check_skip_weight, consistency_loss, skip_start, with_consistency
 from ._warm_cache import cached_start, check_cache_size, empty_cache, solve_from_cache, storable, updated_cache
 from .gradients import GradientMode
 from .implicit import DEFAULT_SOLVER, fixed_point, fixed_point_batch
@@ -66,8 +67,10 @@ __all__ = [
     "FixedPointCache",
     "NNXDEQ",
     "NNXDEQClassifier",
+    "SKIP_LOSS_NAME",
     "cached_start",
     "check_input",
+    "consistency_loss",
     "forward_stats",
     "set_cache_index",
     "solve_cell",
@@ -293,6 +296,12 @@ class DEQ(linen.Module):
         ``None`` (default): no cache. ``init`` creates it in the ``"deq_cache"`` collection (``"z"``: the
         last equilibrium of each example, ``"seen"``: whether it has one) and records the layer's place in the
         ``"deq_index"`` collection (an empty ``"index"``).
+      skip: a linen module ``g`` mapping the input batch ``x`` to a start shaped like the state (SkipDEQ, Pal,
+        Edelman & Rackauckas 2022, arXiv 2201.12240): each solve starts from ``g(x)`` instead of ``z0``, and ``g``
+        is trained jointly through the consistency loss ``skip_weight · mean_b ‖g(x)_b − stop_gradient(z*_b)‖²``,
+        whose gradient the layer's backward pass adds (the loss the output enters needs no extra term); its value
+        is sown as ``"skipdeq_loss"`` in ``"intermediates"``. ``None`` (default): no skip module.
+      skip_weight: the consistency loss's weight (default 1).
 
     Call as ``layer(x, z0, index=None)``; ``z0`` may be omitted for a jdeq cell. Returns the equilibrium,
     shaped like ``z0``. A jdeq cell's parameters live under ``params["cell"]``, a module's under
@@ -310,12 +319,15 @@ class DEQ(linen.Module):
     per_sample: bool = True
     cell: Any = None
     cache_size: Optional[int] = None
+    skip: Any = None
+    skip_weight: float = 1.0
 
     @linen.compact
     def __call__(self, x: jax.Array, z0: Optional[jax.Array] = None, index: Optional[jax.Array] = None) -> jax.Array:
         if (self.f is None) == (self.cell is None):
             raise ValueError("DEQ takes one map: DEQ(f) with a linen module or a jdeq cell (or DEQ(cell=...))")
         check_cache_size(self.cache_size)
+        check_skip_weight(self.skip_weight)
         options = dict(
             solver=self.solver, grad=self.grad, per_sample=self.per_sample, backward_stats=_layer_probe(self)
         )
@@ -324,10 +336,16 @@ class DEQ(linen.Module):
             z_cold, solve = _linen_module_solver(self, f, x, z0, options)
         else:
             z_cold, solve = _linen_cell_solver(self, f, x, options)
+        if self.skip is not None:
+            z_cold = skip_start(type(f).__name__, self.skip(x), z_cold)
         sol = _solve_linen(self, type(f).__name__, solve, z_cold, index)
-        if not self.is_initializing():  # init returns parameters only, no stale statistics
-            self.sow(STATS_COLLECTION, STATS_NAME, sol.stats)
-        return sol.value
+        if self.is_initializing():  # init returns parameters only, no stale statistics
+            return sol.value
+        self.sow(STATS_COLLECTION, STATS_NAME, sol.stats)
+        if self.skip is None:
+            return sol.value
+        self.sow(STATS_COLLECTION, SKIP_LOSS_NAME, consistency_loss(z_cold, sol.value))
+        return with_consistency(sol.value, z_cold, self.skip_weight)
 
 
 def _layer_probe(layer: DEQ) -> Optional[jax.Array]:
@@ -491,6 +509,9 @@ class NNXDEQ(nnx.Module):
         enclosing model.
       state_shape: one sample's state shape, for the cache of a Flax module's layer (a jdeq cell's is known).
       state_dtype: the state's dtype for that cache (default: JAX's default float).
+      skip: an ``nnx.Module`` mapping the input batch to a start shaped like the state, trained jointly by the
+        consistency loss, as in :class:`DEQ` (its latest value kept in the ``nnx.Intermediate`` ``skip_loss``).
+      skip_weight: as in :class:`DEQ`.
 
     Call as ``layer(x, z0, index=None)``; with a cache and ``warm_start``, each sample's index in the
     dataset is required (``index``, or the :class:`CacheIndex` set by :func:`set_cache_index`). Keeps the
@@ -509,8 +530,12 @@ class NNXDEQ(nnx.Module):
         cache_size: Optional[int] = None,
         state_shape: Optional[tuple] = None,
         state_dtype: Any = None,
+        skip: Optional[nnx.Module] = None,
+        skip_weight: float = 1.0,
     ):
         check_cache_size(cache_size)
+        check_skip_weight(skip_weight)
+        self.skip, self.skip_weight, self.skip_loss = skip, skip_weight, nnx.Intermediate(None)
         self.solver, self.grad, self.per_sample = solver, grad, per_sample
         self.probe = BackwardProbe(stats_probe())
         self.deq_stats = nnx.Intermediate(None)
@@ -534,6 +559,8 @@ class NNXDEQ(nnx.Module):
             z_cold, solve = _cell_solver(self.cell, self._cell_params(), x, options)
         else:
             z_cold, solve = self._module_solver(x, z0, options)
+        if self.skip is not None:
+            z_cold = skip_start(type(self.f or self.cell).__name__, self.skip(x), z_cold)
         use_cache = self.warm_start and self.cached_states is not None
         cache = (self.cached_states[...], self.cached_seen[...]) if use_cache else None
         if use_cache and index is None and jnp.shape(self.cache_index[...]) != (0,):
@@ -543,7 +570,10 @@ class NNXDEQ(nnx.Module):
             _set_value(self.cached_states, new[0])
             _set_value(self.cached_seen, new[1])
         _set_value(self.deq_stats, sol.stats)  # the latest call's, replaced (not appended) at each call
-        return sol.value
+        if self.skip is None:
+            return sol.value
+        _set_value(self.skip_loss, consistency_loss(z_cold, sol.value))
+        return with_consistency(sol.value, z_cold, self.skip_weight)
 
     def _cell_params(self) -> Any:
         return jax.tree_util.tree_map(lambda v: v[...], self.params, is_leaf=lambda v: isinstance(v, nnx.Variable))

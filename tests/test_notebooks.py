@@ -20,7 +20,8 @@ def test_notebook_is_stored_without_outputs(path):
 
 # The default suite executes the quickstart. The paper notebooks (02-04) run their experiments' code, which
 # tests/test_experiments.py and tests/test_scaling.py check on known answers, and 05/06 train through the layers
-# and fit, which tests/test_fit_flax.py and tests/test_well_posed.py cover; executing them takes ~150 s of the
+# and fit, which tests/test_fit_flax.py and tests/test_well_posed.py cover (07/08 train the zoo models, which
+# tests/test_zoo.py covers); executing them takes ~150 s of the
 # default suite's 15-minute budget, so they run in `make test-slow`.
 SLOW_NOTEBOOKS = (
     "02_kawaguchi2021.ipynb",
@@ -28,6 +29,8 @@ SLOW_NOTEBOOKS = (
     "04_ling2023.ipynb",
     "05_flax_modules.ipynb",
     "06_well_posed.ipynb",
+    "07_mdeq.ipynb",
+    "08_deq_transformer.ipynb",
 )
 
 

@@ -42,8 +42,10 @@ def _concatenated(records: list) -> Any:
 
 
 def forward_metrics(stats_tree: Any) -> dict:
-    """:func:`jdeq.summarize` (prefix ``fwd_``) over every sample of every DEQ layer in ``stats_tree``."""
-    return summarize(_concatenated([s._replace(trace=None) for s in forward_stats(stats_tree)]), prefix="fwd_")
+    """:func:`jdeq.summarize` (prefix ``fwd_``) over every sample of every DEQ layer in ``stats_tree`` (``{}`` for a
+    model without DEQ layers, such as an explicit baseline)."""
+    records = [s._replace(trace=None) for s in forward_stats(stats_tree)]
+    return summarize(_concatenated(records), prefix="fwd_") if records else {}
 
 
 def backward_metrics(probe_grads: Any) -> dict:
@@ -124,13 +126,14 @@ def make_eval_step(
     start cold (no fixed-point cache)."""
 
     def per_sample(fn, outputs, y):
-        return jax.vmap(lambda o, t: fn(o[None], t[None]))(outputs, y)
+        return jax.vmap(lambda o, t: fn(jax.tree_util.tree_map(lambda a: a[None], o), t[None]))(outputs, y)
 
     @jax.jit
     def evaluate(params, x, y, weight):
         outputs, stats, _ = trainable.apply(params, None, x)
         values = {"loss": per_sample(loss_fn, outputs, y), **per_sample(metrics_fn, outputs, y)}
-        steps = jnp.stack([s.num_steps for s in stats]).astype(jnp.float32)
+        # no DEQ layer (an explicit model): no solver steps
+        steps = jnp.stack([s.num_steps for s in stats] or [jnp.zeros(len(x))]).astype(jnp.float32)
         return {
             "count": jnp.sum(weight),
             **{key: jnp.sum(weight.astype(value.dtype) * value) for key, value in values.items()},
@@ -229,6 +232,12 @@ def train_epoch(
                     'on_nonfinite="skip" to skip such steps.'
                 )
             bar.update(len(pending))
-            bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", fwd=f"{rows[-1]['fwd_mean_steps']:.1f}", refresh=False)
+            last = rows[-1]  # forward steps and converged fraction, when the model has DEQ layers
+            solves = (
+                {"fwd": f"{last['fwd_mean_steps']:.1f}", "conv": f"{last['fwd_converged_fraction']:.2f}"}
+                if "fwd_mean_steps" in last
+                else {}
+            )
+            bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", **solves, refresh=False)
             pending = []
     return state, rows

@@ -1,0 +1,253 @@
+"""The multiscale deep equilibrium classifier (MDEQ; Bai, Koltun & Kolter 2020, arXiv 2006.08656).
+
+Parallel resolution branches ``z = (z_1, …, z_n)`` (branch ``i`` at ``1/2^(i-1)`` of the image's height and
+width) are solved jointly as one equilibrium ``z* = f(z*, u)``::
+
+    u_1 = relu(GN(conv(x))),  u_i = GN(strided_conv(u_{i-1}))           (injection, computed once)
+    b_i = GN(relu(GN(conv(relu(GN(conv(z_i))))) + u_i) + z_i))           (one residual block per branch)
+    f(z, u)_j = GN(relu(Σ_i fuse_ij(b_i)))                              (multiscale fusion)
+
+where ``fuse_jj`` is the identity, ``fuse_ij`` for a coarser branch ``i > j`` is a 1×1 conv, GroupNorm and
+nearest upsampling, and for a finer branch ``i < j`` ``j − i`` strided 3×3 convs. The convolutions inside
+``f`` are weight-normalised (Salimans & Kingma 2016, arXiv 1602.07868) and start small, and every branch
+state ends in a GroupNorm, so ``f`` starts near a contraction and its states stay bounded. The head
+average-pools each branch of ``z*``, concatenates them and applies a linear layer.
+
+The branches form one state: the layer's solver sees them raveled into one vector per sample, as
+:func:`jdeq.fixed_point` sees any pytree state, and each sample is its own fixed-point problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+
+from ..gradients import GradientMode
+from ..nn import DEQ
+from ..solvers import Anderson, Solver
+
+ZOO_SOLVER = Anderson(m=5, tol=1e-3, max_steps=40, return_best=True)
+"""The zoo's default forward solver: Anderson (m = 5) to a relative residual of 1e-3 within 40 steps (the
+tolerance TorchDEQ's and the MDEQ paper's training runs use), keeping the lowest-residual iterate."""
+
+
+def branch_channels(height: int, channels: Optional[Sequence[int]]) -> tuple[int, ...]:
+    """``channels`` as a tuple, or the default: two branches (16, 32) below 32 pixels, three (16, 32, 64) from 32."""
+    if channels is not None:
+        return tuple(channels)
+    return (16, 32) if height < 32 else (16, 32, 64)
+
+
+def branch_shapes(image_shape: Sequence[int], channels: Sequence[int]) -> tuple[tuple[int, int, int], ...]:
+    """One sample's ``(H_i, W_i, C_i)`` per branch; ValueError unless H and W halve exactly ``len(channels) − 1``
+    times."""
+    height, width, _ = image_shape
+    scale = 2 ** (len(channels) - 1)
+    if len(channels) < 2 or height % scale or width % scale:
+        raise ValueError(
+            f"MDEQClassifier with {len(channels)} branches needs at least 2 branches and images whose height and "
+            f"width divide by {scale}; got images {tuple(image_shape)}"
+        )
+    return tuple((height // 2**i, width // 2**i, c) for i, c in enumerate(channels))
+
+
+def pack(branches: Sequence[jax.Array]) -> jax.Array:
+    """The batch of branch states ``(B, H_i, W_i, C_i)`` as one ``(B, Σ H_i W_i C_i)`` array."""
+    return jnp.concatenate([b.reshape(b.shape[0], -1) for b in branches], axis=1)
+
+
+def unpack(flat: jax.Array, shapes: Sequence[tuple[int, int, int]]) -> tuple[jax.Array, ...]:
+    """The inverse of :func:`pack` for the per-sample ``shapes``."""
+    sizes = [h * w * c for h, w, c in shapes]
+    ends = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+    return tuple(part.reshape(-1, *shape) for part, shape in zip(jnp.split(flat, ends, axis=1), shapes))
+
+
+def _upsample(h: jax.Array, factor: int) -> jax.Array:
+    """Nearest-neighbour upsampling of NHWC ``h`` by ``factor``."""
+    return jnp.repeat(jnp.repeat(h, factor, axis=1), factor, axis=2)
+
+
+class _Conv(linen.Module):
+    """A bias-free 3×3 (or ``kernel``) convolution, weight-normalised when ``normalized``, initialised at
+    ``scale`` times the variance-scaling (fan-in) default."""
+
+    features: int
+    kernel: int = 3
+    stride: int = 1
+    scale: float = 1.0
+    normalized: bool = True
+    param_dtype: Any = jnp.float32
+
+    @linen.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        conv = linen.Conv(
+            self.features,
+            (self.kernel, self.kernel),
+            strides=self.stride,
+            use_bias=False,
+            kernel_init=linen.initializers.variance_scaling(self.scale**2, "fan_in", "normal"),
+            dtype=self.param_dtype,
+            param_dtype=self.param_dtype,
+        )
+        if not self.normalized:
+            return conv(h)
+        return linen.WeightNorm(
+            conv, variable_filter={"kernel"}, scale_init=_scale_init(self.scale), param_dtype=self.param_dtype
+        )(h)
+
+
+def _scale_init(scale: float):
+    """WeightNorm's per-output-channel gain at init: ``scale`` (a kernel of norm ``scale`` per output channel)."""
+    return lambda key, shape, dtype: jnp.full(shape, scale, dtype)
+
+
+def _norm(groups: int, channels: int, dtype: Any) -> linen.GroupNorm:
+    return linen.GroupNorm(num_groups=min(groups, channels), dtype=dtype, param_dtype=dtype)
+
+
+class MultiscaleCell(linen.Module):
+    """The MDEQ map ``f(z, u)`` on the tuple of branch states (see the module docstring), NHWC batches."""
+
+    channels: tuple[int, ...]
+    groups: int = 4
+    scale: float = 0.25
+    param_dtype: Any = jnp.float32
+
+    @linen.compact
+    def __call__(self, z: Sequence[jax.Array], u: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+        dtype, conv = self.param_dtype, self._conv
+        blocks = []
+        for z_i, u_i, c in zip(z, u, self.channels):
+            h = jax.nn.relu(_norm(self.groups, c, dtype)(conv(c)(z_i)))
+            h = _norm(self.groups, c, dtype)(conv(c)(h) + u_i)
+            blocks.append(_norm(self.groups, c, dtype)(jax.nn.relu(h + z_i)))
+        return tuple(
+            _norm(self.groups, c, dtype)(jax.nn.relu(sum(self._fuse(b, i, j) for i, b in enumerate(blocks))))
+            for j, c in enumerate(self.channels)
+        )
+
+    def _conv(self, features: int, kernel: int = 3, stride: int = 1) -> _Conv:
+        return _Conv(features, kernel, stride, scale=self.scale, param_dtype=self.param_dtype)
+
+    def _fuse(self, b: jax.Array, i: int, j: int) -> jax.Array:
+        """Branch ``i``'s block output brought to branch ``j``'s resolution and channels."""
+        c, dtype = self.channels[j], self.param_dtype
+        if i > j:  # coarser: 1×1 conv, GroupNorm, upsample
+            return _upsample(_norm(self.groups, c, dtype)(self._conv(c, kernel=1)(b)), 2 ** (i - j))
+        for step in range(j - i):  # finer: strided 3×3 convs, relu between
+            last = step == j - i - 1
+            b = _norm(self.groups, c if last else self.channels[i], dtype)(
+                self._conv(c if last else self.channels[i], stride=2)(b)
+            )
+            b = b if last else jax.nn.relu(b)
+        return b
+
+
+class _PackedCell(linen.Module):
+    """:class:`MultiscaleCell` on packed states: ``(B, N)`` ``z`` and ``u`` in, ``(B, N)`` out (see :func:`pack`)."""
+
+    shapes: tuple[tuple[int, int, int], ...]
+    groups: int = 4
+    scale: float = 0.25
+    param_dtype: Any = jnp.float32
+
+    @linen.compact
+    def __call__(self, z: jax.Array, u: jax.Array) -> jax.Array:
+        channels = tuple(c for _, _, c in self.shapes)
+        cell = MultiscaleCell(channels, self.groups, self.scale, self.param_dtype, name="cell")
+        return pack(cell(unpack(z, self.shapes), unpack(u, self.shapes)))
+
+
+class _PackedSkip(linen.Module):
+    """SkipDEQ's initial guess for MDEQ: ``z0_i = GN(conv(u_i))`` per branch, on packed injections and states."""
+
+    shapes: tuple[tuple[int, int, int], ...]
+    groups: int = 4
+    param_dtype: Any = jnp.float32
+
+    @linen.compact
+    def __call__(self, u: jax.Array) -> jax.Array:
+        dtype = self.param_dtype
+        return pack(
+            [
+                _norm(self.groups, c, dtype)(_Conv(c, normalized=False, param_dtype=dtype)(u_i))
+                for u_i, (_, _, c) in zip(unpack(u, self.shapes), self.shapes)
+            ]
+        )
+
+
+class MultiscaleInjection(linen.Module):
+    """``u_1 = relu(GN(conv(x)))``, ``u_i = GN(strided_conv(u_{i-1}))``: the input injection of each branch."""
+
+    channels: tuple[int, ...]
+    groups: int = 4
+    param_dtype: Any = jnp.float32
+
+    @linen.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        dtype = self.param_dtype
+        u = [jax.nn.relu(_norm(self.groups, self.channels[0], dtype)(_Conv(self.channels[0], param_dtype=dtype)(x)))]
+        for c in self.channels[1:]:
+            u.append(_norm(self.groups, c, dtype)(_Conv(c, stride=2, param_dtype=dtype)(u[-1])))
+        return tuple(u)
+
+
+def check_images(images: jax.Array) -> None:
+    """ValueError unless ``images`` is a floating NHWC batch."""
+    if jnp.ndim(images) != 4 or not jnp.issubdtype(jnp.result_type(images), jnp.floating):
+        raise ValueError(
+            "MDEQClassifier takes a floating batch of NHWC images (batch, height, width, channels), got shape "
+            f"{jnp.shape(images)} dtype {jnp.result_type(images)}"
+        )
+
+
+class MDEQClassifier(linen.Module):
+    """A multiscale DEQ classifier: ``logits = Dense(concat_i pool(z*_i))`` with ``z*`` the joint equilibrium of
+    the :class:`MultiscaleCell` branches (Bai, Koltun & Kolter 2020, arXiv 2006.08656).
+
+    Attributes:
+      num_classes: the number of classes.
+      channels: channels per branch, finest first (default: :func:`branch_channels`, 2 branches below 32 pixels,
+        3 from 32); the image height and width must halve ``len(channels) − 1`` times.
+      groups: GroupNorm groups (at most the channels of a branch).
+      scale: the gain of the map's convolutions at init (weight norm: each output channel's kernel has this norm).
+      solver: the forward solver (default :data:`ZOO_SOLVER`).
+      grad: the gradient mode (default ``jdeq.Implicit()``).
+      skip: start each solve from a learned SkipDEQ guess (a 3×3 conv and GroupNorm per branch of the injection),
+        trained by the consistency loss with weight ``skip_weight`` (see :class:`jdeq.nn.DEQ`).
+
+    Call as ``model.apply(variables, images)`` with float NHWC ``images``; parameters and computation take the
+    images' dtype. ``return_state=True`` returns ``(logits, z*)`` with ``z*`` the tuple of branch states. The
+    forward solver statistics are sown like :class:`jdeq.nn.DEQ`'s (``"deq_stats"`` in ``"intermediates"``).
+    """
+
+    num_classes: int
+    channels: Optional[tuple[int, ...]] = None
+    groups: int = 4
+    scale: float = 0.25
+    solver: Solver = ZOO_SOLVER
+    grad: Optional[GradientMode] = None
+    skip: bool = False
+    skip_weight: float = 1.0
+
+    @linen.compact
+    def __call__(self, images: jax.Array, return_state: bool = False):
+        check_images(images)
+        dtype = jnp.result_type(images)
+        channels = branch_channels(images.shape[1], self.channels)
+        shapes = branch_shapes(images.shape[1:], channels)
+        u = pack(MultiscaleInjection(channels, self.groups, dtype, name="injection")(images))
+        f = _PackedCell(shapes, self.groups, self.scale, dtype, name="f")
+        options = {}
+        if self.skip:
+            options = dict(skip=_PackedSkip(shapes, self.groups, dtype, name="skip"), skip_weight=self.skip_weight)
+        z = DEQ(f, solver=self.solver, grad=self.grad, name="deq", **options)(u, jnp.zeros_like(u))
+        branches = unpack(z, shapes)
+        pooled = jnp.concatenate([jnp.mean(b, axis=(1, 2)) for b in branches], axis=1)
+        logits = linen.Dense(self.num_classes, dtype=dtype, param_dtype=dtype, name="head")(pooled)
+        return (logits, branches) if return_state else logits

@@ -1,0 +1,380 @@
+"""The model zoo: MDEQClassifier, DEQTransformerLM and its weight-tied baseline, and the pydoc text data."""
+
+import json
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jdeq
+from jdeq import data
+from jdeq.models import (
+    DEQTransformerLM,
+    MDEQClassifier,
+    TeacherForced,
+    WeightTiedTransformerLM,
+    bits_per_character,
+    teacher_forced_loss,
+)
+from jdeq.models.mdeq import branch_channels, pack, unpack
+
+TIGHT = jdeq.Anderson(m=5, tol=1e-11, max_steps=300)
+FD_RTOL = 1e-4  # a central difference at eps 1e-6 of losses whose solves stop at 1e-11: errors of ~1e-11 / 1e-6
+UNROLLED_BUDGET = jdeq.Anderson(m=5, tol=1e-11, max_steps=100)  # Unrolled scans over every step of its budget
+
+
+def converged(stats_tree) -> np.ndarray:
+    (stats,) = jdeq.nn.forward_stats(stats_tree)
+    return np.asarray(stats.result) == jdeq.Result.CONVERGED
+
+
+# --- text data ---------------------------------------------------------------------------------------------------
+
+
+def test_pydoc_text_is_split_contiguously_in_a_fixed_documented_way():
+    text = data.load_text("pydoc")
+    full = data.pydoc_text()
+    assert 400_000 < len(full) < 600_000
+    for split in (text.train, text.valid, text.test):
+        assert split.dtype == np.int32 and split.ndim == 1
+    assert len(text.train) == int(0.9 * len(full)) and len(text.valid) == int(0.05 * len(full))
+    assert text.decode(np.concatenate([text.train, text.valid, text.test])) == full
+    assert list(text.vocab) == sorted(set(full)) and len(text.vocab) == len(set(text.vocab))
+    assert data.load_text("pydoc").test.tolist() == text.test.tolist()
+
+
+def test_text_windows_are_a_fit_dataset_of_next_character_targets():
+    text = data.load_text("pydoc")
+    windows = text.windows(32)
+    assert windows.x_train.shape == (len(text.train) // 33, 33) and windows.num_classes == len(text.vocab)
+    assert np.array_equal(windows.x_train.ravel(), text.train[: windows.x_train.size])
+    assert np.array_equal(windows.y_train, windows.x_train[:, -1])
+    assert np.array_equal(text.windows(32, eval_split="valid").x_test.ravel()[:10], text.valid[:10])
+
+
+def test_a_users_text_file(tmp_path):
+    path = tmp_path / "poem.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 20 + "ünïcödé", encoding="utf-8")
+    text = data.load_text(path)
+    assert text.name == "poem" and "ü" in text.vocab
+    assert text.decode(text.encode("fox")) == "fox"
+    with pytest.raises(ValueError, match="'Z'.*not in its vocabulary"):
+        text.encode("Zebra")
+    with pytest.raises(ValueError, match="fewer than one window"):
+        text.windows(len(text.test))
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        data.load_text(tmp_path / "missing.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 10)
+    with pytest.raises(ValueError, match="not UTF-8"):
+        data.load_text(tmp_path / "latin1.txt")
+    (tmp_path / "short.txt").write_text("tiny", encoding="utf-8")
+    with pytest.raises(ValueError, match="has 4 characters"):
+        data.load_text(tmp_path / "short.txt")
+
+
+# --- MDEQ ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_digits(flatten=False)
+
+
+def test_mdeq_classifies_nhwc_images_at_a_converged_equilibrium(digits):
+    images = jnp.asarray(digits.x_train[:16])
+    model = MDEQClassifier(10)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+    assert set(variables["params"]) == {"injection", "f", "head"}
+    apply = jax.jit(lambda v, x: model.apply(v, x, return_state=True, mutable=["intermediates"]))
+    (logits, branches), sown = apply(variables, images)
+    assert logits.shape == (16, 10) and logits.dtype == jnp.float32
+    assert [b.shape for b in branches] == [(16, 8, 8, 16), (16, 4, 4, 32)]
+    assert converged(sown).all()
+    (one, _), _ = apply(variables, images[:1])  # a user's batch of one
+    np.testing.assert_allclose(one[0], logits[0], atol=1e-3)
+
+
+def test_mdeq_three_branches_and_bad_inputs():
+    assert branch_channels(8, None) == (16, 32) and branch_channels(32, None) == (16, 32, 64)
+    images = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 8, 8, 3)), jnp.float32)
+    model = MDEQClassifier(10, channels=(4, 8, 8), groups=2)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+    apply = jax.jit(lambda v, x: model.apply(v, x, return_state=True, mutable=["intermediates"]))
+    (logits, branches), sown = apply(variables, images)
+    assert logits.shape == (2, 10) and [b.shape[1:] for b in branches] == [(8, 8, 4), (4, 4, 8), (2, 2, 8)]
+    assert converged(sown).all()
+    with pytest.raises(ValueError, match="divide by 4"):
+        model.init(jax.random.PRNGKey(0), images[:, :6, :6])
+    with pytest.raises(ValueError, match="floating batch of NHWC"):
+        model.init(jax.random.PRNGKey(0), images[..., 0])
+    with pytest.raises(ValueError, match="floating batch of NHWC"):
+        model.init(jax.random.PRNGKey(0), (images * 255).astype(jnp.int32))
+
+
+def test_pack_unpack_round_trip():
+    shapes = ((4, 4, 2), (2, 2, 3))
+    parts = (jnp.arange(2 * 32.0).reshape(2, 4, 4, 2), -jnp.arange(2 * 12.0).reshape(2, 2, 2, 3))
+    assert pack(parts).shape == (2, 44)
+    for a, b in zip(unpack(pack(parts), shapes), parts):
+        np.testing.assert_array_equal(a, b)
+
+
+def small_mdeq(solver, grad=None):
+    return MDEQClassifier(3, channels=(4, 4), groups=2, solver=solver, grad=grad)
+
+
+def directional_check(loss, params, seed=0, eps=1e-6):
+    """The gradient of ``loss`` at ``params`` along a random direction against a central finite difference."""
+    loss = jax.jit(loss)
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    direction = tree.unflatten([jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)])
+    grads = jax.jit(jax.grad(loss))(params)
+    analytic = sum(
+        jnp.vdot(g, d) for g, d in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction))
+    )
+
+    def shifted(t):
+        return loss(jax.tree_util.tree_map(lambda p, d: p + t * d, params, direction))
+
+    numeric = (shifted(eps) - shifted(-eps)) / (2 * eps)
+    return float(analytic), float(numeric), grads
+
+
+def test_mdeq_implicit_gradient_matches_finite_differences_and_unrolled_in_float64(standard_promotion):
+    images = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 4, 4, 1)))  # float64: the model follows it
+    labels = jnp.array([0, 2])
+    model = small_mdeq(TIGHT)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), images)["params"]
+    _, sown = jax.jit(lambda p: model.apply({"params": p}, images, mutable=["intermediates"]))(params)
+    assert converged(sown).all()  # to 1e-11: the gradients below are those of the equilibrium
+    assert np.max(jdeq.nn.forward_stats(sown)[0].num_steps) < UNROLLED_BUDGET.max_steps
+
+    def loss_with(m):
+        return lambda p: jnp.mean(
+            optax.softmax_cross_entropy_with_integer_labels(m.apply({"params": p}, images), labels)
+        )
+
+    analytic, numeric, grads = directional_check(loss_with(model), params)
+    assert abs(analytic - numeric) <= FD_RTOL * max(1.0, abs(numeric))
+    unrolled = jax.jit(jax.grad(loss_with(small_mdeq(UNROLLED_BUDGET, jdeq.Unrolled()))))(params)
+    for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(unrolled)):
+        # the unrolled derivative through a solve stopped at 1e-11 lags its iterate: 1e-5 of each leaf's scale
+        assert float(jnp.max(jnp.abs(g - u))) <= 1e-5 * float(jnp.max(jnp.abs(u))) + 1e-12  # + zero leaves
+    assert all(bool(jnp.any(g != 0)) for g in jax.tree_util.tree_leaves(grads["f"]))
+
+
+@pytest.mark.slow  # three compilations of the full-size model, eagerly as a user's NNX code runs
+def test_mdeq_through_nnx_bridge(digits):
+    images = jnp.asarray(digits.x_train[:4])
+    linen_model = MDEQClassifier(10)
+    model = nnx.bridge.ToNNX(linen_model, rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(model, images)
+    logits = model(images)
+    params = nnx.state(model, nnx.Param)
+    np.testing.assert_allclose(logits, linen_model.apply({"params": nnx.to_pure_dict(params)}, images), atol=1e-6)
+    grads = nnx.grad(lambda m: jnp.mean(m(images) ** 2))(model)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+
+
+# --- DEQ-Transformer ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pydoc_windows():
+    return data.load_text("pydoc").windows(32)
+
+
+def test_deq_lm_gives_next_token_logits_at_a_converged_equilibrium(pydoc_windows):
+    tokens = jnp.asarray(pydoc_windows.x_train[:8, :-1])
+    model = DEQTransformerLM(pydoc_windows.num_classes, dim=32, heads=2)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)
+    apply = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))
+    logits, sown = apply(variables, tokens)
+    assert logits.shape == (8, 32, pydoc_windows.num_classes) and logits.dtype == jnp.float32
+    assert converged(sown).all()
+    one, _ = apply(variables, tokens[:1])  # a batch of one
+    np.testing.assert_allclose(one[0], logits[0], atol=1e-3)
+    with pytest.raises(ValueError, match="integer tokens"):
+        model.apply(variables, tokens.astype(jnp.float32))
+    with pytest.raises(ValueError, match="outside"):
+        model.apply(variables, tokens.at[0, 0].set(pydoc_windows.num_classes))
+    with pytest.raises(ValueError, match="max_len"):
+        model.apply(variables, jnp.zeros((1, 300), jnp.int32))
+
+
+def test_weight_tied_baseline_shares_the_parameters_and_reaches_the_same_equilibrium(standard_promotion):
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 6)), jnp.int32)
+    options = dict(dim=8, heads=2, max_len=8, param_dtype=jnp.float64)
+    deq = DEQTransformerLM(11, solver=TIGHT, **options)
+    variables = jax.jit(deq.init)(jax.random.PRNGKey(0), tokens)
+    explicit = WeightTiedTransformerLM(11, depth=200, **options)
+    assert jax.tree_util.tree_map(
+        jnp.shape, jax.eval_shape(explicit.init, jax.random.PRNGKey(1), tokens)["params"]
+    ) == (jax.tree_util.tree_map(jnp.shape, variables["params"]))
+    # the block iterated 200 times from 0 is the fixed-point iteration: it reaches z* when f contracts
+    explicit_apply = jax.jit(explicit.apply)
+    np.testing.assert_allclose(explicit_apply(variables, tokens), jax.jit(deq.apply)(variables, tokens), atol=1e-8)
+    later = tokens.at[:, 4:].set(0)  # causal: positions before 4 do not see tokens from 4 on
+    np.testing.assert_allclose(explicit_apply(variables, later)[:, :4], explicit_apply(variables, tokens)[:, :4])
+    with pytest.raises(ValueError, match="depth"):
+        WeightTiedTransformerLM(11, depth=0, **options).init(jax.random.PRNGKey(0), tokens)
+
+
+def test_deq_lm_implicit_gradient_matches_finite_differences_and_unrolled_in_float64(standard_promotion):
+    windows = jnp.asarray(np.random.default_rng(2).integers(0, 7, (2, 6)), jnp.int32)
+    options = dict(dim=8, heads=2, max_len=8, param_dtype=jnp.float64)
+    model = TeacherForced(DEQTransformerLM(7, solver=TIGHT, **options))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), windows)["params"]
+    _, sown = jax.jit(lambda p: model.apply({"params": p}, windows, mutable=["intermediates"]))(params)
+    assert converged(sown).all()  # to 1e-11, within the unrolled reference's budget too
+    assert np.max(jdeq.nn.forward_stats(sown)[0].num_steps) < UNROLLED_BUDGET.max_steps
+
+    def loss_with(m):
+        return lambda p: teacher_forced_loss(m.apply({"params": p}, windows), None)
+
+    analytic, numeric, grads = directional_check(loss_with(model), params)
+    assert abs(analytic - numeric) <= FD_RTOL * max(1.0, abs(numeric))
+    unrolled_lm = DEQTransformerLM(7, solver=UNROLLED_BUDGET, grad=jdeq.Unrolled(), **options)
+    unrolled = jax.jit(jax.grad(loss_with(TeacherForced(unrolled_lm))))(params)
+    for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(unrolled)):
+        # the unrolled derivative through a solve stopped at 1e-11 lags its iterate: 1e-5 of each leaf's scale
+        assert float(jnp.max(jnp.abs(g - u))) <= 1e-5 * float(jnp.max(jnp.abs(u))) + 1e-12  # + zero leaves
+
+
+def test_teacher_forced_metrics():
+    logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.25, 0.5, 0.25]]]))
+    outputs = (logits, jnp.array([[0, 2]]))
+    metrics = bits_per_character(outputs, None)
+    np.testing.assert_allclose(metrics["bpc"], (1 + 2) / 2)  # -log2(0.5) and -log2(0.25)
+    np.testing.assert_allclose(metrics["accuracy"], 0.5)
+
+
+def test_deq_lm_through_nnx_bridge():
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 6)), jnp.int32)
+    model = nnx.bridge.ToNNX(DEQTransformerLM(11, dim=8, heads=2, max_len=8), rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(model, tokens)
+    grads = nnx.grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
+    assert model(tokens).shape == (2, 6, 11)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+
+
+# --- SkipDEQ ------------------------------------------------------------------------------------------------------
+
+
+class TanhCell(linen.Module):
+    @linen.compact
+    def __call__(self, z, x):
+        return jnp.tanh(0.5 * linen.Dense(6, param_dtype=z.dtype)(z) + x)
+
+
+class Guess(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        return linen.Dense(6, param_dtype=x.dtype)(x)
+
+
+def test_skipdeq_trains_the_guess_by_the_consistency_loss_only_and_leaves_the_map_gradient_unchanged():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 6)))
+    plain = jdeq.nn.DEQ(TanhCell(), solver=TIGHT)
+    skip = jdeq.nn.DEQ(TanhCell(), solver=TIGHT, skip=Guess(), skip_weight=0.3)
+    variables = jax.jit(skip.init)(jax.random.PRNGKey(0), x, jnp.zeros_like(x))
+    params = variables["params"]
+    assert set(params) == {"f", "skip"}
+
+    def task(out):
+        return jnp.sum(jnp.sin(out))
+
+    grads = jax.jit(jax.grad(lambda p: task(skip.apply({"params": p}, x, jnp.zeros_like(x)))))(params)
+    plain_grads = jax.jit(jax.grad(lambda p: task(plain.apply({"params": p}, x, jnp.zeros_like(x)))))(
+        {"f": params["f"]}
+    )
+    np.testing.assert_allclose(grads["f"]["Dense_0"]["kernel"], plain_grads["f"]["Dense_0"]["kernel"], atol=1e-9)
+    z_star = jax.jit(plain.apply)({"params": {"f": params["f"]}}, x, jnp.zeros_like(x))
+    expected = jax.grad(lambda g: 0.3 * jdeq.nn.consistency_loss(Guess().apply({"params": g}, x), z_star))(
+        params["skip"]
+    )
+    np.testing.assert_allclose(grads["skip"]["Dense_0"]["kernel"], expected["Dense_0"]["kernel"], atol=1e-9)
+    out, sown = jax.jit(lambda p: skip.apply({"params": p}, x, jnp.zeros_like(x), mutable=["intermediates"]))(params)
+    loss = sown["intermediates"][jdeq.nn.SKIP_LOSS_NAME][0]
+    np.testing.assert_allclose(loss, jdeq.nn.consistency_loss(Guess().apply({"params": params["skip"]}, x), z_star))
+
+
+def test_skipdeq_guess_shortens_the_solve_once_it_matches_and_names_a_misfit():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 6)))
+    layer = jdeq.nn.DEQ(TanhCell(), solver=jdeq.Anderson(tol=1e-8, max_steps=100), skip=Guess(), skip_weight=1.0)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(0), x, jnp.zeros_like(x))["params"]
+    apply = jax.jit(lambda p: layer.apply({"params": p}, x, jnp.zeros_like(x), mutable=["intermediates"]))
+    _, sown = apply(params)
+    before = np.mean(jdeq.nn.forward_stats(sown)[0].num_steps)
+    loss_before = float(sown["intermediates"][jdeq.nn.SKIP_LOSS_NAME][0])
+    step = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x, jnp.zeros_like(x)) * 0.0)))
+    for _ in range(200):  # the task loss is zero: only the consistency loss trains the guess
+        params = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, step(params))
+    (_, sown) = apply(params)
+    assert np.mean(jdeq.nn.forward_stats(sown)[0].num_steps) < before
+    assert float(sown["intermediates"][jdeq.nn.SKIP_LOSS_NAME][0]) < 0.1 * loss_before
+    with pytest.raises(ValueError, match="skip module returned"):
+        misfit = linen.Dense(3, param_dtype=jnp.float64)
+        jdeq.nn.DEQ(TanhCell(), skip=misfit).init(jax.random.PRNGKey(0), x, jnp.zeros_like(x))
+    with pytest.raises(ValueError, match="skip_weight"):
+        jdeq.nn.DEQ(TanhCell(), skip=Guess(), skip_weight=-1.0).init(jax.random.PRNGKey(0), x, jnp.zeros_like(x))
+
+
+def test_skipdeq_in_nnx_and_in_the_zoo_models(standard_promotion):
+    class NCell(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(6, 6, param_dtype=jnp.float64, rngs=rngs)
+
+        def __call__(self, z, x):
+            return jnp.tanh(0.5 * self.a(z) + x)
+
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 6)))
+    rngs = nnx.Rngs(0)
+    layer = jdeq.nn.NNXDEQ(NCell(rngs), solver=TIGHT, skip=nnx.Linear(6, 6, param_dtype=jnp.float64, rngs=rngs))
+    grads = nnx.grad(lambda m: jnp.sum(m(x, jnp.zeros_like(x))))(layer)
+    assert float(jnp.abs(grads.skip.kernel[...]).sum()) > 0 and float(layer.skip_loss[...]) > 0
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 6)), jnp.int32)
+    lm = DEQTransformerLM(11, dim=8, heads=2, max_len=8, skip=True)
+    assert "skip" in jax.eval_shape(lm.init, jax.random.PRNGKey(0), tokens)["params"]
+    images = jnp.zeros((2, 4, 4, 1), jnp.float32)
+    assert "skip" in jax.eval_shape(small_mdeq(TIGHT).clone(skip=True).init, jax.random.PRNGKey(0), images)["params"]
+
+
+# --- jdeq train ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", [["--skipdeq"], ["--depth", "2"]], ids=["deq_skipdeq", "explicit"])
+def test_train_lm_command_writes_the_results_row_and_figure(tmp_path, variant, standard_promotion):
+    from jdeq import cli
+
+    out = tmp_path / "run"
+    small = ["--epochs", "1", "--train-chars", "2000", "--dim", "8", "--heads", "2", "--length", "16"]
+    cli.main(["train", "lm", *small, *variant, "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    row = metrics["row"]
+    assert {
+        "model",
+        "dataset",
+        "params",
+        "metric",
+        "value",
+        "fwd_converged_fraction",
+        "fwd_mean_steps",
+        "skipdeq",
+    } <= set(row)
+    assert (
+        row["metric"] == "bpc"
+        and np.isfinite(row["value"])
+        and row["steps"] == len(metrics["history"]) * (2000 // 17 // 32)
+    )
+    if variant[0] == "--skipdeq":
+        assert row["model"] == "deq_lm" and row["skipdeq"] and 0 <= row["fwd_converged_fraction"] <= 1
+        assert "fwd_converged_fraction" in metrics["history"][0]
+    else:
+        assert row["model"] == "explicit_lm" and row["fwd_converged_fraction"] is None and row["fwd_mean_steps"] == 2
+    assert (out / "training.png").stat().st_size > 0
