@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -12,12 +13,14 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from .._errors import ConvergenceWarning, SolveError
 from ..data import Dataset, check_dataset
 from ._adapters import as_trainable
 from ._checkpoints import checkpoint_manager, resume, run_config, save_checkpoint
 from ._lock import directory_lock, writable_directory
 from ._loop import (
     TrainState,
+    convergence_failures,
     default_loss,
     default_metrics,
     epoch_summary,
@@ -54,6 +57,7 @@ def fit(
     checkpoint_dir: Optional[str | Path] = None,
     config: Optional[dict] = None,
     on_nonfinite: str = "stop",
+    on_nonconvergence: str = "warn",
     progress: bool = True,
 ) -> FitResult:
     """Train ``model``, a linen ``Module`` or an ``nnx.Module`` mapping a batch ``x`` to outputs, on ``data``.
@@ -94,6 +98,8 @@ def fit(
         raise ValueError(f"batch_size must be in [1, {n}] (the training set size), got {batch_size}")
     if on_nonfinite not in ("stop", "skip"):
         raise ValueError(f'on_nonfinite must be "stop" or "skip", got {on_nonfinite!r}')
+    if on_nonconvergence not in ("warn", "raise", "ignore"):
+        raise ValueError(f'on_nonconvergence must be "warn", "raise" or "ignore", got {on_nonconvergence!r}')
     if not (isinstance(log_every, int) and log_every >= 1):
         raise ValueError(f"log_every must be an int >= 1, got {log_every!r}")
     trainable = as_trainable(model)
@@ -121,5 +127,17 @@ def fit(
                     save_checkpoint(manager, epoch + 1, state, history, run)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch + 1, history[-1])
+                report_nonconvergence(convergence_failures(history[-1], epoch + 1), on_nonconvergence)
         trainable.finish(state.params)
         return FitResult(state, history, time.perf_counter() - start)
+
+
+def report_nonconvergence(failures: list[str], action: str) -> None:
+    """Warn each of ``failures`` (:class:`jdeq.ConvergenceWarning`), raise them (:class:`jdeq.SolveError`) or
+    nothing, as ``action`` (``fit``'s ``on_nonconvergence``) says."""
+    if not failures or action == "ignore":
+        return
+    if action == "raise":
+        raise SolveError("; ".join(failures) + ' (on_nonconvergence="raise"; the epoch\'s checkpoint is saved)')
+    for failure in failures:
+        warnings.warn(failure, ConvergenceWarning, stacklevel=3)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .._errors import convergence_report
 from ..data import Dataset
 from ..nn import forward_stats
 from ..stats import read_backward_stats, summarize
@@ -41,15 +42,50 @@ def _concatenated(records: list) -> Any:
     return jax.tree_util.tree_map(lambda *leaves: jnp.concatenate([jnp.ravel(leaf) for leaf in leaves]), *records)
 
 
+def _summaries(records: list, prefix: str) -> dict:
+    """:func:`jdeq.summarize` (``prefix``) over every sample of every layer's record and, with several layers,
+    of each layer alone (``{prefix}layer{i}_...``, in the order of the model's state)."""
+    if not records:
+        return {}
+    layers = {} if len(records) == 1 else {f"{prefix}layer{i}_": record for i, record in enumerate(records)}
+    return {
+        **summarize(_concatenated(records), prefix=prefix),
+        **{key: value for p, record in layers.items() for key, value in summarize(record, prefix=p).items()},
+    }
+
+
 def forward_metrics(stats_tree: Any) -> dict:
-    """:func:`jdeq.summarize` (prefix ``fwd_``) over every sample of every DEQ layer in ``stats_tree``."""
-    return summarize(_concatenated([s._replace(trace=None) for s in forward_stats(stats_tree)]), prefix="fwd_")
+    """Summaries (prefix ``fwd_``) of the forward solves of the DEQ layers in ``stats_tree``, see :func:`_summaries`."""
+    return _summaries([s._replace(trace=None) for s in forward_stats(stats_tree)], "fwd_")
 
 
 def backward_metrics(probe_grads: Any) -> dict:
-    """:func:`jdeq.summarize` (prefix ``bwd_``) of the backward solves read off every layer's probe gradient."""
-    records = [read_backward_stats(g) for g in jax.tree_util.tree_leaves(probe_grads)]
-    return summarize(_concatenated(records), prefix="bwd_") if records else {}
+    """Summaries (prefix ``bwd_``) of the backward solves read off every layer's probe gradient."""
+    return _summaries([read_backward_stats(g) for g in jax.tree_util.tree_leaves(probe_grads)], "bwd_")
+
+
+def convergence_failures(row: dict, epoch: int) -> list[str]:
+    """One line per DEQ layer and direction (forward, backward, evaluation) whose solves did not all converge in
+    the history ``row`` of ``epoch``, with the converged fraction, the steps and the largest residual reached
+    (:func:`jdeq._errors.convergence_report`). Directions without a solve (``Phantom``/``Unrolled`` backward) pass."""
+    failures = []
+    for prefix, what in (("fwd_", "forward"), ("bwd_", "backward"), ("test_fwd_", "evaluation (forward)")):
+        layers = sorted({key[: key.index("_", len(prefix)) + 1] for key in row if key.startswith(prefix + "layer")})
+        for part in layers or [prefix]:
+            fraction = row.get(part + "converged_fraction", 1.0)
+            solves = sum(row[key] for key in row if key.startswith(part + "count_")) if prefix == "bwd_" else 1
+            if fraction < 1.0 and solves > 0:
+                layer = f"layer {part[len(prefix) + 5 : -1]}" if part != prefix else "the DEQ layers"
+                failures.append(
+                    convergence_report(
+                        f"epoch {epoch}, {what} solves of {layer}",
+                        fraction,
+                        row.get(part + "mean_steps", float("nan")),
+                        row.get(part + "max_steps", float("nan")),
+                        row.get(part + "max_residual", float("nan")),
+                    )
+                )
+    return failures
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -131,8 +167,13 @@ def make_eval_step(
         outputs, stats, _ = trainable.apply(params, None, x)
         values = {"loss": per_sample(loss_fn, outputs, y), **per_sample(metrics_fn, outputs, y)}
         steps = jnp.stack([s.num_steps for s in stats]).astype(jnp.float32)
+        converged = jnp.stack([s.converged for s in stats]).astype(jnp.float32)
+        residual = jnp.stack([s.residual for s in stats]).astype(jnp.float32)
+        residual = jnp.where(jnp.isnan(residual), jnp.inf, residual)
         return {
             "count": jnp.sum(weight),
+            "fwd_converged": jnp.sum(weight * jnp.mean(converged, axis=0)),
+            "fwd_max_residual": jnp.max(jnp.where(weight > 0, jnp.max(residual, axis=0), 0.0)),
             **{key: jnp.sum(weight.astype(value.dtype) * value) for key, value in values.items()},
             "fwd_steps": jnp.sum(weight * jnp.mean(steps, axis=0)),
             "fwd_max_steps": jnp.max(jnp.where(weight > 0, jnp.max(steps, axis=0), 0.0)),
@@ -142,7 +183,8 @@ def make_eval_step(
 
 
 def evaluate(eval_step: Callable, params: Any, x: np.ndarray, y: np.ndarray, batch_size: int) -> dict:
-    """The loss, the metrics and the forward steps over all of ``(x, y)`` in fixed-size (padded) batches."""
+    """The loss, the metrics and the forward solves (converged fraction, mean and max steps, largest residual) over
+    all of ``(x, y)`` in fixed-size (padded) batches."""
     totals: dict = {}
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
@@ -152,11 +194,18 @@ def evaluate(eval_step: Callable, params: Any, x: np.ndarray, y: np.ndarray, bat
         yb = np.concatenate([yb, np.zeros((pad, *yb.shape[1:]), yb.dtype)])
         sums = jax.device_get(eval_step(params, xb, yb, weight))
         for key, value in sums.items():
-            totals[key] = max(totals.get(key, 0.0), value) if key == "fwd_max_steps" else totals.get(key, 0.0) + value
+            totals[key] = (
+                max(totals.get(key, 0.0), value) if key.startswith("fwd_max_") else totals.get(key, 0.0) + value
+            )
     n = totals.pop("count")
-    max_steps = totals.pop("fwd_max_steps")
-    means = {key: float(value / n) for key, value in totals.items() if key != "fwd_steps"}
-    return {**means, "fwd_mean_steps": float(totals["fwd_steps"] / n), "fwd_max_steps": float(max_steps)}
+    maxima = {key: float(totals.pop(key)) for key in ("fwd_max_steps", "fwd_max_residual")}
+    means = {key: float(value / n) for key, value in totals.items() if key not in ("fwd_steps", "fwd_converged")}
+    return {
+        **means,
+        "fwd_converged_fraction": float(totals["fwd_converged"] / n),
+        "fwd_mean_steps": float(totals["fwd_steps"] / n),
+        **maxima,
+    }
 
 
 def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -229,6 +278,12 @@ def train_epoch(
                     'on_nonfinite="skip" to skip such steps.'
                 )
             bar.update(len(pending))
-            bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", fwd=f"{rows[-1]['fwd_mean_steps']:.1f}", refresh=False)
+            last = rows[-1]
+            bar.set_postfix(
+                loss=f"{last['loss']:.3f}",
+                converged=f"{last.get('fwd_converged_fraction', 1.0):.0%}",
+                fwd_steps=f"{last.get('fwd_mean_steps', 0.0):.1f}",
+                refresh=False,
+            )
             pending = []
     return state, rows
