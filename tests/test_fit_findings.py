@@ -65,7 +65,7 @@ def test_per_sample_metrics_are_rejected():
     def per_sample(outputs, y):
         return {"accuracy": (jnp.argmax(outputs, -1).astype(y.dtype) == y).astype(jnp.float32)}
 
-    with pytest.raises(ValueError, match="metrics_fn.*'accuracy'.*scalar"):
+    with pytest.raises(ValueError, match="metrics_fn must return scalars.*'accuracy'"):
         fit(metrics_fn=per_sample)
 
 
