@@ -8,14 +8,13 @@ import warnings
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import tiny_classification
 
 import jdeq
 import jdeq.train as train
-from jdeq.data import Dataset
 
 W = jax.random.normal(jax.random.PRNGKey(3), (16, 16)) * 0.9 / 4.0
 X = jax.random.normal(jax.random.PRNGKey(4), (16,))
@@ -112,15 +111,8 @@ class NNXUserModel(nnx.Module):
         return self.head(self.deq(x, jnp.zeros((x.shape[0], 8), x.dtype)))
 
 
-def tiny_data(n=16):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, 4)).astype(np.float32)
-    y = rng.integers(0, 3, n).astype(np.int32)
-    return Dataset("tiny", x, y, x[:8], y[:8], 3)
-
-
 def fit(model, **kwargs):
-    return train.fit(model, optax.sgd(1e-2), tiny_data(), epochs=2, batch_size=8, progress=False, **kwargs)
+    return train.fit(model, optax.sgd(1e-2), tiny_classification(), epochs=2, batch_size=8, progress=False, **kwargs)
 
 
 @pytest.mark.parametrize("layers", [1, 2])

@@ -9,43 +9,28 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import tiny_classification, user_nnx_map
 
 import jdeq
 import jdeq.train as train
-from jdeq.data import Dataset
 
 SOLVER = jdeq.Anderson(max_steps=40)
-
-
-class NNXUserMap(nnx.Module):
-    def __init__(self, rngs):
-        self.a, self.b = nnx.Linear(8, 8, rngs=rngs), nnx.Linear(4, 8, rngs=rngs)
-
-    def __call__(self, z, x):
-        return jnp.tanh(0.3 * self.a(z) + self.b(x))
 
 
 class NNXUserModel(nnx.Module):
     def __init__(self, rngs, solver=SOLVER, cache_size=None):
         cache = {} if cache_size is None else dict(cache_size=cache_size, state_shape=(8,), state_dtype=jnp.float32)
-        self.deq = jdeq.nn.NNXDEQ(NNXUserMap(rngs), solver=solver, **cache)
+        self.deq = jdeq.nn.NNXDEQ(user_nnx_map(rngs), solver=solver, **cache)
         self.head = nnx.Linear(8, 3, rngs=rngs)
 
     def __call__(self, x):
         return self.head(self.deq(x, jnp.zeros((x.shape[0], 8), x.dtype)))
 
 
-def tiny_data(n=16):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, 4)).astype(np.float32)
-    y = rng.integers(0, 3, n).astype(np.int32)
-    return Dataset("tiny", x, y, x[:8], y[:8], 3)
-
-
 def fit(model=None, optimizer=None, data=None, **kwargs):
     kwargs = {"epochs": 1, "batch_size": 8, "progress": False, **kwargs}
     model = model or NNXUserModel(nnx.Rngs(0))
-    return train.fit(model, optimizer or optax.sgd(1e-2), data or tiny_data(), **kwargs)
+    return train.fit(model, optimizer or optax.sgd(1e-2), data or tiny_classification(), **kwargs)
 
 
 @pytest.mark.parametrize("epochs", [-1, 0, 2.5, True])
@@ -134,7 +119,7 @@ def test_nnx_resume_with_another_solver_is_refused_and_allowed_on_request(tmp_pa
 
 
 def test_warm_cache_refuses_a_training_set_of_other_content(tmp_path):
-    data = tiny_data()
+    data = tiny_classification()
     fit(NNXUserModel(nnx.Rngs(0), cache_size=16), data=data, checkpoint_dir=tmp_path)
     order = np.random.default_rng(1).permutation(16)
     shuffled = data._replace(x_train=data.x_train[order], y_train=data.y_train[order])

@@ -9,36 +9,20 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import leaves_equal
+from helpers import leaves_equal, tiny_classification, user_nnx_map
 
 import jdeq
 import jdeq.train as train
-from jdeq.data import Dataset
 from jdeq.train._loop import init_state
 
 SOLVER = jdeq.Anderson(max_steps=40)
-
-
-def tiny_data(n=16):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, 4)).astype(np.float32)
-    y = rng.integers(0, 3, n).astype(np.int32)
-    return Dataset("tiny", x, y, x[:8], y[:8], 3)
-
-
-class NNXUserMap(nnx.Module):
-    def __init__(self, rngs):
-        self.a, self.b = nnx.Linear(8, 8, rngs=rngs), nnx.Linear(4, 8, rngs=rngs)
-
-    def __call__(self, z, x):
-        return jnp.tanh(0.3 * self.a(z) + self.b(x))
 
 
 class NNXDropoutModel(nnx.Module):
     """A user's NNX model: a DEQ, then BatchNorm and dropout outside it."""
 
     def __init__(self, rngs):
-        self.deq = jdeq.nn.NNXDEQ(NNXUserMap(rngs), solver=SOLVER)
+        self.deq = jdeq.nn.NNXDEQ(user_nnx_map(rngs), solver=SOLVER)
         self.norm = nnx.BatchNorm(8, rngs=rngs)
         self.drop = nnx.Dropout(0.5, rngs=rngs)
         self.head = nnx.Linear(8, 3, rngs=rngs)
@@ -48,7 +32,7 @@ class NNXDropoutModel(nnx.Module):
 
 
 def test_nnx_dropout_draws_a_fresh_mask_every_step():
-    data = tiny_data()
+    data = tiny_classification()
     trainable = train.as_trainable(NNXDropoutModel(nnx.Rngs(0)))
     optimizer = optax.sgd(0.0)  # parameters unchanged: only the mask can change the loss
     step = train.make_train_step(trainable, optimizer)
@@ -61,7 +45,7 @@ def test_nnx_dropout_draws_a_fresh_mask_every_step():
 
 
 def test_nnx_fit_writes_back_rngs_and_batch_stats_and_evaluates_in_eval_mode():
-    data = tiny_data()
+    data = tiny_classification()
     model = NNXDropoutModel(nnx.Rngs(0))
     counts = [int(leaf) for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.RngCount))]
     result = train.fit(model, optax.adam(1e-2), data, epochs=1, batch_size=8, progress=False, eval_batch_size=8)
@@ -94,7 +78,7 @@ class LinenDropoutModel(linen.Module):
 
 
 def test_linen_dropout_other_streams_and_batch_stats_train_and_checkpoint(tmp_path):
-    data = tiny_data()
+    data = tiny_classification()
     options = dict(epochs=1, batch_size=8, progress=False, train_flag="train", rng_streams=("dropout", "noise"))
     result = train.fit(LinenDropoutModel(), optax.adam(1e-2), data, checkpoint_dir=tmp_path, **options)
     stats = result.state.model_state["batch_stats"]
