@@ -119,7 +119,10 @@ class NNXModel:
         caches = () if self.cache is None else (self.cache if cache is None else cache,)
         states = () if self.model_state is None else (self.model_state if model_state is None else model_state,)
         module = nnx.merge(self.graphdef, params, probes, *caches, *states, self.rest, copy=True)  # fresh variables
-        module.train() if train else module.eval()
+        if train:
+            module.train()
+        else:
+            module.eval()
         if cache is None:
             module.set_attributes(warm_start=False, raise_if_not_found=False)
         else:
