@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 LINT_PATHS := $(wildcard jdeq tests benchmarks notebooks)
 
-.PHONY: test test-slow test-min demo bench docs lint venv clean
+.PHONY: test test-quick test-slow test-min demo bench docs lint venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m pytest -n 2 -q
+
+# The smoke tests only (a solve and its gradient, both layers, a tiny fit saved, loaded and resumed): a quick check.
+test-quick: $(STAMP)
+	$(PY) -m pytest -n 0 -q tests/test_smoke.py
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m slow

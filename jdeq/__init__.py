@@ -3,9 +3,9 @@
 import importlib
 from importlib.metadata import version
 
-from ._errors import SolveError
+from ._errors import ConvergenceWarning, SolveError
 from .gradients import AdjointMode, GradientMode, Implicit, ImplicitJVP, Phantom, Shine, Unrolled
-from .implicit import DEFAULT_SOLVER, fixed_point, fixed_point_batch, root
+from .implicit import DEFAULT_ROOT_SOLVER, DEFAULT_SOLVER, fixed_point, fixed_point_batch, root
 from .linalg import power_iteration, spectral_norm, spectral_radius
 from .precision import Precision
 from .regularize import (
@@ -55,6 +55,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "DEFAULT_ROOT_SOLVER",
     "DEFAULT_SOLVER",
     "GMRES",
     "AdjointMode",
@@ -63,6 +64,7 @@ __all__ = [
     "BiCGStab",
     "Broyden",
     "Chord",
+    "ConvergenceWarning",
     "Fallback",
     "FixedPoint",
     "GradientMode",

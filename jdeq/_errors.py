@@ -1,17 +1,84 @@
-"""Opt-in raising of failed solves from inside ``jax.jit`` (``fixed_point(..., throw=True)``)."""
+"""Failed solves made visible: :class:`ConvergenceWarning` for eager solves that did not converge, and opt-in
+raising from inside ``jax.jit`` (``fixed_point(..., throw=True)``)."""
 
 from __future__ import annotations
+
+import warnings
+from typing import Any
 
 import jax
 import numpy as np
 
 from .stats import Result, read_backward_stats
 
-__all__ = ["SolveError", "raise_on_backward_failure", "raise_unless_converged"]
+__all__ = [
+    "ConvergenceWarning",
+    "SolveError",
+    "convergence_report",
+    "raise_on_backward_failure",
+    "raise_unless_converged",
+    "warn_unless_converged",
+]
+
+WHAT_TO_TRY = (
+    "try more max_steps, a looser tol, weight or spectral normalisation of the map (jdeq.WeightNorm, "
+    "jdeq.spectral_normalize), a lower learning rate, or another solver"
+)
 
 
 class SolveError(RuntimeError):
-    """A solve called with ``throw=True`` did not converge."""
+    """A solve called with ``throw=True`` did not converge (or a ``fit(..., on_nonconvergence="raise")`` run)."""
+
+
+class ConvergenceWarning(UserWarning):
+    """A fixed-point or root solve did not converge: its value is not an equilibrium (or root) to the tolerance.
+
+    Warned by :func:`jdeq.fixed_point`, :func:`jdeq.root`, :func:`jdeq.fixed_point_batch` and the Flax layers
+    when called outside ``jax.jit`` (inside it the :class:`jdeq.Stats` and ``throw=True`` are the record), and by
+    :func:`jdeq.train.fit` after each epoch (``on_nonconvergence``). Make it an error with
+    ``warnings.simplefilter("error", jdeq.ConvergenceWarning)``.
+    """
+
+
+def convergence_report(
+    what: str,
+    fraction: float,
+    mean_steps: float,
+    max_steps: float,
+    residual: float,
+    *,
+    step_cap: Any = None,
+    tol: Any = None,
+) -> str:
+    """One line: ``what`` converged ``fraction`` of its solves, steps (mean, max) against the step cap, the residual
+    reached against the tolerance, and what to try."""
+    cap = "" if step_cap is None else f" of max_steps={step_cap}"
+    target = "" if tol is None else f" (tol={tol:g})"
+    return (
+        f"{what}: {fraction:.1%} of the solves converged; steps mean {mean_steps:.1f}, max {max_steps:.0f}{cap}; "
+        f"largest relative residual {residual:.3e}{target}; {WHAT_TO_TRY}"
+    )
+
+
+def warn_unless_converged(stats, solver: Any, what: str = "fixed_point", stacklevel: int = 3) -> None:
+    """Warn :class:`ConvergenceWarning` if a concrete (not traced) solve's ``stats`` report a failed solve."""
+    leaves = (stats.converged, stats.num_steps, stats.residual)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return
+    converged, steps, residual = (np.asarray(leaf) for leaf in leaves)
+    if converged.all():
+        return
+    residual = np.where(np.isnan(residual), np.inf, residual).astype(np.float64)
+    message = convergence_report(
+        what,
+        float(converged.mean()),
+        float(steps.mean()),
+        float(steps.max()),
+        float(residual.max()),
+        step_cap=getattr(solver, "max_steps", None),
+        tol=getattr(solver, "tol", None),
+    )
+    warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel)
 
 
 def _raise_unless_converged(result, residual, num_steps) -> None:

@@ -16,21 +16,26 @@ from typing import Any, Optional
 
 import jax
 
-from ._errors import raise_on_backward_failure, raise_unless_converged
+from ._errors import raise_on_backward_failure, raise_unless_converged, warn_unless_converged
 from ._numerics import subclass_names
 from ._sharding import vary_like
 from ._tree import check_same_structure, describe, flat_map, flat_rows
 from .gradients import GradientMode, Implicit
 from .precision import Precision
-from .solvers import Anderson, Solution, Solver
+from .solvers import Anderson, Broyden, Solution, Solver
 from .stats import stats_probe
 
-__all__ = ["DEFAULT_SOLVER", "fixed_point", "fixed_point_batch", "root"]
+__all__ = ["DEFAULT_ROOT_SOLVER", "DEFAULT_SOLVER", "fixed_point", "fixed_point_batch", "root"]
 
 DEFAULT_SOLVER = Anderson(return_best=True)
 """The one default of fixed_point, fixed_point_batch, root and the Flax layers: Anderson (m = 5) to a
 relative residual of 1e-5 within 50 steps, returning the lowest-residual iterate when it does not
 converge (a non-converged last iterate can be worse than an earlier one)."""
+
+DEFAULT_ROOT_SOLVER = Broyden(return_best=True)
+"""The default of :func:`root`: Broyden, which estimates the sign and scale of its initial inverse Jacobian from
+its first step, so it converges on the common residual ``g(z) = F(z) − z`` of a contraction ``F`` (where
+Anderson, iterating ``z − g(z) = 2z − F(z)``, expands)."""
 
 
 def fixed_point(
@@ -68,7 +73,7 @@ def fixed_point(
       :class:`Solution` with ``value`` (z*), ``stats`` and the solver's final ``state`` (no gradient). One problem per call: use ``jax.vmap`` or
         :func:`fixed_point_batch` for per-sample solves of a batch.
     """
-    return _dispatch(f, z0, args, None, solver, grad, throw, backward_stats, precision)
+    return _dispatch(f, z0, args, None, solver, grad, throw, backward_stats, precision, "fixed_point")
 
 
 def _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision) -> Solution:
@@ -76,7 +81,13 @@ def _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision) ->
     solver = DEFAULT_SOLVER if solver is None else solver
     grad = Implicit() if grad is None else grad
     if not isinstance(solver, Solver):
-        raise ValueError(f"solver must be a jdeq Solver ({subclass_names(Solver)}), got {solver!r}")
+        hint = (
+            ": a lineax solver solves linear systems, wrap it in `jdeq.Lineax` and pass it as a linear solver "
+            "(Implicit(solver=jdeq.Lineax(...)), Newton(linear_solver=jdeq.Lineax(...)))"
+            if type(solver).__module__.split(".")[0] == "lineax"
+            else ""
+        )
+        raise ValueError(f"solver must be a jdeq Solver ({subclass_names(Solver)}), got {solver!r}{hint}")
     if not isinstance(grad, GradientMode):
         raise ValueError(f"grad must be a jdeq GradientMode ({subclass_names(GradientMode)}), got {grad!r}")
     if precision is not None:
@@ -126,7 +137,7 @@ def solve_cache_size() -> int:
     return len(_solve_cache)
 
 
-def _dispatch(f, z0, args, axes, solver, grad, throw, backward_stats, precision) -> Solution:
+def _dispatch(f, z0, args, axes, solver, grad, throw, backward_stats, precision, name) -> Solution:
     """:func:`_solve`, through one cached ``jax.jit`` when called eagerly (no tracer among the inputs).
 
     Each call builds fresh closures, so an eager loop (a notebook calling ``fixed_point`` again and
@@ -135,6 +146,9 @@ def _dispatch(f, z0, args, axes, solver, grad, throw, backward_stats, precision)
     an entry), the solver, the gradient mode, the options and the input shapes, and holds at most
     ``SOLVE_CACHE_SIZE`` maps; it is skipped inside a user's transformations (they compile once
     anyway) and for an unhashable ``f``.
+
+    An eager solve that did not converge warns :class:`jdeq.ConvergenceWarning` (raises with ``throw``);
+    under a transformation the statistics are the record.
     """
     statics = dict(f=f, axes=axes, solver=solver, grad=grad, throw=throw, precision=precision)
     leaves = jax.tree_util.tree_leaves((z0, args, backward_stats))
@@ -150,6 +164,8 @@ def _dispatch(f, z0, args, axes, solver, grad, throw, backward_stats, precision)
         sol = _solve(z0=z0, args=args, backward_stats=backward_stats, **statics)
     if throw:
         raise_unless_converged(sol.stats)
+    else:
+        warn_unless_converged(sol.stats, DEFAULT_SOLVER if solver is None else solver, name, stacklevel=4)
     return sol
 
 
@@ -167,7 +183,8 @@ def _one_sample(z0: Any, args: tuple, axes: tuple) -> tuple[Any, tuple]:
 
 
 def root(g: Callable, z0: Any, *args: Any, solver: Optional[Solver] = None, **kwargs: Any) -> Solution:
-    """Solve ``g(z, *args) = 0`` as the fixed point of ``f(z) = z − g(z, *args)``.
+    """Solve ``g(z, *args) = 0`` as the fixed point of ``f(z) = z − g(z, *args)`` (default solver:
+    :data:`DEFAULT_ROOT_SOLVER`, Broyden).
 
     Takes the keyword arguments of :func:`fixed_point`. A root-finder's stopping rule tests ``g`` itself:
     the solve converges when ``‖g(z)‖ <= max(atol, tol·‖g(z₀)‖)``, relative to the initial residual (the
@@ -176,11 +193,17 @@ def root(g: Callable, z0: Any, *args: Any, solver: Optional[Solver] = None, **kw
     iterations of :class:`FixedPoint` and :class:`Anderson` (they iterate ``z − g``, which expands when
     ``∂g/∂z`` has eigenvalues outside the disc of radius 1 around 1); :class:`Newton`, :class:`Chord` and
     :class:`Broyden` (which estimates its initial inverse Jacobian from the first step) do not assume it.
+    Outside ``jax.jit`` a solve that did not converge warns :class:`jdeq.ConvergenceWarning`.
     """
 
     check_same_structure(g, z0, args, name="g")
-    solver = dataclasses.replace(DEFAULT_SOLVER if solver is None else solver, relative_to="initial")
-    return fixed_point(_MinusResidual(g), z0, *args, solver=solver, **kwargs)
+    solver = dataclasses.replace(DEFAULT_ROOT_SOLVER if solver is None else solver, relative_to="initial")
+    return _dispatch(_MinusResidual(g), z0, args, None, solver, *_options(**kwargs), "root")
+
+
+def _options(grad=None, throw=False, backward_stats=None, precision=None) -> tuple:
+    """:func:`fixed_point`'s keyword options in :func:`_dispatch`'s order."""
+    return grad, throw, backward_stats, precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,4 +244,4 @@ def fixed_point_batch(
     axes = tuple(in_axes) if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
     if len(axes) != len(args):
         raise ValueError(f"fixed_point_batch: in_axes has {len(axes)} entries for {len(args)} args")
-    return _dispatch(f, z0, args, axes, solver, grad, throw, backward_stats, precision)
+    return _dispatch(f, z0, args, axes, solver, grad, throw, backward_stats, precision, "fixed_point_batch")

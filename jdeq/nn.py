@@ -194,7 +194,8 @@ def _reject_state(name: str, collections: list[str]) -> None:
         raise ValueError(
             f"DEQ({name}): the map has state besides its parameters ({', '.join(sorted(collections))}); a DEQ map "
             "must be the same map at every iteration: use a stateless normalisation (GroupNorm, LayerNorm) "
-            "instead of BatchNorm"
+            "instead of BatchNorm, and jdeq.spectral_normalize on the map's parameters instead of "
+            "linen.SpectralNorm (whose power-iteration state changes the map)"
         )
 
 

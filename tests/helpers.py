@@ -97,3 +97,28 @@ def tanh_map(z, x, w):
 def linear_map(z, a, b):
     """z ↦ A z + b, with the closed-form fixed point (I − A)⁻¹ b."""
     return a @ z + b
+
+
+def tiny_classification(n: int = 16):
+    """A training set of ``n`` random 4-feature float32 inputs with 3 integer classes (its first 8 as the test
+    split): the data of the fit tests that need a few quick steps, not learning."""
+    from jdeq.data import Dataset
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    y = rng.integers(0, 3, n).astype(np.int32)
+    return Dataset("tiny", x, y, x[:8], y[:8], 3)
+
+
+def user_nnx_map(rngs):
+    """A user's own NNX equilibrium map ``z ↦ tanh(0.3·A z + B x)`` (8 features, 4 inputs), a contraction."""
+    from flax import nnx
+
+    class UserMap(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(8, 8, rngs=rngs), nnx.Linear(4, 8, rngs=rngs)
+
+        def __call__(self, z, x):
+            return jnp.tanh(0.3 * self.a(z) + self.b(x))
+
+    return UserMap(rngs)

@@ -87,7 +87,7 @@ def test_load_returns_the_latest_params_and_fit_leaves_no_lock(saved):
     directory, result, _ = saved
     assert leaves_equal(train.load(directory, model()), result.state.params)
     assert not (directory / LOCK_FILE).exists()
-    with pytest.raises(ValueError, match=r"model\.deq\.f\.features: saved \"8\", new \"16\""):
+    with pytest.raises(ValueError, match=r"model\.deq\.f\.features: \"8\" → \"16\""):
         train.load(directory, model(16))
 
 
@@ -145,10 +145,10 @@ def test_fit_resumes_from_the_previous_checkpoint_and_sets_the_damaged_one_aside
 @pytest.mark.parametrize(
     "change, named",
     [
-        ({"width": 16}, r"model\.deq\.f\.features: saved \"8\", new \"16\""),
-        ({"seed": 1}, r"seed: saved 0, new 1"),
-        ({"batch_size": 32}, r"batch_size: saved 64, new 32"),
-        ({"config": {"lr": 0.01}}, r"config\.lr: saved \(absent\), new 0\.01"),
+        ({"width": 16}, r"model\.deq\.f\.features: \"8\" → \"16\""),
+        ({"seed": 1}, r"seed: 0 → 1"),
+        ({"batch_size": 32}, r"batch_size: 64 → 32"),
+        ({"config": {"lr": 0.01}}, r"config\.lr: \(absent\) → 0\.01"),
     ],
 )
 def test_resuming_with_another_configuration_names_each_field_and_leaves_the_checkpoint(digits, copy, change, named):

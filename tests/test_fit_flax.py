@@ -151,10 +151,10 @@ def test_a_nonfinite_step_halts_the_run_between_metric_fetches(digits, monkeypat
     original = jdeq.train._fit.train_epoch
 
     def spy(train_step, state, *args):
-        def step(state, x, y, halted, index):
+        def step(state, x, y, halted, index, rng):
             x = jnp.asarray(x).at[0, 0].set(jnp.nan) if len(calls) == 1 else x  # the second step's batch holds a NaN
             calls.append(state)
-            return train_step(state, x, y, halted, index)
+            return train_step(state, x, y, halted, index, rng)
 
         return original(step, state, *args)
 

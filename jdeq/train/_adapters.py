@@ -1,8 +1,9 @@
 """Model adapters: a linen or NNX model as :func:`jdeq.train.fit` calls it (parameters, probes, cache, index).
 
-Each adapter gives ``init(seed, x) -> params``, ``apply(params, probes, x, cache=None, index=None) -> (outputs,
-forward stats, new cache)``, ``probes(x)``, ``fields()`` (what identifies the model in a run config) and
-``finish(params)``. The backward probes and the cache index reach the DEQ layers as Flax state (linen
+Each adapter gives ``init(seed, x) -> params``, ``apply(params, probes, x, cache=None, index=None,
+model_state=None, rng=None, train=False) -> (outputs, forward stats, new cache, new model_state)``, ``probes(x)``,
+``fields()`` (what identifies the model in a run config), ``model_state`` (state besides parameters: batch
+statistics, NNX rng counters) and ``finish(params, model_state)``. The backward probes and the cache index reach the DEQ layers as Flax state (linen
 collections whose layout ``init`` records; NNX variables), never as arguments of the user's ``__call__``.
 """
 
@@ -20,6 +21,7 @@ from flax import nnx
 from ..nn import (
     CACHE_COLLECTION,
     INDEX_COLLECTION,
+    NNXDEQ,
     PROBE_COLLECTION,
     STATS_COLLECTION,
     BackwardProbe,
@@ -33,31 +35,47 @@ from ..stats import stats_probe
 class LinenModel:
     """A linen model as :func:`fit` uses it: ``params`` from ``init(seed)``, forward stats from ``"intermediates"``,
     per-sample backward probes passed as the ``"deq_probe"`` collection, the fixed-point cache (if any) as the
-    mutable ``"deq_cache"`` collection and the samples' indices as the ``"deq_index"`` collection."""
+    mutable ``"deq_cache"`` collection, the samples' indices as the ``"deq_index"`` collection, and the model's
+    other collections (``"batch_stats"`` and the like) as its ``model_state``, mutable in training. Each training
+    step gets a fresh key for each of ``rng_streams``; ``train_flag`` names a keyword of the model's ``__call__``
+    set to True in training and False in evaluation (and at ``init``)."""
 
-    def __init__(self, model: linen.Module):
-        self.model = model
+    def __init__(self, model: linen.Module, rng_streams: tuple = ("dropout",), train_flag: str | None = None):
+        self.model, self.rng_streams, self.train_flag = model, tuple(rng_streams), train_flag
         self.probe_layout: Any = {}  # the "deq_probe" collection's structure, recorded by init
         self.cache: Any = None  # the initial "deq_cache" collection, recorded by init
         self.index_layout: Any = {}  # the "deq_index" collection's structure, recorded by init
+        self.model_state: Any = None  # the model's other collections (e.g. "batch_stats"), recorded by init
 
     def init(self, seed: int, x: jax.Array) -> Any:
-        variables = self.model.init(jax.random.PRNGKey(seed), x)
+        key = jax.random.PRNGKey(seed)
+        rngs = {"params": key, **{stream: jax.random.fold_in(key, i + 1) for i, stream in enumerate(self.rng_streams)}}
+        variables = self.model.init(rngs, x, **self._flag(False))
         self.probe_layout = variables.get(PROBE_COLLECTION, {})
         self.cache = variables.get(CACHE_COLLECTION)
         self.index_layout = variables.get(INDEX_COLLECTION, {})
+        own = ("params", PROBE_COLLECTION, CACHE_COLLECTION, INDEX_COLLECTION, STATS_COLLECTION)
+        self.model_state = {name: v for name, v in variables.items() if name not in own} or None
         return variables["params"]
 
-    def apply(self, params: Any, probes: Any, x: jax.Array, cache: Any = None, index: Any = None) -> tuple:
-        """``(outputs, forward stats, new cache)``; without a ``cache`` (``None``) a cold start and ``None``."""
-        variables = {"params": params} if probes is None else {"params": params, PROBE_COLLECTION: probes}
-        if cache is None:
-            outputs, sown = self.model.apply(variables, x, mutable=[STATS_COLLECTION])
-            return outputs, forward_stats(sown), None
-        variables[CACHE_COLLECTION] = cache
-        variables[INDEX_COLLECTION] = jax.tree_util.tree_map(lambda _: index, self.index_layout)
-        outputs, sown = self.model.apply(variables, x, mutable=[STATS_COLLECTION, CACHE_COLLECTION])
-        return outputs, forward_stats(sown), sown[CACHE_COLLECTION]
+    def _flag(self, train: bool) -> dict:
+        return {} if self.train_flag is None else {self.train_flag: train}
+
+    def apply(self, params, probes, x, cache=None, index=None, model_state=None, rng=None, train=False) -> tuple:
+        """``(outputs, forward stats, new cache, new model_state)``; without a ``cache`` (``None``) a cold start and
+        ``None``; ``model_state`` is updated only in training (``train``); ``rng`` seeds the ``rng_streams``."""
+        variables = {"params": params, **(model_state or {})}
+        if probes is not None:
+            variables[PROBE_COLLECTION] = probes
+        mutable = [STATS_COLLECTION, *(list(model_state or {}) if train else [])]
+        if cache is not None:
+            variables[CACHE_COLLECTION] = cache
+            variables[INDEX_COLLECTION] = jax.tree_util.tree_map(lambda _: index, self.index_layout)
+            mutable.append(CACHE_COLLECTION)
+        rngs = {} if rng is None else {s: jax.random.fold_in(rng, i) for i, s in enumerate(self.rng_streams)}
+        outputs, sown = self.model.apply(variables, x, mutable=mutable, rngs=rngs, **self._flag(train))
+        new_state = {name: sown[name] for name in model_state} if train and model_state else model_state
+        return outputs, forward_stats(sown), sown.get(CACHE_COLLECTION) if cache is not None else None, new_state
 
     def probes(self, x: jax.Array) -> Any:
         """A per-sample probe for each DEQ layer of the model :meth:`init` built (no second trace of ``init``)."""
@@ -66,38 +84,53 @@ class LinenModel:
     def fields(self) -> dict:
         return model_fields(self.model)
 
-    def finish(self, params: Any) -> None:
+    def finish(self, params: Any, model_state: Any = None) -> None:
         """Nothing to do: a linen model holds no parameters."""
+
+
+NNX_STATE = (nnx.BatchStat, nnx.RngState)
+"""The NNX variables besides parameters that training updates: batch statistics and the ``nnx.Rngs`` keys and
+counters (so that dropout draws a fresh mask at every step)."""
 
 
 class NNXModel:
     """An NNX model as :func:`fit` uses it: its own ``nnx.Param`` state is the initial ``params`` (the seed sets
     only the batch order), :class:`jdeq.nn.BackwardProbe` variables get per-sample probes, the
-    :class:`jdeq.nn.CacheIndex` variables the samples' indices, and the trained parameters are written back into
-    the model at the end."""
+    :class:`jdeq.nn.CacheIndex` variables the samples' indices, its ``nnx.BatchStat`` and ``nnx.RngState``
+    variables are the ``model_state`` threaded through each training step; training runs the model in
+    ``train()`` mode, evaluation in ``eval()`` mode; the trained parameters and state are written back into the
+    model at the end."""
 
     def __init__(self, model: nnx.Module):
         self.model = model
-        self.graphdef, self.params, self.probe_state, cache, self.rest = nnx.split(
-            model, nnx.Param, BackwardProbe, FixedPointCache, ...
+        self.graphdef, self.params, self.probe_state, cache, state, self.rest = nnx.split(
+            model, nnx.Param, BackwardProbe, FixedPointCache, NNX_STATE, ...
         )
         self.cache = cache if jax.tree_util.tree_leaves(cache) else None
+        self.model_state = state if jax.tree_util.tree_leaves(state) else None
 
     def init(self, seed: int, x: jax.Array) -> Any:
         return self.params
 
-    def apply(self, params: Any, probes: Any, x: jax.Array, cache: Any = None, index: Any = None) -> tuple:
-        """``(outputs, forward stats, new cache)``; without a ``cache`` (``None``) the layers' ``warm_start`` is
-        switched off (a cold start) and the new cache is ``None``."""
+    def apply(self, params, probes, x, cache=None, index=None, model_state=None, rng=None, train=False) -> tuple:
+        """``(outputs, forward stats, new cache, new model_state)``; without a ``cache`` (``None``) the layers'
+        ``warm_start`` is switched off (a cold start) and the new cache is ``None``."""
         probes = self.probe_state if probes is None else probes
         caches = () if self.cache is None else (self.cache if cache is None else cache,)
-        module = nnx.merge(self.graphdef, params, probes, *caches, self.rest, copy=True)  # fresh variables
+        states = () if self.model_state is None else (self.model_state if model_state is None else model_state,)
+        module = nnx.merge(self.graphdef, params, probes, *caches, *states, self.rest, copy=True)  # fresh variables
+        if train:
+            module.train()
+        else:
+            module.eval()
         if cache is None:
             module.set_attributes(warm_start=False, raise_if_not_found=False)
-            return module(x), forward_stats(module), None
-        set_cache_index(module, index)
+        else:
+            set_cache_index(module, index)
         outputs = module(x)
-        return outputs, forward_stats(module), nnx.state(module, FixedPointCache)
+        new_state = nnx.state(module, NNX_STATE) if train and self.model_state is not None else model_state
+        new_cache = None if cache is None else nnx.state(module, FixedPointCache)
+        return outputs, forward_stats(module), new_cache, new_state
 
     def probes(self, x: jax.Array) -> Any:
         return jax.tree_util.tree_map(lambda _: stats_probe(x.shape[:1]), self.probe_state)
@@ -105,18 +138,47 @@ class NNXModel:
     def fields(self) -> dict:
         shapes = jax.tree_util.tree_map(jnp.shape, self.params)
         cache = {} if self.cache is None else {"model.cache": str(jax.tree_util.tree_map(jnp.shape, self.cache))}
-        return {"model": type(self.model).__name__, "model.params": str(shapes), **cache}
+        return {
+            "model": type(self.model).__name__,
+            "model.params": str(shapes),
+            **cache,
+            **nnx_layer_fields(self.model),
+        }
 
-    def finish(self, params: Any) -> None:
-        nnx.update(self.model, params)
+    def finish(self, params: Any, model_state: Any = None) -> None:
+        nnx.update(self.model, params, *(() if model_state is None else (model_state,)))
 
 
-def as_trainable(model: Any) -> LinenModel | NNXModel:
-    """The adapter of a linen or NNX ``model``; TypeError for anything else."""
+def nnx_layer_fields(model: nnx.Module) -> dict:
+    """``{"model.<path>.<option>": repr}`` of the solver, gradient mode and ``per_sample`` of each DEQ layer of an
+    NNX ``model`` (a linen model's fields hold them already)."""
+    return {
+        f"model.{'.'.join(map(str, path))}.{option}": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(getattr(node, option)))
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, NNXDEQ)
+        for option in ("solver", "grad", "per_sample")
+    }
+
+
+def unused_caches(model: Any) -> list[str]:
+    """The paths of an NNX ``model``'s DEQ layers that hold a fixed-point cache but have ``warm_start=False``
+    (the cache is then neither read nor filled)."""
+    if not isinstance(model, nnx.Module):
+        return []
+    return [
+        ".".join(map(str, path)) or "model"
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, NNXDEQ) and node.cached_states is not None and not node.warm_start
+    ]
+
+
+def as_trainable(model: Any, rng_streams: tuple = ("dropout",), train_flag: str | None = None) -> LinenModel | NNXModel:
+    """The adapter of a linen or NNX ``model`` (``rng_streams`` and ``train_flag``: linen only, see
+    :class:`LinenModel`); TypeError for anything else."""
     if isinstance(model, nnx.Module):
         return NNXModel(model)
     if isinstance(model, linen.Module):
-        return LinenModel(model)
+        return LinenModel(model, rng_streams, train_flag)
     raise TypeError(f"fit trains a flax linen Module or an nnx.Module, got {type(model).__name__}")
 
 

@@ -87,22 +87,32 @@ def run_config(model: dict, opt_state: Any, data: Dataset, seed: int, batch_size
         raise ValueError(f"config must map names to JSON values: {err}") from None
 
 
-def check_config(directory: Path, epoch: int, saved: dict, new: dict) -> None:
-    """ValueError naming each field in which ``new`` differs from ``saved``, the run config of checkpoint ``epoch``."""
+def config_changes(saved: dict, new: dict) -> list[str]:
+    """``key: old → new`` for each field in which ``new`` differs from ``saved`` (JSON texts compared, so a NaN
+    equals a NaN), long values shortened."""
 
     def show(config, key):
         text = json.dumps(config[key]) if key in config else "(absent)"
-        return text if len(text) <= 200 else text[:197] + "..."
+        return text if len(text) <= 60 else text[:57] + "..."
 
-    differ = [
-        f"{k}: saved {show(saved, k)}, new {show(new, k)}"
+    return [
+        f"{k}: {show(saved, k)} → {show(new, k)}"
         for k in sorted(saved.keys() | new.keys())
-        if saved.get(k) != new.get(k)
+        if json.dumps(saved.get(k), sort_keys=True) != json.dumps(new.get(k), sort_keys=True)
     ]
-    if differ:
+
+
+def check_config(directory: Path, epoch: int, saved: dict, new: dict, allow_changes: bool = False) -> None:
+    """ValueError naming each field (old → new) in which ``new`` differs from ``saved``, the run config of
+    checkpoint ``epoch``; with ``allow_changes`` a warning instead."""
+    changes = config_changes(saved, new)
+    if changes and allow_changes:
+        warnings.warn(f"resuming checkpoint {epoch} of {directory} with changes: {'; '.join(changes)}", stacklevel=4)
+    elif changes:
         raise ValueError(
-            f"checkpoint {epoch} in {directory} was saved by another run configuration ({'; '.join(differ)}); "
-            "it is left as it is: resume with the same configuration, or use another checkpoint_dir"
+            f"checkpoint {epoch} in {directory} was saved by another run configuration ({'; '.join(changes)}); it is "
+            'left as it is: resume with the same configuration, pass resume="allow_changes" to change it '
+            "deliberately, or use another checkpoint_dir"
         )
 
 
@@ -112,6 +122,8 @@ def save_checkpoint(manager: ocp.CheckpointManager, epoch: int, state: TrainStat
     arrays = {"params": state.params, "opt_state": state.opt_state}
     if state.cache is not None:
         arrays["cache"] = state.cache
+    if state.model_state is not None:
+        arrays["model_state"] = state.model_state
     items = {**arrays, "history": history, "config": config}
     run = {"config": config, "sha256": {name: checksum(item) for name, item in items.items()}}
     args = ocp.args.Composite(
@@ -175,17 +187,20 @@ def set_aside(manager: ocp.CheckpointManager, epochs: list[int]) -> None:
     manager.reload()
 
 
-def resume(manager: ocp.CheckpointManager, state: TrainState, config: dict, epochs: int) -> tuple[TrainState, list]:
+def resume(
+    manager: ocp.CheckpointManager, state: TrainState, config: dict, epochs: int, allow_changes: bool = False
+) -> tuple[TrainState, list]:
     """``(state, history)`` to continue from: the newest intact checkpoint's, newer damaged ones set aside;
     ``(state, [])`` if there is none. ValueError, leaving the checkpoints as they are, if it was saved by a
-    run of another ``config`` or trained for more than ``epochs`` epochs."""
+    run of another ``config`` (unless ``allow_changes``: a warning) or trained for more than ``epochs`` epochs."""
     if not manager.all_steps():
         return state, []
 
     def templates(epoch: int, saved: dict) -> dict:
-        check_config(Path(manager.directory), epoch, saved, config)
+        check_config(Path(manager.directory), epoch, saved, config, allow_changes)
         cache = {} if state.cache is None else {"cache": state.cache}
-        return {"params": state.params, "opt_state": state.opt_state, **cache, "history": None}
+        model_state = {} if state.model_state is None else {"model_state": state.model_state}
+        return {"params": state.params, "opt_state": state.opt_state, **cache, **model_state, "history": None}
 
     epoch, items = restore_latest(manager, templates)
     if epoch > epochs:
@@ -195,12 +210,13 @@ def resume(manager: ocp.CheckpointManager, state: TrainState, config: dict, epoc
             "checkpoint_dir"
         )
     set_aside(manager, [e for e in manager.all_steps() if e > epoch])
-    return TrainState(items["params"], items["opt_state"], items.get("cache")), list(items["history"])
+    state = TrainState(items["params"], items["opt_state"], items.get("cache"), items.get("model_state"))
+    return state, list(items["history"])
 
 
 def load(checkpoint_dir: str | Path, model: Any) -> Any:
     """The ``params`` of ``model`` in the newest intact checkpoint of a :func:`fit` run in ``checkpoint_dir``; an NNX
-    ``model`` is updated in place with them, ready for inference. The template comes from ``model.init`` with the
+    ``model`` is updated in place with them (and its batch statistics and rng state), ready for inference. The template comes from ``model.init`` with the
     saved seed and input shape (linen) or the model's own parameters (NNX). Newer damaged checkpoints are skipped
     with a warning; nothing on disk is modified. ValueError if ``model``'s fields differ from the saved model's."""
     directory = Path(checkpoint_dir).absolute()
@@ -212,8 +228,9 @@ def load(checkpoint_dir: str | Path, model: Any) -> Any:
         model_saved = {k: v for k, v in saved.items() if k == "model" or k.startswith("model.")}
         check_config(directory, epoch, model_saved, trainable.fields())
         x = jnp.zeros((1, *saved["data.x_train"][1:]), saved["data.dtype"])
-        return {"params": trainable.init(saved["seed"], x)}
+        params = trainable.init(saved["seed"], x)
+        return {"params": params, **({} if trainable.model_state is None else {"model_state": trainable.model_state})}
 
-    params = restore_latest(checkpoint_manager(directory, read_only=True), templates)[1]["params"]
-    trainable.finish(params)
-    return params
+    items = restore_latest(checkpoint_manager(directory, read_only=True), templates)[1]
+    trainable.finish(items["params"], items.get("model_state"))
+    return items["params"]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .._errors import convergence_report
 from ..data import Dataset
 from ..nn import forward_stats
 from ..stats import read_backward_stats, summarize
@@ -23,13 +24,15 @@ from ._adapters import LinenModel, NNXModel
 
 
 class TrainState(NamedTuple):
-    """What a step updates: ``params`` (the model's ``"params"`` collection), the optimizer state, and the DEQ
+    """What a step updates: ``params`` (the model's ``"params"`` collection), the optimizer state, the DEQ
     layers' fixed-point ``cache`` (linen: the ``"deq_cache"`` collection; NNX: the ``FixedPointCache`` state;
-    ``None`` without one)."""
+    ``None`` without one) and the ``model_state`` besides parameters (linen: its other collections such as
+    ``"batch_stats"``; NNX: its ``BatchStat`` and ``RngState`` variables; ``None`` without any)."""
 
     params: Any
     opt_state: Any
     cache: Any = None
+    model_state: Any = None
 
 
 class NonfiniteError(FloatingPointError):
@@ -41,17 +44,51 @@ def _concatenated(records: list) -> Any:
     return jax.tree_util.tree_map(lambda *leaves: jnp.concatenate([jnp.ravel(leaf) for leaf in leaves]), *records)
 
 
+def _summaries(records: list, prefix: str) -> dict:
+    """:func:`jdeq.summarize` (``prefix``) over every sample of every layer's record and, with several layers,
+    of each layer alone (``{prefix}layer{i}_...``, in the order of the model's state)."""
+    if not records:
+        return {}
+    layers = {} if len(records) == 1 else {f"{prefix}layer{i}_": record for i, record in enumerate(records)}
+    return {
+        **summarize(_concatenated(records), prefix=prefix),
+        **{key: value for p, record in layers.items() for key, value in summarize(record, prefix=p).items()},
+    }
+
+
 def forward_metrics(stats_tree: Any) -> dict:
-    """:func:`jdeq.summarize` (prefix ``fwd_``) over every sample of every DEQ layer in ``stats_tree`` (``{}`` for a
-    model without DEQ layers, such as an explicit baseline)."""
-    records = [s._replace(trace=None) for s in forward_stats(stats_tree)]
-    return summarize(_concatenated(records), prefix="fwd_") if records else {}
+    """Summaries (prefix ``fwd_``) of the forward solves of the DEQ layers in ``stats_tree``, see :func:`_summaries`
+    (``{}`` for a model without DEQ layers, such as an explicit baseline)."""
+    return _summaries([s._replace(trace=None) for s in forward_stats(stats_tree)], "fwd_")
 
 
 def backward_metrics(probe_grads: Any) -> dict:
-    """:func:`jdeq.summarize` (prefix ``bwd_``) of the backward solves read off every layer's probe gradient."""
-    records = [read_backward_stats(g) for g in jax.tree_util.tree_leaves(probe_grads)]
-    return summarize(_concatenated(records), prefix="bwd_") if records else {}
+    """Summaries (prefix ``bwd_``) of the backward solves read off every layer's probe gradient."""
+    return _summaries([read_backward_stats(g) for g in jax.tree_util.tree_leaves(probe_grads)], "bwd_")
+
+
+def convergence_failures(row: dict, epoch: int) -> list[str]:
+    """One line per DEQ layer and direction (forward, backward, evaluation) whose solves did not all converge in
+    the history ``row`` of ``epoch``, with the converged fraction, the steps and the largest residual reached
+    (:func:`jdeq._errors.convergence_report`). Directions without a solve (``Phantom``/``Unrolled`` backward) pass."""
+    failures = []
+    for prefix, what in (("fwd_", "forward"), ("bwd_", "backward"), ("test_fwd_", "evaluation (forward)")):
+        layers = sorted({key[: key.index("_", len(prefix)) + 1] for key in row if key.startswith(prefix + "layer")})
+        for part in layers or [prefix]:
+            fraction = row.get(part + "converged_fraction", 1.0)
+            solves = sum(row[key] for key in row if key.startswith(part + "count_")) if prefix == "bwd_" else 1
+            if fraction < 1.0 and solves > 0:
+                layer = f"layer {part[len(prefix) + 5 : -1]}" if part != prefix else "the DEQ layers"
+                failures.append(
+                    convergence_report(
+                        f"epoch {epoch}, {what} solves of {layer}",
+                        fraction,
+                        row.get(part + "mean_steps", float("nan")),
+                        row.get(part + "max_steps", float("nan")),
+                        row.get(part + "max_residual", float("nan")),
+                    )
+                )
+    return failures
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -78,7 +115,7 @@ def make_train_step(
     metrics_fn: Callable = default_metrics,
     stop_on_nonfinite: bool = True,
 ) -> Callable:
-    """``step(state, x, y, halted, index=None) -> (state, metrics, halted)``, jitted: ``loss_fn(outputs, y)``,
+    """``step(state, x, y, halted, index=None, rng=None) -> (state, metrics, halted)``, jitted: ``loss_fn(outputs, y)``,
     implicit gradients, one optax update; with a fixed-point cache in ``state``, ``index`` (the samples' indices
     in the training set, passed to the cached layers as Flax state) is required and the step stores the new
     equilibria in ``state.cache``.
@@ -90,25 +127,27 @@ def make_train_step(
     (all decided on the device: metrics reach the host only every ``log_every`` steps).
     """
 
-    def objective(params, probes, cache, index, x, y):
-        outputs, stats, cache = trainable.apply(params, probes, x, cache, index)
-        return loss_fn(outputs, y), (outputs, stats, cache)
+    def objective(params, probes, state, index, rng, x, y):
+        outputs, stats, cache, model_state = trainable.apply(
+            params, probes, x, state.cache, index, state.model_state, rng, train=True
+        )
+        return loss_fn(outputs, y), (outputs, stats, cache, model_state)
 
     @jax.jit
-    def step(state: TrainState, x, y, halted, index=None):
+    def step(state: TrainState, x, y, halted, index=None, rng=None):
         grad_fn = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
-        (loss, (outputs, stats, cache)), (grads, probe_grads) = grad_fn(
-            state.params, trainable.probes(x), state.cache, index, x, y
+        (loss, (outputs, stats, cache, model_state)), (grads, probe_grads) = grad_fn(
+            state.params, trainable.probes(x), state, index, rng, x, y
         )
         with jax.numpy_dtype_promotion("standard"):  # optax's own transforms (adam's decay**count) are not strict-clean
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new = TrainState(optax.apply_updates(state.params, updates), opt_state, cache)
+        new = TrainState(optax.apply_updates(state.params, updates), opt_state, cache, model_state)
         finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(new)
         applied = finite & ~halted
         metrics = {
             "skipped": ~applied,
             "loss": loss,
-            **metrics_fn(outputs, y),
+            **scalar_metrics(metrics_fn(outputs, y)),
             **forward_metrics(stats),
             **backward_metrics(probe_grads),
         }
@@ -118,24 +157,45 @@ def make_train_step(
     return step
 
 
+def scalar_metrics(metrics: Any) -> dict:
+    """``metrics`` (``metrics_fn``'s dict), checked at trace time: ValueError unless each value is a scalar (a
+    per-sample value would be averaged wrongly, e.g. broadcast against the padding weights of evaluation)."""
+    if not isinstance(metrics, dict):
+        raise ValueError(f"metrics_fn must return a dict of scalars, got {type(metrics).__name__}")
+    shaped = {name: jnp.shape(value) for name, value in metrics.items() if jnp.shape(value) != ()}
+    if shaped:
+        raise ValueError(
+            f"metrics_fn must return scalars (averaged over the batch), got shapes {shaped} for "
+            f"{', '.join(map(repr, shaped))}: reduce them, e.g. with jnp.mean"
+        )
+    return metrics
+
+
 def make_eval_step(
     trainable: LinenModel | NNXModel, loss_fn: Callable = default_loss, metrics_fn: Callable = default_metrics
 ) -> Callable:
-    """``evaluate(params, x, y, weight) -> sums``, jitted; ``loss_fn`` and ``metrics_fn`` are applied to each
-    sample (as a batch of one) so that ``weight`` (0/1) masks the padding of the last batch exactly. The solves
-    start cold (no fixed-point cache)."""
+    """``evaluate(params, x, y, weight, model_state=None) -> sums``, jitted; ``loss_fn`` and ``metrics_fn`` are
+    applied to each sample (as a batch of one) so that ``weight`` (0/1) masks the padding of the last batch
+    exactly. The model runs in eval mode (NNX ``eval()``, linen ``train_flag=False``, no rng streams, running
+    statistics read, not updated); the solves start cold (no fixed-point cache)."""
 
     def per_sample(fn, outputs, y):
         return jax.vmap(lambda o, t: fn(jax.tree_util.tree_map(lambda a: a[None], o), t[None]))(outputs, y)
 
     @jax.jit
-    def evaluate(params, x, y, weight):
-        outputs, stats, _ = trainable.apply(params, None, x)
+    def evaluate(params, x, y, weight, model_state=None):
+        outputs, stats, _, _ = trainable.apply(params, None, x, model_state=model_state)
         values = {"loss": per_sample(loss_fn, outputs, y), **per_sample(metrics_fn, outputs, y)}
-        # no DEQ layer (an explicit model): no solver steps
-        steps = jnp.stack([s.num_steps for s in stats] or [jnp.zeros(len(x))]).astype(jnp.float32)
+        # no DEQ layer (an explicit model): no solver steps, nothing left unconverged
+        zeros, ones = [jnp.zeros(len(x))], [jnp.ones(len(x))]
+        steps = jnp.stack([s.num_steps for s in stats] or zeros).astype(jnp.float32)
+        converged = jnp.stack([s.converged for s in stats] or ones).astype(jnp.float32)
+        residual = jnp.stack([s.residual for s in stats] or zeros).astype(jnp.float32)
+        residual = jnp.where(jnp.isnan(residual), jnp.inf, residual)
         return {
             "count": jnp.sum(weight),
+            "fwd_converged": jnp.sum(weight * jnp.mean(converged, axis=0)),
+            "fwd_max_residual": jnp.max(jnp.where(weight > 0, jnp.max(residual, axis=0), 0.0)),
             **{key: jnp.sum(weight.astype(value.dtype) * value) for key, value in values.items()},
             "fwd_steps": jnp.sum(weight * jnp.mean(steps, axis=0)),
             "fwd_max_steps": jnp.max(jnp.where(weight > 0, jnp.max(steps, axis=0), 0.0)),
@@ -144,8 +204,11 @@ def make_eval_step(
     return evaluate
 
 
-def evaluate(eval_step: Callable, params: Any, x: np.ndarray, y: np.ndarray, batch_size: int) -> dict:
-    """The loss, the metrics and the forward steps over all of ``(x, y)`` in fixed-size (padded) batches."""
+def evaluate(
+    eval_step: Callable, params: Any, x: np.ndarray, y: np.ndarray, batch_size: int, model_state: Any = None
+) -> dict:
+    """The loss, the metrics and the forward solves (converged fraction, mean and max steps, largest residual) over
+    all of ``(x, y)`` in fixed-size (padded) batches."""
     totals: dict = {}
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
@@ -153,13 +216,20 @@ def evaluate(eval_step: Callable, params: Any, x: np.ndarray, y: np.ndarray, bat
         weight = np.concatenate([np.ones(len(xb), np.float32), np.zeros(pad, np.float32)])
         xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
         yb = np.concatenate([yb, np.zeros((pad, *yb.shape[1:]), yb.dtype)])
-        sums = jax.device_get(eval_step(params, xb, yb, weight))
+        sums = jax.device_get(eval_step(params, xb, yb, weight, model_state))
         for key, value in sums.items():
-            totals[key] = max(totals.get(key, 0.0), value) if key == "fwd_max_steps" else totals.get(key, 0.0) + value
+            totals[key] = (
+                max(totals.get(key, 0.0), value) if key.startswith("fwd_max_") else totals.get(key, 0.0) + value
+            )
     n = totals.pop("count")
-    max_steps = totals.pop("fwd_max_steps")
-    means = {key: float(value / n) for key, value in totals.items() if key != "fwd_steps"}
-    return {**means, "fwd_mean_steps": float(totals["fwd_steps"] / n), "fwd_max_steps": float(max_steps)}
+    maxima = {key: float(totals.pop(key)) for key in ("fwd_max_steps", "fwd_max_residual")}
+    means = {key: float(value / n) for key, value in totals.items() if key not in ("fwd_steps", "fwd_converged")}
+    return {
+        **means,
+        "fwd_converged_fraction": float(totals["fwd_converged"] / n),
+        "fwd_mean_steps": float(totals["fwd_steps"] / n),
+        **maxima,
+    }
 
 
 def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -188,7 +258,7 @@ def init_state(trainable: LinenModel | NNXModel, optimizer: optax.GradientTransf
     params = trainable.init(seed, data.x_train[:1])
     if trainable.cache is not None:
         check_cache_fits(trainable, len(data.x_train))
-    return TrainState(params, optimizer.init(params), trainable.cache)
+    return TrainState(params, optimizer.init(params), trainable.cache, trainable.model_state)
 
 
 def check_cache_fits(trainable: LinenModel | NNXModel, n: int) -> None:
@@ -210,19 +280,27 @@ def train_epoch(
     batch_size: int,
     log_every: int,
     bar,
+    on_step: Callable[[int, dict], None] | None = None,
 ) -> tuple[TrainState, list[dict]]:
     """``(state, rows)`` after the steps of epoch ``epoch`` (0-based), one metrics row each; see :func:`fit`.
 
-    Metrics stay on the device and are fetched every ``log_every`` steps and at the end of the epoch; a halted
+    Metrics stay on the device and are fetched every ``log_every`` steps and at the end of the epoch, then each
+    row is passed to ``on_step(global step, row)`` (1-based, counted over the run; Python floats); a halted
     step (nonfinite, ``on_nonfinite="stop"``) raises :class:`NonfiniteError` at the next fetch, naming it.
     """
     rows, pending, halted = [], [], jnp.zeros((), bool)
     batches = list(epoch_batches(seed, epoch, len(data.x_train), batch_size))
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch)  # the rng streams' keys of step s: fold_in(key, s)
     for step, index in enumerate(batches, 1):  # index: the examples' indices, for the fixed-point cache (if any)
-        state, metrics, halted = train_step(state, data.x_train[index], data.y_train[index], halted, index)
+        rng = jax.random.fold_in(key, step)
+        state, metrics, halted = train_step(state, data.x_train[index], data.y_train[index], halted, index, rng)
         pending.append(metrics)
         if step % log_every == 0 or step == len(batches):
             fetched = jax.device_get((pending, halted))
+            if on_step is not None:
+                first_step = epoch * len(batches) + len(rows) + 1
+                for i, row in enumerate(fetched[0]):
+                    on_step(first_step + i, {key: np.asarray(value).item() for key, value in row.items()})
             rows += fetched[0]
             if fetched[1]:
                 first = next(i for i, row in enumerate(rows, 1) if row["skipped"])
