@@ -207,6 +207,7 @@ def test_deq_lm_gives_next_token_logits_at_a_converged_equilibrium(pydoc_windows
         model.apply(variables, jnp.zeros((1, 300), jnp.int32))
 
 
+@pytest.mark.slow  # 200 explicit layers of the full-size block (about 70 s of one core)
 def test_weight_tied_baseline_shares_the_parameters_and_reaches_the_same_equilibrium(standard_promotion):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 6)), jnp.int32)
     options = dict(dim=8, heads=2, max_len=8, param_dtype=jnp.float64)
@@ -254,6 +255,7 @@ def test_teacher_forced_metrics():
     np.testing.assert_allclose(metrics["accuracy"], 0.5)
 
 
+@pytest.mark.slow  # the full-size LM compiled eagerly through nnx.bridge (about 46 s of one core)
 def test_deq_lm_through_nnx_bridge():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 6)), jnp.int32)
     model = nnx.bridge.ToNNX(DEQTransformerLM(11, dim=8, heads=2, max_len=8), rngs=nnx.Rngs(0))
@@ -348,6 +350,7 @@ def test_skipdeq_in_nnx_and_in_the_zoo_models(standard_promotion):
 # --- jdeq train ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a CLI training run each (50-70 s of one core)
 @pytest.mark.parametrize("variant", [["--skipdeq"], ["--depth", "2"]], ids=["deq_skipdeq", "explicit"])
 def test_train_lm_command_writes_the_results_row_and_figure(tmp_path, variant, standard_promotion):
     from jdeq import cli
