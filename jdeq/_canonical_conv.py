@@ -142,7 +142,10 @@ def _evaluate(jaxpr: jex_core.Jaxpr, consts, *args):
             else:
                 if any(_needs_rewrite(sub) for sub in _sub_jaxprs(params)):
                     params = {name: _rewrite_param(value) for name, value in params.items()}
-                outvals = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
+                bind_params = eqn.primitive.get_bind_params(params)
+                # older jax (0.8, the lowest pin) returns (subfuns, params), newer jax the params alone
+                subfuns, bind_params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
+                outvals = eqn.primitive.bind(*subfuns, *invals, **bind_params)
                 if not eqn.primitive.multiple_results:
                     outvals = [outvals]
         for var, value in zip(eqn.outvars, outvals):
