@@ -33,6 +33,7 @@ from jdeq.models import MLPCell
 from jdeq.nn import DEQ, STATS_COLLECTION, DEQClassifier, forward_stats
 from jdeq.train import as_trainable, evaluate, make_eval_step, make_train_step
 from jdeq.train._loop import init_state, train_epoch  # fit's own epochs, interleaved with another run's
+from jdeq.train._sources import training_source
 
 from .timing import set_cpu_threads
 
@@ -96,7 +97,8 @@ def cold_vs_warm(
     for epoch in range(epochs):
         for variant, run in runs.items():
             start = clock()
-            run[0], steps = train_epoch(run[1], run[0], data, seed, epoch, batch_size, 10, _NO_BAR)
+            batches = training_source(data).train_batches(seed, epoch, batch_size)
+            run[0], steps = train_epoch(run[1], run[0], batches, seed, epoch, 10, _NO_BAR)
             seconds = clock() - start
             rows.append({"variant": variant, "epoch": epoch + 1, "cpu_s": seconds, **_epoch_metrics(steps)})
     for row in rows[-len(runs) :]:

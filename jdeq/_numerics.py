@@ -83,6 +83,17 @@ def map_rows(f: Callable, *xs: Any) -> Any:
     return jax.vmap(f)(*xs) if jnp.ndim(xs[-1]) == 2 else f(*xs)
 
 
+def lineax_hint(value: Any) -> str:
+    """For a lineax object passed where a jdeq solver is expected, the advice to wrap it in ``jdeq.Lineax``
+    (appended to the error message); ``""`` for anything else."""
+    if type(value).__module__.split(".")[0] != "lineax":
+        return ""
+    return (
+        ": a lineax solver solves linear systems, wrap it in `jdeq.Lineax` and pass it as a linear solver "
+        "(Implicit(solver=jdeq.Lineax(...)), Newton(linear_solver=jdeq.Lineax(...)))"
+    )
+
+
 def subclass_names(base: type) -> str:
     """Names of the public concrete subclasses of ``base`` defined so far (for error messages).
 

@@ -73,33 +73,42 @@ class Dataset(NamedTuple):
 
 def check_dataset(data: Dataset) -> Dataset:
     """Return ``data`` unchanged, or raise ValueError naming what is wrong with it."""
+    what = f"dataset {data.name!r}"
     for split in ("train", "test"):
         x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
-        if len(x) == 0:
-            raise ValueError(f"dataset {data.name!r}: the {split} split is empty")
-        if len(x) != len(y):
-            raise ValueError(f"dataset {data.name!r}: {len(x)} {split} inputs but {len(y)} labels")
-        if problem := _not_integers(np.asarray(y)):
-            raise ValueError(f"dataset {data.name!r}: {split} labels must be integers, got {problem}")
-        bad = (y < 0) | (y >= data.num_classes)
-        if np.any(bad):
-            raise ValueError(
-                f"dataset {data.name!r}: {int(bad.sum())} {split} label(s) outside [0, {data.num_classes}), "
-                f"e.g. {int(y[bad][0])} at index {int(np.flatnonzero(bad)[0])}"
-            )
+        check_examples(what, split, x, y)
+        check_labels(what, split, y, data.num_classes)
         if np.asarray(y).ndim != 1:
-            raise ValueError(
-                f"dataset {data.name!r}: {split} labels must be one integer per sample, got shape {np.shape(y)}"
-            )
-        finite = np.isfinite(np.asarray(x, np.float64).reshape(len(x), -1)).all(axis=1)
-        if not finite.all():
-            raise ValueError(
-                f"dataset {data.name!r}: {int((~finite).sum())} {split} input(s) hold NaN or inf, "
-                f"e.g. at index {int(np.flatnonzero(~finite)[0])}"
-            )
+            raise ValueError(f"{what}: {split} labels must be one integer per sample, got shape {np.shape(y)}")
         if np.asarray(x).shape[1:] != np.asarray(data.x_train).shape[1:]:
-            raise ValueError(f"dataset {data.name!r}: train and test inputs differ in shape")
+            raise ValueError(f"{what}: train and test inputs differ in shape")
     return data
+
+
+def check_examples(what: str, split: str, x: np.ndarray, y: np.ndarray) -> None:
+    """ValueError (starting with ``what``) unless the ``split`` ``(x, y)`` is non-empty, has as many targets as
+    inputs and finite inputs."""
+    if len(x) == 0:
+        raise ValueError(f"{what}: the {split} split is empty")
+    if len(x) != len(y):
+        raise ValueError(f"{what}: {len(x)} {split} inputs but {len(y)} labels")
+    finite = np.isfinite(np.asarray(x, np.float64).reshape(len(x), -1)).all(axis=1)
+    if not finite.all():
+        raise ValueError(
+            f"{what}: {int((~finite).sum())} {split} input(s) hold NaN or inf, e.g. at index {int(np.flatnonzero(~finite)[0])}"
+        )
+
+
+def check_labels(what: str, split: str, y: np.ndarray, num_classes: int) -> None:
+    """ValueError (starting with ``what``) unless the ``split`` labels ``y`` are integers in ``[0, num_classes)``."""
+    if problem := _not_integers(np.asarray(y)):
+        raise ValueError(f"{what}: {split} labels must be integers, got {problem}")
+    bad = (np.asarray(y) < 0) | (np.asarray(y) >= num_classes)
+    if np.any(bad):
+        raise ValueError(
+            f"{what}: {int(bad.sum())} {split} label(s) outside [0, {num_classes}), "
+            f"e.g. {int(np.asarray(y)[bad][0])} at {_where(bad)}"
+        )
 
 
 def _where(mask: np.ndarray) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import jax
 
 from ._errors import raise_on_backward_failure, raise_unless_converged, warn_unless_converged
-from ._numerics import subclass_names
+from ._numerics import lineax_hint, subclass_names
 from ._sharding import vary_like
 from ._tree import check_same_structure, describe, flat_map, flat_rows
 from .gradients import GradientMode, Implicit
@@ -81,13 +81,9 @@ def _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision) ->
     solver = DEFAULT_SOLVER if solver is None else solver
     grad = Implicit() if grad is None else grad
     if not isinstance(solver, Solver):
-        hint = (
-            ": a lineax solver solves linear systems, wrap it in `jdeq.Lineax` and pass it as a linear solver "
-            "(Implicit(solver=jdeq.Lineax(...)), Newton(linear_solver=jdeq.Lineax(...)))"
-            if type(solver).__module__.split(".")[0] == "lineax"
-            else ""
+        raise ValueError(
+            f"solver must be a jdeq Solver ({subclass_names(Solver)}), got {solver!r}{lineax_hint(solver)}"
         )
-        raise ValueError(f"solver must be a jdeq Solver ({subclass_names(Solver)}), got {solver!r}{hint}")
     if not isinstance(grad, GradientMode):
         raise ValueError(f"grad must be a jdeq GradientMode ({subclass_names(GradientMode)}), got {grad!r}")
     if precision is not None:

@@ -91,7 +91,7 @@ def interrupted_training(monkeypatch):
     KeyboardInterrupt when it reaches batch ``step`` of epoch ``epoch`` (both 0-based), as a killed run would."""
     import contextlib
 
-    import jdeq.train._loop as train
+    import jdeq.train._sources as train
 
     original = train.epoch_batches
 

@@ -3,6 +3,7 @@ jdeq.ConvergenceWarning, jitted ones keep the stats as the record; fit warns onc
 SolveError after saving the epoch's checkpoint, or ignores it, as on_nonconvergence says; root's default solver
 reaches a root of F(z) - z."""
 
+import re
 import warnings
 
 import flax.linen as linen
@@ -130,8 +131,35 @@ def test_fit_warns_once_per_epoch_and_layer(layers):
         assert "fwd_layer1_converged_fraction" in result.history[-1]
 
 
+class TwoSolverModel(linen.Module):
+    """Two DEQ layers with their own solvers; the second with a backward solver of its own."""
+
+    @linen.compact
+    def __call__(self, x):
+        z = jnp.zeros((x.shape[0], 8), x.dtype)
+        z = jdeq.nn.DEQ(UserMap(), solver=SHORT)(x, z)
+        adjoint = jdeq.Implicit(jdeq.FixedPoint(tol=1e-8, max_steps=2))
+        z = jdeq.nn.DEQ(UserMap(), solver=jdeq.FixedPoint(tol=1e-7, max_steps=3), grad=adjoint)(x, z)
+        return linen.Dense(3)(z)
+
+
+def test_fit_warning_names_each_linen_layers_own_max_steps_and_tol():
+    with pytest.warns(jdeq.ConvergenceWarning) as record:
+        train.fit(TwoSolverModel(), optax.sgd(1e-2), tiny_classification(), epochs=1, batch_size=8, progress=False)
+    messages = {str(w.message).split(":")[0]: str(w.message) for w in record}
+    limits = {
+        "epoch 1, forward solves of layer 0": "max 2 of max_steps=2; largest relative residual .* \\(tol=1e-06\\)",
+        "epoch 1, forward solves of layer 1": "max 3 of max_steps=3; largest relative residual .* \\(tol=1e-07\\)",
+        "epoch 1, backward solves of layer 1": "max 2 of max_steps=2; largest relative residual .* \\(tol=1e-08\\)",
+    }
+    for what, limit in limits.items():
+        assert re.search(limit, messages.get(what, "")), list(messages)
+
+
 def test_fit_nnx_warns_and_ignore_is_silent():
-    with pytest.warns(jdeq.ConvergenceWarning, match="epoch 1, forward solves of the DEQ layers: 0.0%"):
+    with pytest.warns(
+        jdeq.ConvergenceWarning, match="epoch 1, forward solves of the DEQ layers: 0.0%.* of max_steps=2"
+    ):
         fit(NNXUserModel(nnx.Rngs(0)))
     with warnings.catch_warnings():
         warnings.simplefilter("error", jdeq.ConvergenceWarning)

@@ -138,3 +138,20 @@ def test_a_lineax_solver_passed_as_a_solver_says_wrap_it_in_jdeq_lineax():
     lineax = pytest.importorskip("lineax")
     with pytest.raises(ValueError, match="wrap it in `jdeq.Lineax`"):
         jdeq.fixed_point(lambda z: 0.5 * z, jnp.ones(2), solver=lineax.GMRES(rtol=1e-6, atol=1e-6))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda solver: jdeq.Implicit(solver=solver),
+        lambda solver: jdeq.Shine(refine=solver),
+        lambda solver: jdeq.Newton(linear_solver=solver),
+        lambda solver: jdeq.Chord(linear_solver=solver),
+    ],
+    ids=["Implicit", "Shine", "Newton", "Chord"],
+)
+def test_a_lineax_solver_inside_a_jdeq_one_is_rejected_at_construction_with_the_same_advice(build):
+    lineax = pytest.importorskip("lineax")
+    with pytest.raises(ValueError, match="wrap it in `jdeq.Lineax`"):
+        build(lineax.GMRES(rtol=1e-6, atol=1e-6))
+    build(jdeq.Lineax(lineax.GMRES(rtol=1e-6, atol=1e-6)))  # wrapped, it is accepted

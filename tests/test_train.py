@@ -18,7 +18,7 @@ from jdeq.data import Dataset, load_digits
 from jdeq.models import MLPCell
 from jdeq.nn import DEQ, DEQClassifier
 from jdeq.train._lock import LOCK_FILE
-from jdeq.train._loop import epoch_batches
+from jdeq.train._sources import epoch_batches
 
 SOLVER = Anderson(m=4, tol=1e-4, max_steps=30)
 

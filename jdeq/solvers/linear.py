@@ -24,7 +24,7 @@ import jax.scipy.linalg as jsp_linalg
 import jax.scipy.sparse.linalg as jsp_linalg_sparse
 from jax import lax
 
-from .._numerics import check, check_stopping, subclass_names
+from .._numerics import check, check_stopping, lineax_hint, subclass_names
 from ..stats import Result, Stats
 from ._base import Solver, per_row, residuals, settle
 
@@ -291,5 +291,5 @@ def check_adjoint_solver(solver: Any, owner: str) -> None:
     check(
         solver is None or callable(getattr(solver, "solve_linear", None)),
         f"{owner}(solver=...) takes a jdeq Solver or LinearSolver ({subclass_names(Solver)}, "
-        f"{subclass_names(LinearSolver)}), got {solver!r}",
+        f"{subclass_names(LinearSolver)}), got {solver!r}{lineax_hint(solver)}",
     )

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._numerics import check, norm
+from .._numerics import check, lineax_hint, norm
 from ._line_search import LineSearchSolver
 from .linear import LU, LinearSolver, dense_operator
 
@@ -39,7 +39,8 @@ class _NewtonType(LineSearchSolver):
         super().__post_init__()
         check(
             isinstance(self.linear_solver, LinearSolver),
-            f"linear_solver must be a jdeq LinearSolver (LU, GMRES, BiCGStab, Lineax, ...), got {self.linear_solver!r}",
+            f"linear_solver must be a jdeq LinearSolver (LU, GMRES, BiCGStab, Lineax, ...), got {self.linear_solver!r}"
+            + lineax_hint(self.linear_solver),
         )
 
     def check_state_dtype(self, x):

@@ -3,7 +3,8 @@
 Each adapter gives ``init(seed, x) -> params``, ``apply(params, probes, x, cache=None, index=None,
 model_state=None, rng=None, train=False) -> (outputs, forward stats, new cache, new model_state)``, ``probes(x)``,
 ``fields()`` (what identifies the model in a run config), ``model_state`` (state besides parameters: batch
-statistics, NNX rng counters) and ``finish(params, model_state)``. The backward probes and the cache index reach the DEQ layers as Flax state (linen
+statistics, NNX rng counters), ``layer_solvers`` (each DEQ layer's forward and backward solvers, for the
+convergence report) and ``finish(params, model_state)``. The backward probes and the cache index reach the DEQ layers as Flax state (linen
 collections whose layout ``init`` records; NNX variables), never as arguments of the user's ``__call__``.
 """
 
@@ -18,8 +19,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..gradients import Implicit
+from ..implicit import DEFAULT_SOLVER
 from ..nn import (
     CACHE_COLLECTION,
+    DEQ,
     INDEX_COLLECTION,
     NNXDEQ,
     PROBE_COLLECTION,
@@ -46,12 +50,22 @@ class LinenModel:
         self.cache: Any = None  # the initial "deq_cache" collection, recorded by init
         self.index_layout: Any = {}  # the "deq_index" collection's structure, recorded by init
         self.model_state: Any = None  # the model's other collections (e.g. "batch_stats"), recorded by init
+        self.layer_solvers: list[dict] = []  # each DEQ layer's solvers, recorded by init
 
     def init(self, seed: int, x: jax.Array) -> Any:
         key = jax.random.PRNGKey(seed)
         rngs = {"params": key, **{stream: jax.random.fold_in(key, i + 1) for i, stream in enumerate(self.rng_streams)}}
-        variables = self.model.init(rngs, x, **self._flag(False))
+        layers = {}
+
+        def record_layer(call, args, kwargs, context):  # the DEQ layers the model calls, by their path
+            if isinstance(context.module, DEQ):
+                layers[context.module.path] = context.module
+            return call(*args, **kwargs)
+
+        with linen.intercept_methods(record_layer):
+            variables = self.model.init(rngs, x, **self._flag(False))
         self.probe_layout = variables.get(PROBE_COLLECTION, {})
+        self.layer_solvers = layer_solvers(self.probe_layout, layers)
         self.cache = variables.get(CACHE_COLLECTION)
         self.index_layout = variables.get(INDEX_COLLECTION, {})
         own = ("params", PROBE_COLLECTION, CACHE_COLLECTION, INDEX_COLLECTION, STATS_COLLECTION)
@@ -108,6 +122,8 @@ class NNXModel:
         )
         self.cache = cache if jax.tree_util.tree_leaves(cache) else None
         self.model_state = state if jax.tree_util.tree_leaves(state) else None
+        layers = {path: node for path, node in nnx.iter_graph(model) if isinstance(node, NNXDEQ)}
+        self.layer_solvers = layer_solvers(self.probe_state, layers)
 
     def init(self, seed: int, x: jax.Array) -> Any:
         return self.params
@@ -158,6 +174,30 @@ def nnx_layer_fields(model: nnx.Module) -> dict:
         if isinstance(node, NNXDEQ)
         for option in ("solver", "grad", "per_sample")
     }
+
+
+def layer_solvers(probes: Any, layers: dict) -> list[dict]:
+    """``{"fwd_": forward solver, "bwd_": backward solver or None}`` of each DEQ layer, in the order of the layers'
+    backward ``probes`` (the order of their statistics in a history row); ``layers`` maps each layer's path in the
+    model to the layer (its ``solver`` and ``grad``), the longest path that starts a probe's path is its layer."""
+    solvers = []
+    for key_path, _ in jax.tree_util.tree_flatten_with_path(probes)[0]:
+        names = tuple(key.key for key in key_path if isinstance(key, jax.tree_util.DictKey))
+        layer = next((layers[names[:i]] for i in range(len(names), -1, -1) if names[:i] in layers), None)
+        if layer is None:  # a probe outside any layer found: no solver to name
+            return []
+        forward = DEFAULT_SOLVER if layer.solver is None else layer.solver
+        solvers.append({"fwd_": forward, "bwd_": backward_solver(forward, layer.grad)})
+    return solvers
+
+
+def backward_solver(forward: Any, grad: Any) -> Any:
+    """The solver of a gradient mode's backward solve: its ``solver`` (``None``: the ``forward`` one, as
+    :class:`jdeq.Implicit` reuses it) or its ``refine`` solver (:class:`jdeq.Shine`), ``None`` without one."""
+    grad = Implicit() if grad is None else grad
+    if hasattr(grad, "solver"):
+        return forward if grad.solver is None else grad.solver
+    return getattr(grad, "refine", None)
 
 
 def unused_caches(model: Any) -> list[str]:

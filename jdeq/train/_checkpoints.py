@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ..data import Dataset
 from ._adapters import as_trainable
 from ._loop import TrainState
+from ._sources import Budget, Position
 
 CHECKPOINTS_KEPT = 3
 
@@ -63,22 +63,20 @@ def checksum(tree: Any) -> str:
     return digest.hexdigest()
 
 
-def run_config(model: dict, opt_state: Any, data: Dataset, seed: int, batch_size: int, config: dict) -> dict:
+def run_config(model: dict, opt_state: Any, data: dict, seed: int, batch_size: Any, config: dict) -> dict:
     """What identifies a run, as flat JSON ``{field: value}``: the ``model``'s fields (``model.<path>``, see
-    :func:`model_fields`), the optimizer state's structure and shapes, the data's shapes, ``seed``,
-    ``batch_size`` and the user's ``config`` (``config.<key>``)."""
+    :func:`model_fields`), the optimizer state's structure and shapes, the ``data`` fields (shapes and dtypes of
+    the training and evaluation data, ``data.<name>``), ``seed``, ``batch_size`` and the user's ``config``
+    (``config.<key>``)."""
     fields = {
         **model,
         "optimizer.structure": str(jax.tree_util.tree_structure(opt_state)),
         "optimizer.shapes": " ".join(
             f"{leaf.dtype}{list(leaf.shape)}" for leaf in jax.tree_util.tree_leaves(opt_state)
         ),
-        "data.x_train": list(data.x_train.shape),
-        "data.x_test": list(data.x_test.shape),
-        "data.dtype": str(data.x_train.dtype),
-        "data.num_classes": int(data.num_classes),
+        **data,
         "seed": int(seed),
-        "batch_size": int(batch_size),
+        "batch_size": batch_size,
         **{f"config.{key}": value for key, value in config.items()},
     }
     try:
@@ -116,22 +114,25 @@ def check_config(directory: Path, epoch: int, saved: dict, new: dict, allow_chan
         )
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, epoch: int, state: TrainState, history: list[dict], config: dict):
-    """Save ``state`` (its fixed-point cache too, if any), ``history`` and ``run`` (``config``, and the
-    :func:`checksum` of it and of each item) as checkpoint ``epoch``."""
+def save_checkpoint(
+    manager: ocp.CheckpointManager, state: TrainState, history: list[dict], config: dict, position: Position
+):
+    """Save ``state`` (its fixed-point cache too, if any), ``history`` and ``run`` (``config``, the run's
+    ``position`` and the :func:`checksum` of each item) as checkpoint ``len(history)`` (one per history row)."""
     arrays = {"params": state.params, "opt_state": state.opt_state}
     if state.cache is not None:
         arrays["cache"] = state.cache
     if state.model_state is not None:
         arrays["model_state"] = state.model_state
-    items = {**arrays, "history": history, "config": config}
-    run = {"config": config, "sha256": {name: checksum(item) for name, item in items.items()}}
+    position = dict(position._asdict())
+    items = {**arrays, "history": history, "config": config, "position": position}
+    run = {"config": config, "position": position, "sha256": {name: checksum(item) for name, item in items.items()}}
     args = ocp.args.Composite(
         **{name: ocp.args.StandardSave(item) for name, item in arrays.items()},
         history=ocp.args.JsonSave(history),
         run=ocp.args.JsonSave(run),
     )
-    manager.save(epoch, args=args)
+    manager.save(len(history), args=args)
     manager.wait_until_finished()
 
 
@@ -151,15 +152,16 @@ def restore_checkpoint(manager: ocp.CheckpointManager, epoch: int, prepare: Call
     run = _read(manager, epoch, run=ocp.args.JsonRestore())["run"]
     if not (isinstance(run, dict) and isinstance(run.get("config"), dict) and isinstance(run.get("sha256"), dict)):
         raise CheckpointError("unreadable (no record of its config and checksums)")
-    if checksum(run["config"]) != run["sha256"].get("config"):
-        raise CheckpointError("altered on disk (sha256 mismatch in config)")
+    for name in ("config", "position"):
+        if checksum(run.get(name)) != run["sha256"].get(name):
+            raise CheckpointError(f"altered on disk (sha256 mismatch in {name})")
     templates = prepare(epoch, run["config"])
     args = {k: ocp.args.JsonRestore() if t is None else ocp.args.StandardRestore(t) for k, t in templates.items()}
     items = _read(manager, epoch, **args)
     altered = [name for name in templates if checksum(items[name]) != run["sha256"].get(name)]
     if altered:
         raise CheckpointError(f"altered on disk (sha256 mismatch in {', '.join(altered)})")
-    return items
+    return {**items, "run": run}
 
 
 def restore_latest(manager: ocp.CheckpointManager, prepare: Callable[[int, dict], dict]) -> tuple[int, dict]:
@@ -188,30 +190,30 @@ def set_aside(manager: ocp.CheckpointManager, epochs: list[int]) -> None:
 
 
 def resume(
-    manager: ocp.CheckpointManager, state: TrainState, config: dict, epochs: int, allow_changes: bool = False
-) -> tuple[TrainState, list]:
-    """``(state, history)`` to continue from: the newest intact checkpoint's, newer damaged ones set aside;
-    ``(state, [])`` if there is none. ValueError, leaving the checkpoints as they are, if it was saved by a
-    run of another ``config`` (unless ``allow_changes``: a warning) or trained for more than ``epochs`` epochs."""
+    manager: ocp.CheckpointManager, state: TrainState, config: dict, budget: Budget, allow_changes: bool = False
+) -> tuple[TrainState, list, Position]:
+    """``(state, history, position)`` to continue from: the newest intact checkpoint's, newer damaged ones set
+    aside; ``(state, [], Position())`` if there is none. ValueError, leaving the checkpoints as they are, if it was
+    saved by a run of another ``config`` (unless ``allow_changes``: a warning) or trained beyond ``budget``."""
     if not manager.all_steps():
-        return state, []
+        return state, [], Position()
 
-    def templates(epoch: int, saved: dict) -> dict:
-        check_config(Path(manager.directory), epoch, saved, config, allow_changes)
+    def templates(number: int, saved: dict) -> dict:
+        check_config(Path(manager.directory), number, saved, config, allow_changes)
         cache = {} if state.cache is None else {"cache": state.cache}
         model_state = {} if state.model_state is None else {"model_state": state.model_state}
         return {"params": state.params, "opt_state": state.opt_state, **cache, **model_state, "history": None}
 
-    epoch, items = restore_latest(manager, templates)
-    if epoch > epochs:
+    number, items = restore_latest(manager, templates)
+    position = Position(**items["run"]["position"])
+    if beyond := budget.exceeded(position):
         raise ValueError(
-            f"checkpoint {epoch} in {manager.directory} is of a run already trained for {epoch} epochs, more than "
-            f"epochs={epochs}: pass epochs >= {epoch} to continue it, read it with jdeq.train.load, or use another "
-            "checkpoint_dir"
+            f"checkpoint {number} in {manager.directory} is of a run already trained for {beyond} to continue it, "
+            "read it with jdeq.train.load, or use another checkpoint_dir"
         )
-    set_aside(manager, [e for e in manager.all_steps() if e > epoch])
+    set_aside(manager, [e for e in manager.all_steps() if e > number])
     state = TrainState(items["params"], items["opt_state"], items.get("cache"), items.get("model_state"))
-    return state, list(items["history"])
+    return state, list(items["history"]), position
 
 
 def load(checkpoint_dir: str | Path, model: Any) -> Any:

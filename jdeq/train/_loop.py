@@ -1,14 +1,15 @@
 """The jitted train and eval steps and the epoch loop of :func:`jdeq.train.fit`.
 
-A run is a pure function of its seed and model: the batch order of epoch ``e`` comes from
-``numpy.random.default_rng((seed, e))`` (:func:`epoch_batches`). Metrics stay on the device and reach the host
-every ``log_every`` steps.
+A run is a pure function of its seed, model and data: the batch order of in-memory data in epoch ``e`` comes from
+``numpy.random.default_rng((seed, e))`` (:func:`jdeq.train._sources.epoch_batches`), the rng streams' keys of its
+step ``s`` from ``fold_in(fold_in(PRNGKey(seed), e), s)``. Metrics stay on the device and reach the host every
+``log_every`` steps.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -17,10 +18,10 @@ import numpy as np
 import optax
 
 from .._errors import convergence_report
-from ..data import Dataset
 from ..nn import forward_stats
 from ..stats import read_backward_stats, summarize
 from ._adapters import LinenModel, NNXModel
+from ._sources import ArraySource, StreamSource, training_source
 
 
 class TrainState(NamedTuple):
@@ -67,10 +68,12 @@ def backward_metrics(probe_grads: Any) -> dict:
     return _summaries([read_backward_stats(g) for g in jax.tree_util.tree_leaves(probe_grads)], "bwd_")
 
 
-def convergence_failures(row: dict, epoch: int) -> list[str]:
+def convergence_failures(row: dict, epoch: int, solvers: list[dict] | None = None) -> list[str]:
     """One line per DEQ layer and direction (forward, backward, evaluation) whose solves did not all converge in
     the history ``row`` of ``epoch``, with the converged fraction, the steps and the largest residual reached
-    (:func:`jdeq._errors.convergence_report`). Directions without a solve (``Phantom``/``Unrolled`` backward) pass."""
+    (:func:`jdeq._errors.convergence_report`), against the ``max_steps`` and ``tol`` of the layer's solver when
+    ``solvers`` (the adapter's ``layer_solvers``) names them. Directions without a solve (``Phantom``/``Unrolled``
+    backward) pass."""
     failures = []
     for prefix, what in (("fwd_", "forward"), ("bwd_", "backward"), ("test_fwd_", "evaluation (forward)")):
         layers = sorted({key[: key.index("_", len(prefix)) + 1] for key in row if key.startswith(prefix + "layer")})
@@ -78,7 +81,9 @@ def convergence_failures(row: dict, epoch: int) -> list[str]:
             fraction = row.get(part + "converged_fraction", 1.0)
             solves = sum(row[key] for key in row if key.startswith(part + "count_")) if prefix == "bwd_" else 1
             if fraction < 1.0 and solves > 0:
-                layer = f"layer {part[len(prefix) + 5 : -1]}" if part != prefix else "the DEQ layers"
+                index = int(part[len(prefix) + 5 : -1]) if part != prefix else 0
+                layer = f"layer {index}" if part != prefix else "the DEQ layers"
+                solver = layer_solver(solvers, index, len(layers) or 1, "bwd_" if prefix == "bwd_" else "fwd_")
                 failures.append(
                     convergence_report(
                         f"epoch {epoch}, {what} solves of {layer}",
@@ -86,9 +91,17 @@ def convergence_failures(row: dict, epoch: int) -> list[str]:
                         row.get(part + "mean_steps", float("nan")),
                         row.get(part + "max_steps", float("nan")),
                         row.get(part + "max_residual", float("nan")),
+                        step_cap=getattr(solver, "max_steps", None),
+                        tol=getattr(solver, "tol", None),
                     )
                 )
     return failures
+
+
+def layer_solver(solvers: list[dict] | None, index: int, layers: int, direction: str) -> Any:
+    """Layer ``index``'s solver in ``direction`` (``"fwd_"``/``"bwd_"``) when ``solvers`` lists the row's
+    ``layers`` layers, else ``None`` (the report then names no ``max_steps``/``tol``)."""
+    return solvers[index][direction] if solvers and len(solvers) == layers else None
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -106,6 +119,11 @@ def default_loss(outputs: jax.Array, y: jax.Array) -> jax.Array:
 def default_metrics(outputs: jax.Array, y: jax.Array) -> dict:
     """``{"accuracy": ...}`` of logits ``outputs`` against integer labels ``y``."""
     return {"accuracy": jnp.mean(jnp.argmax(outputs, -1).astype(y.dtype) == y)}
+
+
+def no_metrics(outputs: jax.Array, y: jax.Array) -> dict:
+    """No metric besides the loss: the default for targets that are not integer labels."""
+    return {}
 
 
 def make_train_step(
@@ -209,18 +227,29 @@ def evaluate(
 ) -> dict:
     """The loss, the metrics and the forward solves (converged fraction, mean and max steps, largest residual) over
     all of ``(x, y)`` in fixed-size (padded) batches."""
+    return evaluate_batches(eval_step, params, [(x, y)], batch_size, model_state)
+
+
+def evaluate_batches(
+    eval_step: Callable, params: Any, batches: Iterable[tuple], batch_size: int, model_state: Any = None
+) -> dict:
+    """:func:`evaluate` over every ``(x, y)`` of ``batches``, each cut into pieces of ``batch_size`` padded to it
+    (one compiled shape); ValueError if ``batches`` holds no example."""
     totals: dict = {}
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        pad = batch_size - len(xb)
-        weight = np.concatenate([np.ones(len(xb), np.float32), np.zeros(pad, np.float32)])
-        xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
-        yb = np.concatenate([yb, np.zeros((pad, *yb.shape[1:]), yb.dtype)])
-        sums = jax.device_get(eval_step(params, xb, yb, weight, model_state))
-        for key, value in sums.items():
-            totals[key] = (
-                max(totals.get(key, 0.0), value) if key.startswith("fwd_max_") else totals.get(key, 0.0) + value
-            )
+    for x, y in batches:
+        for start in range(0, len(x), batch_size):
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            pad = batch_size - len(xb)
+            weight = np.concatenate([np.ones(len(xb), np.float32), np.zeros(pad, np.float32)])
+            xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
+            yb = np.concatenate([yb, np.zeros((pad, *yb.shape[1:]), yb.dtype)])
+            sums = jax.device_get(eval_step(params, xb, yb, weight, model_state))
+            for key, value in sums.items():
+                totals[key] = (
+                    max(totals.get(key, 0.0), value) if key.startswith("fwd_max_") else totals.get(key, 0.0) + value
+                )
+    if not totals:
+        raise ValueError("the evaluation data gave no batch")
     n = totals.pop("count")
     maxima = {key: float(totals.pop(key)) for key in ("fwd_max_steps", "fwd_max_residual")}
     means = {key: float(value / n) for key, value in totals.items() if key not in ("fwd_steps", "fwd_converged")}
@@ -230,13 +259,6 @@ def evaluate(
         "fwd_mean_steps": float(totals["fwd_steps"] / n),
         **maxima,
     }
-
-
-def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> Iterator[np.ndarray]:
-    """Index arrays of the full batches of epoch ``epoch``: a permutation drawn from ``(seed, epoch)``."""
-    order = np.random.default_rng((seed, epoch)).permutation(n)
-    for start in range(0, n - batch_size + 1, batch_size):
-        yield order[start : start + batch_size]
 
 
 def epoch_summary(rows: list[dict]) -> dict:
@@ -252,63 +274,67 @@ def epoch_summary(rows: list[dict]) -> dict:
     return {**summary, "skipped_steps": int(sum(row["skipped"] for row in rows))}
 
 
-def init_state(trainable: LinenModel | NNXModel, optimizer: optax.GradientTransformation, data: Dataset, seed: int):
-    """The :class:`TrainState` a run starts from: the model's parameters, ``optimizer.init`` of them, and the DEQ
-    layers' empty fixed-point cache (if any), checked to fit ``data``'s training set."""
-    params = trainable.init(seed, data.x_train[:1])
+def init_state(trainable: LinenModel | NNXModel, optimizer: optax.GradientTransformation, data: Any, seed: int):
+    """The :class:`TrainState` a run on ``data`` (any form :func:`fit` takes) starts from: the model's parameters,
+    ``optimizer.init`` of them, and the DEQ layers' empty fixed-point cache (if any), checked to fit the training
+    set (a stream has no indices to key a cache by: ValueError)."""
+    source = training_source(data)
+    params = trainable.init(seed, source.first()[0][:1])
     if trainable.cache is not None:
-        check_cache_fits(trainable, len(data.x_train))
+        check_cache_fits(trainable, source)
     return TrainState(params, optimizer.init(params), trainable.cache, trainable.model_state)
 
 
-def check_cache_fits(trainable: LinenModel | NNXModel, n: int) -> None:
-    """ValueError unless every fixed-point cache of the model holds ``n`` examples."""
-    sizes = sorted({jnp.shape(leaf)[0] for leaf in jax.tree_util.tree_leaves(trainable.cache)})
-    if sizes != [n]:
+def check_cache_fits(trainable: LinenModel | NNXModel, source: ArraySource | StreamSource) -> None:
+    """ValueError unless every fixed-point cache of the model holds one entry per example of ``source``'s in-memory
+    training set."""
+    if not source.indexed:
         raise ValueError(
-            f"the model's fixed-point cache holds {', '.join(map(str, sizes))} examples, the training set {n}: build "
-            "its DEQ layers with cache_size=len(data.x_train)"
+            "the model's DEQ layers hold a fixed-point cache (warm starts), which is keyed by each example's index in "
+            "an in-memory training set; a stream of batches has none: train on a Dataset or (x, y) arrays, or build "
+            "the layers without cache_size"
+        )
+    sizes = sorted({jnp.shape(leaf)[0] for leaf in jax.tree_util.tree_leaves(trainable.cache)})
+    if sizes != [source.size]:
+        raise ValueError(
+            f"the model's fixed-point cache holds {', '.join(map(str, sizes))} examples, the training set "
+            f"{source.size}: build its DEQ layers with cache_size=len(data.x_train)"
         )
 
 
 def train_epoch(
     train_step: Callable,
     state: TrainState,
-    data: Dataset,
+    batches: Iterable[tuple],
     seed: int,
     epoch: int,
-    batch_size: int,
     log_every: int,
     bar,
     on_step: Callable[[int, dict], None] | None = None,
+    offset: int = 0,
+    first_step: int = 0,
 ) -> tuple[TrainState, list[dict]]:
-    """``(state, rows)`` after the steps of epoch ``epoch`` (0-based), one metrics row each; see :func:`fit`.
+    """``(state, rows)`` after a step on each ``(x, y, index)`` of ``batches`` (``index``: the examples' indices
+    for the fixed-point cache, or ``None``), one metrics row each; ``batches`` are those of epoch ``epoch``
+    (0-based) after its first ``offset`` (trained before a resume), ``first_step`` steps into the run. See
+    :func:`fit`.
 
-    Metrics stay on the device and are fetched every ``log_every`` steps and at the end of the epoch, then each
-    row is passed to ``on_step(global step, row)`` (1-based, counted over the run; Python floats); a halted
-    step (nonfinite, ``on_nonfinite="stop"``) raises :class:`NonfiniteError` at the next fetch, naming it.
+    Metrics stay on the device and are fetched every ``log_every`` steps and at the end, then each row is passed
+    to ``on_step(global step, row)`` (1-based, counted over the run; Python floats); a halted step (nonfinite,
+    ``on_nonfinite="stop"``) raises :class:`NonfiniteError` at the next fetch, naming it.
     """
     rows, pending, halted = [], [], jnp.zeros((), bool)
-    batches = list(epoch_batches(seed, epoch, len(data.x_train), batch_size))
     key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch)  # the rng streams' keys of step s: fold_in(key, s)
-    for step, index in enumerate(batches, 1):  # index: the examples' indices, for the fixed-point cache (if any)
-        rng = jax.random.fold_in(key, step)
-        state, metrics, halted = train_step(state, data.x_train[index], data.y_train[index], halted, index, rng)
+    batches = iter(batches)
+    batch, step = next(batches, None), offset
+    while batch is not None:
+        x, y, index = batch
+        step += 1
+        state, metrics, halted = train_step(state, x, y, halted, index, jax.random.fold_in(key, step))
         pending.append(metrics)
-        if step % log_every == 0 or step == len(batches):
-            fetched = jax.device_get((pending, halted))
-            if on_step is not None:
-                first_step = epoch * len(batches) + len(rows) + 1
-                for i, row in enumerate(fetched[0]):
-                    on_step(first_step + i, {key: np.asarray(value).item() for key, value in row.items()})
-            rows += fetched[0]
-            if fetched[1]:
-                first = next(i for i, row in enumerate(rows, 1) if row["skipped"])
-                raise NonfiniteError(
-                    f"nonfinite loss, gradient or update at epoch {epoch + 1}, step {first} (loss "
-                    f"{rows[first - 1]['loss']}): stopped before applying it; no nonfinite state was saved. Pass "
-                    'on_nonfinite="skip" to skip such steps.'
-                )
+        batch = next(batches, None)
+        if step % log_every == 0 or batch is None:
+            rows += fetch_rows(pending, halted, epoch, offset, first_step + len(rows), rows, on_step)
             bar.update(len(pending))
             last = rows[-1]  # forward steps and converged fraction, when the model has DEQ layers
             solves = (
@@ -316,6 +342,24 @@ def train_epoch(
                 if "fwd_mean_steps" in last
                 else {}
             )
-            bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", **solves, refresh=False)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", **solves, refresh=False)
             pending = []
     return state, rows
+
+
+def fetch_rows(pending: list, halted, epoch: int, offset: int, done: int, rows: list, on_step) -> list[dict]:
+    """The ``pending`` metrics rows on the host, each passed to ``on_step`` (steps ``done + 1, ...`` of the run);
+    :class:`NonfiniteError` naming the first skipped step of the epoch (after ``offset``) if the run ``halted``."""
+    fetched, halted = jax.device_get((pending, halted))
+    if on_step is not None:
+        for i, row in enumerate(fetched, done + 1):
+            on_step(i, {key: np.asarray(value).item() for key, value in row.items()})
+    if halted:
+        trained = rows + fetched
+        first = next(i for i, row in enumerate(trained, 1) if row["skipped"])
+        raise NonfiniteError(
+            f"nonfinite loss, gradient or update at epoch {epoch + 1}, step {offset + first} (loss "
+            f"{trained[first - 1]['loss']}): stopped before applying it; no nonfinite state was saved. Pass "
+            'on_nonfinite="skip" to skip such steps.'
+        )
+    return fetched
