@@ -80,13 +80,14 @@ def stream(epoch):
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_regression_with_float_targets_from_arrays(api):
     model = LinenRegressor() if api == "linen" else NNXRegressor(nnx.Rngs(0))
-    result = fit(model, (X, Y), epochs=4, batch_size=8, eval_data=(X[:8], Y[:8]))
+    result = fit(model, (X, Y), epochs=3, batch_size=8, eval_data=(X[:8], Y[:8]))
     first, last = result.history[0], result.history[-1]
-    assert [row["step"] for row in result.history] == [2, 4, 6, 8]
+    assert [row["step"] for row in result.history] == [2, 4, 6]
     assert last["loss"] < first["loss"] and "accuracy" not in last  # no default metric for float targets
     assert last["fwd_converged_fraction"] == 1.0
-    outputs = model.apply({"params": result.state.params}, X[:8]) if api == "linen" else model(X[:8])
-    assert last["test_loss"] == pytest.approx(float(mse(outputs, Y[:8])), rel=1e-5)  # evaluated on eval_data
+    if api == "nnx":  # the trained model, evaluated on eval_data independently of fit
+        outputs = nnx.jit(lambda model, x: model(x))(model, X[:8])
+        assert last["test_loss"] == pytest.approx(float(mse(outputs, Y[:8])), rel=1e-5)
 
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])
