@@ -56,8 +56,8 @@ class LinenLinear(linen.Module):
 
 
 class NNXLinear(nnx.Module):
-    def __init__(self, rngs):
-        self.dense = nnx.Linear(4, 2, rngs=rngs)
+    def __init__(self, rngs, outputs=2):
+        self.dense = nnx.Linear(4, outputs, rngs=rngs)
 
     def __call__(self, x):
         return self.dense(x)
@@ -95,13 +95,15 @@ def test_a_stream_of_the_same_batches_trains_exactly_like_the_arrays(api):
     def make():
         return LinenLinear() if api == "linen" else NNXLinear(nnx.Rngs(0))
 
-    arrays = fit(make(), (X, Y), epochs=2, batch_size=8)
+    arrays = fit(make(), (X, Y), epochs=2, batch_size=8, eval_data=(X[:8], Y[:8]))
+    eval_stream = [(X[:5], Y[:5]), (X[5:8], Y[5:8])]  # evaluated in pieces of 5, the last padded
     for data in (stream, [batch for batch in stream(0)]):  # a callable data(epoch); a re-iterable
-        streamed = fit(make(), data, epochs=2)
+        streamed = fit(make(), data, epochs=2, eval_data=eval_stream)
         assert [row["step"] for row in streamed.history] == [2, 4]
         if data is stream:
             assert leaves_equal(streamed.state.params, arrays.state.params)
             assert streamed.history[-1]["loss"] == arrays.history[-1]["loss"]
+            assert streamed.history[-1]["test_loss"] == pytest.approx(arrays.history[-1]["test_loss"], rel=1e-6)
     one_shot = fit(make(), (batch for e in range(2) for batch in stream(e)), steps=4)  # a generator with steps=N
     assert leaves_equal(one_shot.state.params, arrays.state.params)
     assert [row["step"] for row in one_shot.history] == [4]  # a generator is one epoch
@@ -199,6 +201,10 @@ def test_a_stream_batch_unlike_the_first_is_named():
     batches = [(X[:8], Y[:8]), (X[8:, :3], Y[8:])]
     with pytest.raises(ValueError, match=r"data, batch 2 of epoch 1: inputs shaped \(3,\) per sample, its first"):
         fit(NNXLinear(nnx.Rngs(0)), batches, epochs=1)
+    labels = np.array([0, 1, 2, 3], np.int32)  # 3 logits: label 3 is out of range
+    batches = [(X[:4], labels[:3].repeat(2)[:4]), (X[4:8], labels)]
+    with pytest.raises(ValueError, match=r"data, batch 2 of epoch 1: 1 train label\(s\) outside \[0, 3\)"):
+        train.fit(NNXLinear(nnx.Rngs(0), outputs=3), optax.sgd(0.1), batches, epochs=1, progress=False)
 
 
 def test_warm_starts_need_in_memory_data():
