@@ -3,6 +3,7 @@ of batches (a callable data(epoch), a re-iterable, a one-shot generator), steps=
 either budget and either form, and clear errors for what it cannot train."""
 
 import flax.linen as linen
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -217,3 +218,9 @@ def test_warm_starts_need_in_memory_data():
             epochs=1,
             progress=False,
         )
+
+
+def test_warm_starts_work_with_arrays_of_any_targets():
+    result = fit(NNXRegressor(nnx.Rngs(0), cache_size=16), (X, Y), epochs=1, batch_size=8)
+    seen = [leaf for leaf in jax.tree_util.tree_leaves(result.state.cache) if leaf.dtype == bool]
+    assert len(seen) == 1 and np.all(seen[0])  # 16 examples, 2 full batches: every one stored
