@@ -197,9 +197,6 @@ def fit(
         )
         train_step = make_train_step(trainable, optimizer, loss_fn, metrics_fn, on_nonfinite == "stop")
         eval_step = make_eval_step(trainable, loss_fn, metrics_fn)
-        # a stream's batches are evaluated in pieces of (at most) its first batch's size: no padding to 512
-        stream = evaluation is not None and not evaluation.indexed
-        eval_size = min(eval_batch_size, len(evaluation.first()[0])) if stream else eval_batch_size
         start = time.perf_counter()
         with tqdm(
             total=total_steps(budget, source, batch_size), initial=position.step, disable=not progress, unit="step"
@@ -217,15 +214,8 @@ def fit(
                 position = advanced(position, len(rows), source, batch_size, limit)
                 if not rows:  # a resumed epoch whose batches were all trained before: the next one
                     continue
-                test = (
-                    {}
-                    if evaluation is None
-                    else evaluate_batches(
-                        eval_step, state.params, evaluation.eval_batches(epoch), eval_size, state.model_state
-                    )
-                )
-                row = {"epoch": epoch + 1, "step": position.step, **epoch_summary(rows)}
-                history.append({**row, **{f"test_{k}": v for k, v in test.items()}})
+                test = evaluated(eval_step, state, evaluation, epoch, eval_batch_size)
+                history.append({"epoch": epoch + 1, "step": position.step, **epoch_summary(rows), **test})
                 if on_epoch_end is not None:
                     on_epoch_end(epoch + 1, history[-1])
                     history[-1] = numbers_only(history[-1])
@@ -236,6 +226,20 @@ def fit(
                 report_nonconvergence(failures, on_nonconvergence)
         trainable.finish(state.params, state.model_state)
         return FitResult(state, history, time.perf_counter() - start)
+
+
+def evaluated(
+    eval_step: Callable, state: TrainState, evaluation: ArraySource | StreamSource | None, epoch: int, batch_size: int
+) -> dict:
+    """The ``test_*`` metrics of ``state`` on ``evaluation`` after ``epoch`` (``{}`` without evaluation data), in
+    padded pieces of ``batch_size`` (a stream: of at most its first batch's size, not padded up to 512)."""
+    if evaluation is None:
+        return {}
+    if not evaluation.indexed:
+        batch_size = min(batch_size, len(evaluation.first()[0]))
+    batches = evaluation.eval_batches(epoch)
+    test = evaluate_batches(eval_step, state.params, batches, batch_size, state.model_state)
+    return {f"test_{key}": value for key, value in test.items()}
 
 
 def objective(source: ArraySource | StreamSource, loss_fn: Optional[Callable], metrics_fn: Optional[Callable]):
