@@ -233,7 +233,10 @@ def as_batch(batch: Any, what: str, where: str) -> tuple[Any, Any]:
     """``batch`` as an ``(x, y)`` pair of arrays (numpy arrays for anything without a shape and a dtype), checked to
     hold as many targets as inputs, at least one; ValueError naming ``where`` otherwise."""
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise ValueError(f"{what} must give (x, y) batches; {where} is a {type(batch).__name__}")
+        raise ValueError(
+            f"{what} must give (x, y) batches; {where} is a {type(batch).__name__} (in-memory arrays are passed as "
+            "a tuple (x, y))"
+        )
     x, y = (part if hasattr(part, "shape") and hasattr(part, "dtype") else np.asarray(part) for part in batch)
     if np.ndim(x) == 0 or np.ndim(y) == 0:
         raise ValueError(f"{what}: {where} has no batch axis (x shape {np.shape(x)}, y shape {np.shape(y)})")
