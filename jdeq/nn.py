@@ -40,6 +40,7 @@ from typing import Any, Optional
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ._skip import SKIP_LOSS_NAME, check_skip_weight, consistency_loss, skip_start, with_consistency
@@ -196,6 +197,34 @@ def _reject_state(name: str, collections: list[str]) -> None:
             "must be the same map at every iteration: use a stateless normalisation (GroupNorm, LayerNorm) "
             "instead of BatchNorm, and jdeq.spectral_normalize on the map's parameters instead of "
             "linen.SpectralNorm (whose power-iteration state changes the map)"
+        )
+
+
+def _check_per_sample(name: str, one: Callable, coupled: Callable, z: jax.Array, x: jax.Array, params: Any) -> None:
+    """ValueError naming ``per_sample=False`` when the map couples the samples of a batch: ``coupled(params, z, x)``
+    (the module on the batch) differs from ``one`` (the module on each sample as a batch of one) vmapped over the
+    samples, beyond ``√ε`` of the output's scale. Run on concrete values; under a trace (a jitted ``init``) the
+    comparison runs as a ``jax.debug.callback``. A batch of one has nothing to compare."""
+    if len(x) < 2:
+        return
+    together = coupled(params, z, x)
+    alone = jax.vmap(one, in_axes=(0, 0, None))(z, x, params)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in (together, alone)):
+        jax.debug.callback(functools.partial(_raise_if_coupled, name), together, alone)
+    else:
+        _raise_if_coupled(name, together, alone)
+
+
+def _raise_if_coupled(name: str, together: Any, alone: Any) -> None:
+    tol = float(jnp.finfo(jnp.result_type(together)).eps) ** 0.5  # rounding of two evaluation orders
+    together, alone = np.asarray(together, np.float64), np.asarray(alone, np.float64)
+    gap = float(np.max(np.abs(together - alone)))
+    if not gap <= tol * (1.0 + float(np.max(np.abs(alone)))):
+        raise ValueError(
+            f"DEQ({name}) with per_sample=True: the map couples the samples of a batch (its output on the batch "
+            f"differs from its output on each sample alone by {gap:.3g}, e.g. a normalisation over the batch axis), "
+            "so per-sample solves would solve another equation: pass per_sample=False to solve the batch as one "
+            "problem, or make the map per-sample"
         )
 
 
@@ -434,6 +463,8 @@ def _linen_module_solver(layer: DEQ, module: linen.Module, x: jax.Array, z0: Opt
 
     call = _LinenMap(pure)
     one = _OneOfBatch(_StateFirst(call))
+    if layer.is_initializing() and layer.per_sample and keys is None:  # once, at init (masks differ with dropout)
+        _check_per_sample(name, one, call, z0, x, variables.get("params", {}))
     return z0, lambda start: _solve_map(one, call, start, x, variables.get("params", {}), keys=keys, **options)
 
 
@@ -538,6 +569,7 @@ class NNXDEQ(nnx.Module):
         check_skip_weight(skip_weight)
         self.skip, self.skip_weight, self.skip_loss = skip, skip_weight, nnx.Intermediate(None)
         self.solver, self.grad, self.per_sample = solver, grad, per_sample
+        self.checked_per_sample = False  # whether a module map was checked not to couple samples (first eager call)
         self.probe = BackwardProbe(stats_probe())
         self.deq_stats = nnx.Intermediate(None)
         if isinstance(f, nnx.Module):
@@ -591,6 +623,10 @@ class NNXDEQ(nnx.Module):
             return nnx.merge(graphdef, p, rest)(z, x)
 
         one = _OneOfBatch(_StateFirst(call))
+        if self.per_sample and not self.checked_per_sample:  # once, at the first call on concrete values
+            if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((z0, x, params))):
+                _check_per_sample(name, one, call, z0, x, params)
+                self.checked_per_sample = True
         return z0, lambda start: _solve_map(one, call, start, x, params, **options)
 
 
