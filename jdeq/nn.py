@@ -616,18 +616,48 @@ class NNXDEQ(nnx.Module):
         name = type(self.f).__name__
         if z0 is None:
             raise _missing_start(name)
-        graphdef, params, batch_stats, rest = nnx.split(self.f, nnx.Param, nnx.BatchStat, ...)
+        graphdef, params, batch_stats, rngs, rest = nnx.split(self.f, nnx.Param, nnx.BatchStat, nnx.RngState, ...)
         _reject_state(name, ["batch_stats"] if jax.tree_util.tree_leaves(batch_stats) else [])
+        _advance_streams(self.f)  # one draw per call: the next call's solve sees new masks
 
-        def call(p, z, x):
-            return nnx.merge(graphdef, p, rest)(z, x)
+        def call(p, z, x):  # every evaluation on fresh copies: the same rng state, so the same dropout mask
+            module = nnx.merge(graphdef, p, rngs, rest, copy=True)
+            out = module(z, x)
+            _reject_updates(name, rest, nnx.split(module, nnx.Param, nnx.BatchStat, nnx.RngState, ...)[-1])
+            return out
 
         one = _OneOfBatch(_StateFirst(call))
-        if self.per_sample and not self.checked_per_sample:  # once, at the first call on concrete values
+        random = bool(jax.tree_util.tree_leaves(rngs))  # masks drawn on a batch and on one sample differ
+        if self.per_sample and not self.checked_per_sample and not random:  # once, at the first concrete call
             if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((z0, x, params))):
                 _check_per_sample(name, one, call, z0, x, params)
                 self.checked_per_sample = True
         return z0, lambda start: _solve_map(one, call, start, x, params, **options)
+
+
+def _advance_streams(module: nnx.Module) -> None:
+    """Advance every ``nnx.RngStream`` of ``module`` by one draw (what one ``rngs.<name>()`` call does)."""
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.RngStream):
+            _set_value(node.count, node.count[...] + 1)
+
+
+def _reject_updates(name: str, before: nnx.State, after: nnx.State) -> None:
+    """ValueError when an NNX map assigned a variable other than its parameters and rng streams during a call (at
+    trace time: the leaves of ``after`` are the very arrays of ``before`` unless the map replaced them)."""
+    changed = [
+        jax.tree_util.keystr(path)
+        for (path, old), new in zip(
+            jax.tree_util.tree_leaves_with_path(before), jax.tree_util.tree_leaves(after), strict=True
+        )
+        if new is not old
+    ]
+    if changed:
+        raise ValueError(
+            f"NNXDEQ({name}): the map updates its state ({', '.join(changed)}) when called; a DEQ map must be the "
+            "same map at every iteration, so a map may not write to its variables (counters, sown intermediates, "
+            "running statistics): keep such state outside the map, or compute it from the equilibrium afterwards"
+        )
 
 
 class NNXDEQClassifier(nnx.Module):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from jdeq.nn import DEQ, NNXDEQ
+from jdeq.nn import DEQ, NNXDEQ, forward_stats
 
 B, D, H = 4, 3, 5
 X = jax.random.normal(jax.random.PRNGKey(0), (B, D), jnp.float32)
@@ -74,3 +74,45 @@ def test_a_per_sample_nnx_map_is_checked_once(batch):
     assert layer(X[:batch], Z0[:batch]).shape == (batch, H)
     assert layer.checked_per_sample
     assert nnx.jit(lambda m, x, z: m(x, z))(layer, X[:batch], Z0[:batch]).shape == (batch, H)
+
+
+class NNXDropoutCell(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.a, self.b = nnx.Linear(H, H, rngs=rngs), nnx.Linear(D, H, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, z, x):
+        return jnp.tanh(0.3 * self.a(self.drop(z)) + self.b(x))
+
+
+class NNXCountingCell(NNXCell):
+    """Counts its calls in an ``nnx.Variable``: state that changes the map's object at every iteration."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        super().__init__(False, rngs)
+        self.calls = nnx.Variable(jnp.zeros((), jnp.int32))
+
+    def __call__(self, z, x):
+        self.calls[...] = self.calls[...] + 1
+        return super().__call__(z, x)
+
+
+@pytest.mark.parametrize("per_sample", [True, False], ids=["per_sample", "batch"])
+def test_nnx_dropout_keeps_one_mask_per_solve_and_a_new_one_per_call(per_sample):
+    """Before: TraceContextError. One mask for the whole solve (so it converges), new masks at the next call."""
+    layer = NNXDEQ(NNXDropoutCell(nnx.Rngs(0)), per_sample=per_sample)
+    first = layer(X, Z0)
+    assert bool(jnp.all(forward_stats(layer)[0].converged))
+    second = layer(X, Z0)
+    assert bool(jnp.all(forward_stats(layer)[0].converged)) and not bool(jnp.allclose(first, second))
+    layer.eval()  # deterministic: no mask
+    assert bool(jnp.allclose(layer(X, Z0), layer(X, Z0)))
+    jitted = nnx.jit(lambda m, x, z: m(x, z))
+    layer.train()
+    assert not bool(jnp.allclose(jitted(layer, X, Z0), jitted(layer, X, Z0)))  # the stream advances under nnx.jit
+
+
+def test_an_nnx_map_that_updates_a_variable_is_refused_by_name():
+    """Before: TraceContextError from Flax."""
+    with pytest.raises(ValueError, match=r"NNXDEQ\(NNXCountingCell\): the map updates its state \(.*calls"):
+        NNXDEQ(NNXCountingCell(nnx.Rngs(0)))(X, Z0)
