@@ -26,8 +26,12 @@ explicit arguments, so their gradients come from the implicit rule.
   also call the layer with ``index=``. See :func:`cached_start` and :func:`updated_cache` (the cache
   itself lives in ``jdeq._warm_cache``, plain JAX).
 - Map state other than parameters (BatchNorm's ``batch_stats``) is rejected: a DEQ map must be the
-  same map at every iteration. A linen ``"dropout"`` rng draws one key per call, so one solve uses
-  the same mask at every iteration (each sample its own when ``per_sample``).
+  same map at every iteration, and so is an NNX map that writes to a variable. A linen ``"dropout"`` rng
+  draws one key per call, so one solve uses the same mask at every iteration (each sample its own when
+  ``per_sample``); an NNX map's rng streams are read once per call (the same mask for every iteration and
+  sample) and advanced once per call.
+- A module map under ``per_sample=True`` is checked once not to couple the samples (linen at ``init``, NNX
+  at the first call on concrete values): a ValueError names ``per_sample=False`` otherwise.
 """
 
 from __future__ import annotations
