@@ -29,7 +29,7 @@ explicit arguments, so their gradients come from the implicit rule.
   same map at every iteration, and so is an NNX map that writes to a variable. A linen ``"dropout"`` rng
   draws one key per call, so one solve uses the same mask at every iteration (each sample its own when
   ``per_sample``); an NNX map's rng streams are read once per call (the same mask for every iteration and
-  sample) and advanced once per call.
+  sample) and get a new key (split from their own) at each call.
 - A module map under ``per_sample=True`` is checked once not to couple the samples (linen at ``init``, NNX
   at the first call on concrete values): a ValueError names ``per_sample=False`` otherwise.
 """
@@ -622,7 +622,7 @@ class NNXDEQ(nnx.Module):
             raise _missing_start(name)
         graphdef, params, batch_stats, rngs, rest = nnx.split(self.f, nnx.Param, nnx.BatchStat, nnx.RngState, ...)
         _reject_state(name, ["batch_stats"] if jax.tree_util.tree_leaves(batch_stats) else [])
-        _advance_streams(self.f)  # one draw per call: the next call's solve sees new masks
+        _advance_streams(self.f)  # the next call's solve sees new masks
 
         def call(p, z, x):  # every evaluation on fresh copies: the same rng state, so the same dropout mask
             module = nnx.merge(graphdef, p, rngs, rest, copy=True)
@@ -640,22 +640,21 @@ class NNXDEQ(nnx.Module):
 
 
 def _advance_streams(module: nnx.Module) -> None:
-    """Advance every ``nnx.RngStream`` of ``module`` by one draw (what one ``rngs.<name>()`` call does)."""
+    """Give every ``nnx.RngStream`` of ``module`` a new key, split from its own: the next call draws keys unrelated
+    to this call's, however many draws one evaluation of the map makes."""
     for _, node in nnx.iter_graph(module):
         if isinstance(node, nnx.RngStream):
-            _set_value(node.count, node.count[...] + 1)
+            _set_value(node.key, jax.random.split(node.key[...])[0])
 
 
 def _reject_updates(name: str, before: nnx.State, after: nnx.State) -> None:
     """ValueError when an NNX map assigned a variable other than its parameters and rng streams during a call (at
     trace time: the leaves of ``after`` are the very arrays of ``before`` unless the map replaced them)."""
-    changed = [
-        jax.tree_util.keystr(path)
-        for (path, old), new in zip(
-            jax.tree_util.tree_leaves_with_path(before), jax.tree_util.tree_leaves(after), strict=True
-        )
-        if new is not old
-    ]
+    old, new = (
+        {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+        for state in (before, after)
+    )
+    changed = [path for path in {**old, **new} if old.get(path) is not new.get(path)]  # added or replaced
     if changed:
         raise ValueError(
             f"NNXDEQ({name}): the map updates its state ({', '.join(changed)}) when called; a DEQ map must be the "

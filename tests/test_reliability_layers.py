@@ -116,3 +116,20 @@ def test_an_nnx_map_that_updates_a_variable_is_refused_by_name():
     """Before: TraceContextError from Flax."""
     with pytest.raises(ValueError, match=r"NNXDEQ\(NNXCountingCell\): the map updates its state \(.*calls"):
         NNXDEQ(NNXCountingCell(nnx.Rngs(0)))(X, Z0)
+
+
+class NNXRememberingCell(NNXCell):
+    """Keeps its last output in a variable it creates when called."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        super().__init__(False, rngs)
+
+    def __call__(self, z, x):
+        out = super().__call__(z, x)
+        self.last = nnx.Intermediate(out)
+        return out
+
+
+def test_an_nnx_map_that_adds_a_variable_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"NNXDEQ\(NNXRememberingCell\): the map updates its state \(.*last"):
+        NNXDEQ(NNXRememberingCell(nnx.Rngs(0)))(X, Z0)
