@@ -30,8 +30,8 @@ explicit arguments, so their gradients come from the implicit rule.
   draws one key per call, so one solve uses the same mask at every iteration (each sample its own when
   ``per_sample``); an NNX map's rng streams are read once per call (the same mask for every iteration and
   sample) and get a new key (split from their own) at each call.
-- A module map under ``per_sample=True`` is checked once not to couple the samples (linen at ``init``, NNX
-  at the first call on concrete values): a ValueError names ``per_sample=False`` otherwise.
+- A module map under ``per_sample=True`` is checked not to couple the samples, outside the solve (linen at
+  ``init``, NNX at its first call; under ``jit`` at trace time): a ValueError names ``per_sample=False`` otherwise.
 """
 
 from __future__ import annotations
@@ -204,18 +204,23 @@ def _reject_state(name: str, collections: list[str]) -> None:
         )
 
 
-def _check_per_sample(name: str, one: Callable, coupled: Callable, z: jax.Array, x: jax.Array, params: Any) -> None:
+def _check_per_sample(name: str, map_with: Callable, z: jax.Array, x: jax.Array, params: Any, state: Any = ()) -> None:
     """ValueError naming ``per_sample=False`` when the map couples the samples of a batch: ``coupled(params, z, x)``
-    (the module on the batch) differs from ``one`` (the module on each sample as a batch of one) vmapped over the
-    samples, beyond ``√ε`` of the output's scale. Run on concrete values; under a trace (a jitted ``init``) the
-    comparison runs as a ``jax.debug.callback``. A batch of one has nothing to compare."""
+    (the module on the batch; ``coupled = map_with(state)``, ``state`` the module's other variables) differs from
+    the module on each sample as a batch of one, vmapped over the samples, beyond ``√ε`` of the output's scale.
+
+    Runs eagerly, outside the solve: on the real values when they are concrete, else (under ``jit``) at trace time
+    on concrete stand-ins of their shapes (:func:`_stand_in`), so nothing enters the compiled program. A batch of
+    one has nothing to compare.
+    """
     if len(x) < 2:
         return
-    together = coupled(params, z, x)
-    alone = jax.vmap(one, in_axes=(0, 0, None))(z, x, params)
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in (together, alone)):
-        jax.debug.callback(functools.partial(_raise_if_coupled, name), together, alone)
-    else:
+    with jax.ensure_compile_time_eval():
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((z, x, params, state))):
+            z, x, params, state = _stand_in((z, x, params, state))
+        coupled = map_with(state)
+        together = coupled(params, z, x)
+        alone = jax.vmap(_OneOfBatch(_StateFirst(coupled)), in_axes=(0, 0, None))(z, x, params)
         _raise_if_coupled(name, together, alone)
 
 
@@ -468,7 +473,7 @@ def _linen_module_solver(layer: DEQ, module: linen.Module, x: jax.Array, z0: Opt
     call = _LinenMap(pure)
     one = _OneOfBatch(_StateFirst(call))
     if layer.is_initializing() and layer.per_sample and keys is None:  # once, at init (masks differ with dropout)
-        _check_per_sample(name, one, call, z0, x, variables.get("params", {}))
+        _check_per_sample(name, lambda _: call, z0, x, variables.get("params", {}))
     return z0, lambda start: _solve_map(one, call, start, x, variables.get("params", {}), keys=keys, **options)
 
 
@@ -573,7 +578,7 @@ class NNXDEQ(nnx.Module):
         check_skip_weight(skip_weight)
         self.skip, self.skip_weight, self.skip_loss = skip, skip_weight, nnx.Intermediate(None)
         self.solver, self.grad, self.per_sample = solver, grad, per_sample
-        self.checked_per_sample = False  # whether a module map was checked not to couple samples (first eager call)
+        self.checked_per_sample = False  # whether a module map was checked not to couple samples (on real values)
         self.probe = BackwardProbe(stats_probe())
         self.deq_stats = nnx.Intermediate(None)
         if isinstance(f, nnx.Module):
@@ -623,20 +628,40 @@ class NNXDEQ(nnx.Module):
         graphdef, params, batch_stats, rngs, rest = nnx.split(self.f, nnx.Param, nnx.BatchStat, nnx.RngState, ...)
         _reject_state(name, ["batch_stats"] if jax.tree_util.tree_leaves(batch_stats) else [])
         _advance_streams(self.f)  # the next call's solve sees new masks
-
-        def call(p, z, x):  # every evaluation on fresh copies: the same rng state, so the same dropout mask
-            module = nnx.merge(graphdef, p, rngs, rest, copy=True)
-            out = module(z, x)
-            _reject_updates(name, rest, nnx.split(module, nnx.Param, nnx.BatchStat, nnx.RngState, ...)[-1])
-            return out
-
+        call = _nnx_map(name, graphdef, rngs, rest)
         one = _OneOfBatch(_StateFirst(call))
         random = bool(jax.tree_util.tree_leaves(rngs))  # masks drawn on a batch and on one sample differ
-        if self.per_sample and not self.checked_per_sample and not random:  # once, at the first concrete call
-            if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((z0, x, params))):
-                _check_per_sample(name, one, call, z0, x, params)
-                self.checked_per_sample = True
+        if self.per_sample and not self.checked_per_sample and not random:  # once per layer, or per trace
+            _check_per_sample(name, functools.partial(_nnx_map, name, graphdef, rngs), z0, x, params, rest)
+            concrete = not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((x, params)))
+            self.checked_per_sample = concrete  # set inside nnx.jit, it would change the graph and retrace
         return z0, lambda start: _solve_map(one, call, start, x, params, **options)
+
+
+def _nnx_map(name: str, graphdef: Any, rngs: nnx.State, rest: nnx.State) -> Callable:
+    """``call(params, z, x)``: the NNX module on fresh copies of its variables at every evaluation (the same rng
+    state, so the same dropout mask), refusing a module that writes to its variables (:func:`_reject_updates`)."""
+
+    def call(params, z, x):
+        module = nnx.merge(graphdef, params, rngs, rest, copy=True)
+        out = module(z, x)
+        _reject_updates(name, rest, nnx.split(module, nnx.Param, nnx.BatchStat, nnx.RngState, ...)[-1])
+        return out
+
+    return call
+
+
+def _stand_in(tree: Any) -> Any:
+    """Concrete values shaped like the leaves of ``tree`` (standard normal floats, zero integers): inputs for a
+    check made while tracing, where the real values are tracers."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(jax.random.PRNGKey(0), max(len(leaves), 1))
+
+    def like(key, leaf):
+        shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
+        return jax.random.normal(key, shape, dtype) if jnp.issubdtype(dtype, jnp.floating) else jnp.zeros(shape, dtype)
+
+    return jax.tree_util.tree_unflatten(treedef, [like(key, leaf) for key, leaf in zip(keys, leaves)])
 
 
 def _advance_streams(module: nnx.Module) -> None:

@@ -41,8 +41,8 @@ class NNXCell(nnx.Module):
 def test_a_linen_map_coupling_the_batch_is_refused_at_init():
     with pytest.raises(ValueError, match="per_sample=False"):
         DEQ(LinenCell(couple=True)).init(jax.random.PRNGKey(1), X, Z0)
-    with pytest.raises(Exception, match="per_sample=False"):  # a jitted init: checked by a callback, once
-        jax.block_until_ready(jax.jit(DEQ(LinenCell(couple=True)).init)(jax.random.PRNGKey(1), X, Z0))
+    with pytest.raises(ValueError, match="per_sample=False"):  # a jitted init: checked at trace time on stand-ins
+        jax.jit(DEQ(LinenCell(couple=True)).init)(jax.random.PRNGKey(1), X, Z0)
     layer = DEQ(LinenCell(couple=True), per_sample=False)  # the batch as one problem: accepted
     z = layer.apply(layer.init(jax.random.PRNGKey(1), X, Z0), X, Z0)
     assert z.shape == (B, H) and bool(jnp.all(jnp.isfinite(z)))
@@ -64,6 +64,8 @@ def test_an_nnx_map_coupling_the_batch_is_refused_at_its_first_call():
     layer = NNXDEQ(NNXCell(True, nnx.Rngs(0)))
     with pytest.raises(ValueError, match="per_sample=False"):
         layer(X, Z0)
+    with pytest.raises(ValueError, match="per_sample=False"):  # only ever called under nnx.jit: at trace time
+        nnx.jit(lambda m, x, z: m(x, z))(NNXDEQ(NNXCell(True, nnx.Rngs(0))), X, Z0)
     z = NNXDEQ(NNXCell(True, nnx.Rngs(0)), per_sample=False)(X, Z0)
     assert z.shape == (B, H) and bool(jnp.all(jnp.isfinite(z)))
 
@@ -74,6 +76,9 @@ def test_a_per_sample_nnx_map_is_checked_once(batch):
     assert layer(X[:batch], Z0[:batch]).shape == (batch, H)
     assert layer.checked_per_sample
     assert nnx.jit(lambda m, x, z: m(x, z))(layer, X[:batch], Z0[:batch]).shape == (batch, H)
+    traced = NNXDEQ(NNXCell(False, nnx.Rngs(0)))  # checked at each trace, the flag left alone (no retrace)
+    assert nnx.jit(lambda m, x, z: m(x, z))(traced, X[:batch], Z0[:batch]).shape == (batch, H)
+    assert not traced.checked_per_sample
 
 
 class NNXDropoutCell(nnx.Module):
