@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._canonical_conv import canonical_convs
+from ._contract import check_adjoint_result
 from ._numerics import check, map_rows
 from ._sharding import sum_like
 from ._tree import frozen, zero_tangents
@@ -131,7 +132,9 @@ class AdjointMode(GradientMode):
         def backward(saved, g):
             x_star, args, state, probe = saved
             _, vjp = jax.vjp(lambda z: fn(z, args), x_star)
-            u, stats = mode.adjoint(solver, canonical_convs(lambda u: vjp(u)[0]), g, state)
+            u, stats = check_adjoint_result(
+                mode, mode.adjoint(solver, canonical_convs(lambda u: vjp(u)[0]), g, state), g
+            )
             u = first_order_only(u)
             zeros = zero_tangents((x_star, args, state))
             return (u, *zeros, sum_like(encode_backward_stats(stats, probe), probe))

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import jax
 
+from ._contract import check_mode_result
 from ._errors import raise_on_backward_failure, raise_unless_converged, warn_unless_converged
 from ._numerics import lineax_hint, subclass_names
 from ._sharding import vary_like
@@ -105,7 +106,7 @@ def _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision) ->
     problem_args = (args, tuple(consts))
     if throw:
         problem_args, probe = raise_on_backward_failure(problem_args, probe)
-    sol = grad.solve(solver, fn, x0, problem_args, probe)
+    sol = check_mode_result(grad, grad.solve(solver, fn, x0, problem_args, probe), x0)
     return sol._replace(value=unravel(sol.value))
 
 

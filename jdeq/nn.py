@@ -26,8 +26,12 @@ explicit arguments, so their gradients come from the implicit rule.
   also call the layer with ``index=``. See :func:`cached_start` and :func:`updated_cache` (the cache
   itself lives in ``jdeq._warm_cache``, plain JAX).
 - Map state other than parameters (BatchNorm's ``batch_stats``) is rejected: a DEQ map must be the
-  same map at every iteration. A linen ``"dropout"`` rng draws one key per call, so one solve uses
-  the same mask at every iteration (each sample its own when ``per_sample``).
+  same map at every iteration, and so is an NNX map that writes to a variable. A linen ``"dropout"`` rng
+  draws one key per call, so one solve uses the same mask at every iteration (each sample its own when
+  ``per_sample``); an NNX map's rng streams are read once per call (the same mask for every iteration and
+  sample) and get a new key (split from their own) at each call.
+- A module map under ``per_sample=True`` is checked not to couple the samples, outside the solve (linen at
+  ``init``, NNX at its first call; under ``jit`` at trace time): a ValueError names ``per_sample=False`` otherwise.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Any, Optional
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ._skip import SKIP_LOSS_NAME, check_skip_weight, consistency_loss, skip_start, with_consistency
@@ -196,6 +201,39 @@ def _reject_state(name: str, collections: list[str]) -> None:
             "must be the same map at every iteration: use a stateless normalisation (GroupNorm, LayerNorm) "
             "instead of BatchNorm, and jdeq.spectral_normalize on the map's parameters instead of "
             "linen.SpectralNorm (whose power-iteration state changes the map)"
+        )
+
+
+def _check_per_sample(name: str, map_with: Callable, z: jax.Array, x: jax.Array, params: Any, state: Any = ()) -> None:
+    """ValueError naming ``per_sample=False`` when the map couples the samples of a batch: ``coupled(params, z, x)``
+    (the module on the batch; ``coupled = map_with(state)``, ``state`` the module's other variables) differs from
+    the module on each sample as a batch of one, vmapped over the samples, beyond ``√ε`` of the output's scale.
+
+    Runs eagerly, outside the solve: on the real values when they are concrete, else (under ``jit``) at trace time
+    on concrete stand-ins of their shapes (:func:`_stand_in`), so nothing enters the compiled program. A batch of
+    one has nothing to compare.
+    """
+    if len(x) < 2:
+        return
+    with jax.ensure_compile_time_eval():
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((z, x, params, state))):
+            z, x, params, state = _stand_in((z, x, params, state))
+        coupled = map_with(state)
+        together = coupled(params, z, x)
+        alone = jax.vmap(_OneOfBatch(_StateFirst(coupled)), in_axes=(0, 0, None))(z, x, params)
+        _raise_if_coupled(name, together, alone)
+
+
+def _raise_if_coupled(name: str, together: Any, alone: Any) -> None:
+    tol = float(jnp.finfo(jnp.result_type(together)).eps) ** 0.5  # rounding of two evaluation orders
+    together, alone = np.asarray(together, np.float64), np.asarray(alone, np.float64)
+    gap = float(np.max(np.abs(together - alone)))
+    if not gap <= tol * (1.0 + float(np.max(np.abs(alone)))):
+        raise ValueError(
+            f"DEQ({name}) with per_sample=True: the map couples the samples of a batch (its output on the batch "
+            f"differs from its output on each sample alone by {gap:.3g}, e.g. a normalisation over the batch axis), "
+            "so per-sample solves would solve another equation: pass per_sample=False to solve the batch as one "
+            "problem, or make the map per-sample"
         )
 
 
@@ -434,6 +472,8 @@ def _linen_module_solver(layer: DEQ, module: linen.Module, x: jax.Array, z0: Opt
 
     call = _LinenMap(pure)
     one = _OneOfBatch(_StateFirst(call))
+    if layer.is_initializing() and layer.per_sample and keys is None:  # once, at init (masks differ with dropout)
+        _check_per_sample(name, lambda _: call, z0, x, variables.get("params", {}))
     return z0, lambda start: _solve_map(one, call, start, x, variables.get("params", {}), keys=keys, **options)
 
 
@@ -538,6 +578,7 @@ class NNXDEQ(nnx.Module):
         check_skip_weight(skip_weight)
         self.skip, self.skip_weight, self.skip_loss = skip, skip_weight, nnx.Intermediate(None)
         self.solver, self.grad, self.per_sample = solver, grad, per_sample
+        self.checked_per_sample = False  # whether a module map was checked not to couple samples (on real values)
         self.probe = BackwardProbe(stats_probe())
         self.deq_stats = nnx.Intermediate(None)
         if isinstance(f, nnx.Module):
@@ -584,14 +625,67 @@ class NNXDEQ(nnx.Module):
         name = type(self.f).__name__
         if z0 is None:
             raise _missing_start(name)
-        graphdef, params, batch_stats, rest = nnx.split(self.f, nnx.Param, nnx.BatchStat, ...)
+        graphdef, params, batch_stats, rngs, rest = nnx.split(self.f, nnx.Param, nnx.BatchStat, nnx.RngState, ...)
         _reject_state(name, ["batch_stats"] if jax.tree_util.tree_leaves(batch_stats) else [])
-
-        def call(p, z, x):
-            return nnx.merge(graphdef, p, rest)(z, x)
-
+        _advance_streams(self.f)  # the next call's solve sees new masks
+        call = _nnx_map(name, graphdef, rngs, rest)
         one = _OneOfBatch(_StateFirst(call))
+        random = bool(jax.tree_util.tree_leaves(rngs))  # masks drawn on a batch and on one sample differ
+        if self.per_sample and not self.checked_per_sample and not random:  # once per layer, or per trace
+            _check_per_sample(name, functools.partial(_nnx_map, name, graphdef, rngs), z0, x, params, rest)
+            concrete = not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((x, params)))
+            self.checked_per_sample = concrete  # set inside nnx.jit, it would change the graph and retrace
         return z0, lambda start: _solve_map(one, call, start, x, params, **options)
+
+
+def _nnx_map(name: str, graphdef: Any, rngs: nnx.State, rest: nnx.State) -> Callable:
+    """``call(params, z, x)``: the NNX module on fresh copies of its variables at every evaluation (the same rng
+    state, so the same dropout mask), refusing a module that writes to its variables (:func:`_reject_updates`)."""
+
+    def call(params, z, x):
+        module = nnx.merge(graphdef, params, rngs, rest, copy=True)
+        out = module(z, x)
+        _reject_updates(name, rest, nnx.split(module, nnx.Param, nnx.BatchStat, nnx.RngState, ...)[-1])
+        return out
+
+    return call
+
+
+def _stand_in(tree: Any) -> Any:
+    """Concrete values shaped like the leaves of ``tree`` (standard normal floats, zero integers): inputs for a
+    check made while tracing, where the real values are tracers."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(jax.random.PRNGKey(0), max(len(leaves), 1))
+
+    def like(key, leaf):
+        shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
+        return jax.random.normal(key, shape, dtype) if jnp.issubdtype(dtype, jnp.floating) else jnp.zeros(shape, dtype)
+
+    return jax.tree_util.tree_unflatten(treedef, [like(key, leaf) for key, leaf in zip(keys, leaves)])
+
+
+def _advance_streams(module: nnx.Module) -> None:
+    """Give every ``nnx.RngStream`` of ``module`` a new key, split from its own: the next call draws keys unrelated
+    to this call's, however many draws one evaluation of the map makes."""
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.RngStream):
+            _set_value(node.key, jax.random.split(node.key[...])[0])
+
+
+def _reject_updates(name: str, before: nnx.State, after: nnx.State) -> None:
+    """ValueError when an NNX map assigned a variable other than its parameters and rng streams during a call (at
+    trace time: the leaves of ``after`` are the very arrays of ``before`` unless the map replaced them)."""
+    old, new = (
+        {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+        for state in (before, after)
+    )
+    changed = [path for path in {**old, **new} if old.get(path) is not new.get(path)]  # added or replaced
+    if changed:
+        raise ValueError(
+            f"NNXDEQ({name}): the map updates its state ({', '.join(changed)}) when called; a DEQ map must be the "
+            "same map at every iteration, so a map may not write to its variables (counters, sown intermediates, "
+            "running statistics): keep such state outside the map, or compute it from the equilibrium afterwards"
+        )
 
 
 class NNXDEQClassifier(nnx.Module):

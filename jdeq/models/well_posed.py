@@ -88,6 +88,18 @@ def activation_lipschitz(cell: object, activation: Callable, lipschitz: Optional
     )
 
 
+def _check_certificate(cell: object, name: str, bound: float, otherwise: str) -> None:
+    """ValueError naming ``cell`` unless ``L·bound < 1``, ``L`` its activation's Lipschitz constant
+    (:func:`activation_lipschitz` of the cell's ``activation`` and ``lipschitz``) and ``bound`` the
+    hyper-parameter ``name`` that bounds the mixing's norm; ``otherwise`` says what fails."""
+    constant = activation_lipschitz(cell, cell.activation, cell.lipschitz)
+    check(
+        constant * bound < 1,
+        f"{type(cell).__name__}: lipschitz·{name} = {constant}·{bound} >= 1, so {otherwise}; "
+        f"lower {name} below 1/lipschitz",
+    )
+
+
 def inf_norm(a: jax.Array) -> jax.Array:
     """``‖A‖∞ = maxᵢ Σⱼ |Aᵢⱼ|``, the operator norm induced by the ∞-norm (largest absolute row sum)."""
     return jnp.max(jnp.sum(jnp.abs(a), axis=-1))
@@ -217,12 +229,7 @@ class InfNormCell(_InjectedCell):
     def __post_init__(self):
         super().__post_init__()
         check(0 < self.kappa < 1, f"InfNormCell(kappa=...) must be in (0, 1) for well-posedness, got {self.kappa}")
-        constant = activation_lipschitz(self, self.activation, self.lipschitz)
-        check(
-            constant * self.kappa < 1,
-            f"InfNormCell: lipschitz·kappa = {constant}·{self.kappa} >= 1, so ‖A‖∞ <= kappa certifies nothing; "
-            "lower kappa below 1/lipschitz",
-        )
+        _check_certificate(self, "kappa", self.kappa, "‖A‖∞ <= kappa certifies nothing")
 
     def init_mixing(self, key: jax.Array) -> dict:
         """``A ~ N(0, 1/features)`` with each row projected onto the ℓ1 ball of radius ``κ``."""
@@ -261,12 +268,7 @@ class SoftmaxCell(_InjectedCell):
     def __post_init__(self):
         super().__post_init__()
         check(0 < self.gamma < 1, f"SoftmaxCell(gamma=...) must be in (0, 1) for a contraction, got {self.gamma}")
-        constant = activation_lipschitz(self, self.activation, self.lipschitz)
-        check(
-            constant * self.gamma < 1,
-            f"SoftmaxCell: lipschitz·gamma = {constant}·{self.gamma} >= 1, so the cell is not a contraction; "
-            "lower gamma below 1/lipschitz",
-        )
+        _check_certificate(self, "gamma", self.gamma, "the cell is not a contraction")
 
     def __call__(self, params: dict, z: jax.Array, u: jax.Array) -> jax.Array:
         return self.activation(self.gamma * column_softmax(params["A"]) @ z + u)

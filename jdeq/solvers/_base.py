@@ -19,6 +19,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 
 from .._canonical_conv import canonical_convs
+from .._contract import check_step_result
 from .._numerics import check, check_stopping, norm, relative
 from .._sharding import vary_like
 from ..stats import Result, Stats
@@ -103,7 +104,11 @@ class Solver:
         batch per evaluation (:func:`per_row`). Override it only where vmapping ``step`` cannot work.
         """
         row = per_row(fn, x)
-        vmapped = jax.vmap(lambda x, fx, s: self.step(row, x, fx, s), in_axes=(0, 0, axes), out_axes=(0, 0, axes, 0))
+
+        def step(x, fx, s):
+            return check_step_result(self, self.step(row, x, fx, s), x, fx, s)
+
+        vmapped = jax.vmap(step, in_axes=(0, 0, axes), out_axes=(0, 0, axes, 0))
         return vmapped(x, fx, state)
 
     @property
@@ -285,10 +290,10 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
     if batched:
         axes = 0 if freeze_state else solver.batch_axes
         init = jax.vmap(solver.init, out_axes=axes)
-        step = functools.partial(solver.batch_step, fn, axes=axes)
+        step, step_name = functools.partial(solver.batch_step, fn, axes=axes), "batch_step"
     else:
         init = solver.init
-        step = functools.partial(solver.step, fn)
+        step, step_name = functools.partial(solver.step, fn), "step"
     fx0 = fn(x0)
     zero = jnp.zeros(x0.shape[:-1], jnp.int32)
     abs0, _, image0 = residuals(*lax.stop_gradient((x0, fx0)))
@@ -313,7 +318,7 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
     carry = vary_like(carry, (x0, fx0))
 
     def body(c: _Carry) -> _Carry:
-        x, fx, state, used = step(c.x, c.fx, c.state)
+        x, fx, state, used = check_step_result(solver, step(c.x, c.fx, c.state), c.x, c.fx, c.state, step_name)
         active = c.result == Result.RUNNING  # always true for one problem
 
         def keep(new, old):  # per-sample freeze of a stopped sample (a no-op for one problem)

@@ -28,13 +28,18 @@ def cholesky_solve(a: jax.Array, b: jax.Array) -> jax.Array:
     ``L_jj = √(a_jj − Σ_{p<j} L_jp²)``, ``L_ij = (a_ij − Σ_{p<j} L_ip L_jp) / L_jj``, then ``L y = b`` and
     ``Lᵀ x = y`` by substitution, each entry its own scalar expression: batched under ``jax.vmap`` or
     inside a GPU loop the whole solve is elementwise arithmetic on ``(batch,)`` vectors, which XLA fuses
-    into a few kernels, with no per-matrix LAPACK/cuSOLVER call, no dot and no scatter into a matrix. A
-    non-positive pivot yields NaN, which the caller's safeguard catches.
+    into a few kernels, with no per-matrix LAPACK/cuSOLVER call, no dot and no scatter into a matrix.
+
+    A squared pivot at or below rounding (``<= ε a_jj``, reached when residuals agree to rounding) is raised to
+    ``ε a_jj``: the solve and its derivative stay finite (a NaN pivot, or the infinite derivative of ``√0``,
+    would make reverse-mode autodiff through the step NaN even where the caller's safeguard discards the
+    coefficients, as ``0·NaN = NaN``); the large coefficients it gives are caught by that safeguard.
     """
     (k,) = b.shape
+    eps = jnp.finfo(a.dtype).eps
     low = [[None] * k for _ in range(k)]
     for j in range(k):
-        pivot = jnp.sqrt(a[j, j] - sum(low[j][p] * low[j][p] for p in range(j)))
+        pivot = jnp.sqrt(jnp.maximum(a[j, j] - sum(low[j][p] * low[j][p] for p in range(j)), eps * a[j, j]))
         low[j][j] = pivot
         for i in range(j + 1, k):
             low[i][j] = (a[i, j] - sum(low[i][p] * low[j][p] for p in range(j))) / pivot
