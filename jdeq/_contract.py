@@ -76,12 +76,10 @@ def check_step_result(solver: Any, out: Any, x: jax.Array, fx: jax.Array, state:
     return tuple(out)
 
 
-def check_mode_result(mode: Any, sol: Any, x0: jax.Array) -> Any:
-    """``sol``, a gradient mode's ``solve`` return, after checking it is a :class:`jdeq.Solution` whose value is
-    shaped and typed like the flat start ``x0``."""
-    from .solvers import Solution  # the solvers import this module
-
-    if not isinstance(sol, Solution):
+def check_mode_result(mode: Any, sol: Any, x0: jax.Array, solution_type: type) -> Any:
+    """``sol``, a gradient mode's ``solve`` return, after checking it is a ``solution_type`` (:class:`jdeq.Solution`,
+    passed in: the solvers import this module) whose value is shaped and typed like the flat start ``x0``."""
+    if not isinstance(sol, solution_type):
         raise ValueError(
             f"{type(mode).__name__}.solve breaks its contract: it returned {_shown(sol)}, expected a "
             "jdeq.Solution (e.g. the one jdeq.solvers.run returns, with its value replaced)"

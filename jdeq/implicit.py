@@ -106,7 +106,7 @@ def _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision) ->
     problem_args = (args, tuple(consts))
     if throw:
         problem_args, probe = raise_on_backward_failure(problem_args, probe)
-    sol = check_mode_result(grad, grad.solve(solver, fn, x0, problem_args, probe), x0)
+    sol = check_mode_result(grad, grad.solve(solver, fn, x0, problem_args, probe), x0, Solution)
     return sol._replace(value=unravel(sol.value))
 
 
