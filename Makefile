@@ -19,14 +19,14 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist worksteal -q
 
 # The smoke tests only (a solve and its gradient, both layers, a tiny fit saved, loaded and resumed): a quick check.
 test-quick: $(STAMP)
 	$(PY) -m pytest -n 0 -q tests/test_smoke.py
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -n 2 -q -m slow
+	$(PY) -m pytest -n 2 --dist worksteal -q -m slow
 
 # The smoke tests (a solve and its gradient, both layers, a tiny fit with a checkpoint saved, loaded and resumed)
 # against the lowest dependency versions pyproject.toml states (a separate venv).
