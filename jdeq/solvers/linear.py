@@ -25,6 +25,7 @@ import jax.scipy.sparse.linalg as jsp_linalg_sparse
 from jax import lax
 
 from .._numerics import check, check_stopping, subclass_names
+from .._sharding import vary_like
 from ..stats import Result, Stats
 from ._base import Solver, per_row, residuals, settle
 
@@ -95,7 +96,7 @@ def dense_operator(matvec: LinearMap, b: Array) -> Array:
     ``n`` products with the basis vectors; for a batch each product runs ``matvec`` once on the whole
     batch (the rows are independent, so the basis vector ``e_j`` in every row gives every row's column ``j``).
     """
-    basis = jnp.eye(b.shape[-1], dtype=b.dtype)
+    basis = vary_like(jnp.eye(b.shape[-1], dtype=b.dtype), b)  # inside shard_map: a tangent varies like b
     columns = jax.vmap(lambda e: matvec(jnp.broadcast_to(e, b.shape)))(basis)  # (n, [B,] n): column j first
     return jnp.moveaxis(columns, 0, -1)
 
