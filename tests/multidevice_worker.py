@@ -4,7 +4,7 @@
 batch sharded over 8 host devices in two ways, ``jax.shard_map`` (each device solves its own shard, so devices stop
 after different numbers of steps) and ``jax.jit`` of the unsharded code called with sharded inputs, and compares the
 value and the gradient in the parameters with the same solve on one device. It prints one JSON line per
-combination as soon as it is done (``{"solver", "grad", "ok", "error"}``), after a ``{"start": ...}`` line, so
+combination as soon as it is done (``{"solver", "grad", "status", "error"}``), after a ``{"start": ...}`` line, so
 that a parent that kills a hung child knows which combination hung. The names are the keys of ``SOLVERS`` and
 ``GRADS`` below.
 """
@@ -13,17 +13,14 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (
-    "--xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
-)
-os.environ["JAX_PLATFORMS"] = "cpu"
+if __name__ == "__main__":  # a child process: 8 CPU devices, before jax starts (the test imports only the names)
+    os.environ["XLA_FLAGS"] = (
+        "--xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false "
+        "--xla_backend_optimization_level=0"
+    )
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
-
-jax.config.update("jax_enable_x64", True)
-jax.config.update("jax_numpy_dtype_promotion", "strict")
-jax.config.update("jax_numpy_rank_promotion", "raise")
-
 import jax.numpy as jnp  # noqa: E402
 import lineax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -31,6 +28,10 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jdeq  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)  # as tests/conftest.py sets them
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 WIDTH, IN_DIM, BATCH = 6, 3, 16
 TOL = 1e-10
@@ -109,11 +110,13 @@ def solve_fn(solver_name, grad):
 
 
 def loss_and_grad(solve):
-    def loss(params, x):
-        value, _ = solve(x, params)
-        return jnp.sum(jnp.sin(value))
+    """Jitted ``(params, x) -> ((loss, (value, per-sample steps)), grad of loss in params)``."""
 
-    return jax.jit(jax.value_and_grad(loss))
+    def loss(params, x):
+        value, steps = solve(x, params)
+        return jnp.sum(jnp.sin(value)), (value, steps)
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
 def check_close(name, actual, expected, rtol):
@@ -121,45 +124,71 @@ def check_close(name, actual, expected, rtol):
         np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol, err_msg=f"{name}{jax.tree_util.keystr(path)}")
 
 
+SHARD_MAP_REJECTS = "cannot solve inside jax.shard_map"
+"""The trace-time error of what cannot run inside ``jax.shard_map`` (``Lineax``); it must work under ``jax.jit``."""
+
+
 def run_combination(solver_name, grad_name):
+    """``"works"``, or ``"rejected: <error>"`` for a combination refused at trace time on one device and on 8 alike
+    (or, for lineax, inside ``shard_map`` only); an ``AssertionError`` for anything else."""
     params, x = problem()
     solve = solve_fn(solver_name, GRADS[grad_name])
     rtol = RTOL.get(grad_name, 1e-8)
-    value, steps = jax.jit(solve)(x, params)
-    loss, grads = loss_and_grad(solve)(params, x)
+    try:
+        (loss, (value, steps)), grads = loss_and_grad(solve)(params, x)
+    except ValueError as error:  # refused on one device: must be refused the same way on eight
+        rejected = str(error)
+        for run in (lambda: shard_mapped_loss_and_grad(solve, params, x), lambda: auto_sharded(solve, params, x)):
+            try:
+                run()
+            except ValueError as sharded_error:
+                assert str(sharded_error) == rejected, (sharded_error, rejected)
+            else:
+                raise AssertionError(f"rejected on one device, not on eight: {rejected}")
+        return f"rejected: {rejected}"
 
-    n = jax.device_count()
-    assert n == 8, n
-    manual = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
-    sharded = jax.shard_map(solve, mesh=manual, in_specs=(P("data"), P()), out_specs=(P("data"), P("data")))
-    x_manual = jax.device_put(x, NamedSharding(manual, P("data")))
-    value_sm, steps_sm = jax.jit(sharded)(x_manual, params)
+    (loss_jit, (value_jit, _)), grads_jit = auto_sharded(solve, params, x)
+    check_close("sharded-input jit loss", (loss_jit, value_jit), (loss, value), rtol)
+    check_close("sharded-input jit grad", grads_jit, grads, rtol)
+
+    try:
+        (loss_sm, (value_sm, steps_sm)), grads_sm = shard_mapped_loss_and_grad(solve, params, x)
+    except ValueError as error:
+        assert SHARD_MAP_REJECTS in str(error), error
+        return f"rejected in shard_map: {error}"
     if not solver_name.startswith("root_"):  # one root problem per device: its step count is the device's own
         np.testing.assert_array_equal(steps_sm, steps)
-    device_steps = np.asarray(steps_sm).reshape(n, -1).max(axis=1)
+    device_steps = np.asarray(steps_sm).reshape(jax.device_count(), -1).max(axis=1)
     assert len(set(device_steps.tolist())) > 1, f"devices should stop after different step counts: {device_steps}"
-    check_close("shard_map value", value_sm, value, rtol)
-    loss_sm, grads_sm = loss_and_grad(sharded)(params, x_manual)
-    check_close("shard_map loss", loss_sm, loss, rtol)
+    check_close("shard_map loss and value", (loss_sm, value_sm), (loss, value), rtol)
     check_close("shard_map grad", grads_sm, grads, rtol)
+    return "works"
 
-    auto = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    x_auto = jax.device_put(x, NamedSharding(auto, P("data")))
-    params_auto = jax.device_put(params, NamedSharding(auto, P()))
-    loss_jit, grads_jit = loss_and_grad(solve)(params_auto, x_auto)
-    check_close("sharded-input jit loss", loss_jit, loss, rtol)
-    check_close("sharded-input jit grad", grads_jit, grads, rtol)
+
+def auto_sharded(solve, params, x):
+    """The unsharded code under ``jax.jit``, called with ``x`` split over the devices and ``params`` replicated."""
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x = jax.device_put(x, NamedSharding(mesh, P("data")))
+    return loss_and_grad(solve)(jax.device_put(params, NamedSharding(mesh, P())), x)
+
+
+def shard_mapped_loss_and_grad(solve, params, x):
+    """:func:`loss_and_grad` of ``solve`` under ``jax.shard_map``: each device solves its shard of ``x``."""
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    sharded = jax.shard_map(solve, mesh=mesh, in_specs=(P("data"), P()), out_specs=(P("data"), P("data")))
+    x_sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    return loss_and_grad(sharded)(params, x_sharded)
 
 
 def main(solver_name, grad_names):
+    assert jax.device_count() == 8, jax.device_count()
     for grad_name in grad_names:
         print(json.dumps({"start": [solver_name, grad_name]}), flush=True)
         try:
-            run_combination(solver_name, grad_name)
-            error = None
+            status, error = run_combination(solver_name, grad_name), None
         except Exception as exc:  # reported to the parent, which fails the combination's test with it
-            error = f"{type(exc).__name__}: {exc}"[:3000]
-        print(json.dumps({"solver": solver_name, "grad": grad_name, "ok": error is None, "error": error}), flush=True)
+            status, error = "failed", f"{type(exc).__name__}: {exc}"[:3000]
+        print(json.dumps({"solver": solver_name, "grad": grad_name, "status": status, "error": error}), flush=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import jax.scipy.linalg as jsp_linalg
 from jax import lax
 
 from .._numerics import check, check_stopping, subclass_names
-from .._sharding import vary_like
+from .._sharding import vary_like, varying_axes
 from ..stats import Result, Stats
 from ._base import Solver, per_row, residuals, settle
 from ._krylov import bicgstab, gmres
@@ -271,6 +271,12 @@ class Lineax(LinearSolver):
     def solve(self, state, matvec, b, x0=None):
         import lineax
 
+        check(
+            not varying_axes(b),
+            f"Lineax({type(self.solver).__name__}) cannot solve inside jax.shard_map with per-device data (lineax "
+            f"traces its operator on arrays without the varying mesh axes {sorted(varying_axes(b))}): use "
+            "jdeq.GMRES, jdeq.BiCGStab, jdeq.LU or jdeq.Neumann there",
+        )
         operator = lineax.FunctionLinearOperator(lambda v: v - matvec(v), jax.eval_shape(lambda: b))
         options = {} if x0 is None else {"y0": x0}
         sol = lineax.linear_solve(operator, b, self.solver, options=options, throw=False)
