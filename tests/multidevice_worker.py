@@ -6,7 +6,8 @@ after different numbers of steps) and ``jax.jit`` of the unsharded code called w
 value and the gradient in the parameters with the same solve on one device. It prints one JSON line per
 combination as soon as it is done (``{"solver", "grad", "status", "error"}``), after a ``{"start": ...}`` line, so
 that a parent that kills a hung child knows which combination hung. The names are the keys of ``SOLVERS`` and
-``GRADS`` below.
+``GRADS`` below. ``collectives:SOLVER`` instead traces (does not run) the gradient under ``shard_map`` and checks
+that no collective sits inside a loop or a branch (:func:`check_collectives`).
 """
 
 import json
@@ -180,12 +181,50 @@ def shard_mapped_loss_and_grad(solve, params, x):
     return loss_and_grad(sharded)(params, x_sharded)
 
 
+COLLECTIVES = {"psum", "psum_invariant", "pmax", "pmin", "ppermute", "all_gather", "all_to_all", "psum_scatter"}
+CONTROL_FLOW = {"while", "scan", "cond"}
+
+
+def collectives_in_control_flow(jaxpr, inside=None) -> list:
+    """``(collective, enclosing loop or branch)`` for every collective of ``jaxpr`` that sits in a loop or a branch."""
+    found = []
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if inside is not None and name in COLLECTIVES:
+            found.append((name, inside))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found += collectives_in_control_flow(sub, name if name in CONTROL_FLOW else inside)
+    return found
+
+
+def check_collectives(solver_name, grad_name):
+    """``"outside"`` when no collective of the shard_mapped gradient sits in a loop or branch (traced, not run)."""
+    params, x = problem()
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    solve = solve_fn(solver_name, GRADS[grad_name])
+    sharded = jax.shard_map(solve, mesh=mesh, in_specs=(P("data"), P()), out_specs=(P("data"), P("data")))
+    x = jax.device_put(x, NamedSharding(mesh, P("data")))
+    try:
+        jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(jnp.sin(sharded(x, p)[0]))))(params)
+    except ValueError as error:
+        return f"rejected: {error}"
+    found = collectives_in_control_flow(jaxpr.jaxpr)
+    assert not found, f"collectives inside loops or branches: {found}"
+    assert collectives_in_control_flow(jaxpr.jaxpr, "top"), "the parameters' cotangents must be summed over devices"
+    return "outside"
+
+
 def main(solver_name, grad_names):
     assert jax.device_count() == 8, jax.device_count()
+    run = check_collectives if solver_name.startswith("collectives:") else run_combination
+    solver_name = solver_name.removeprefix("collectives:")
     for grad_name in grad_names:
         print(json.dumps({"start": [solver_name, grad_name]}), flush=True)
         try:
-            status, error = run_combination(solver_name, grad_name), None
+            status, error = run(solver_name, grad_name), None
         except Exception as exc:  # reported to the parent, which fails the combination's test with it
             status, error = "failed", f"{type(exc).__name__}: {exc}"[:3000]
         print(json.dumps({"solver": solver_name, "grad": grad_name, "status": status, "error": error}), flush=True)

@@ -3,8 +3,9 @@
 Each forward solver's combinations run in a child process (``tests/multidevice_worker.py``, 8 CPU devices forced
 with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``) with a timeout, so a deadlock (before the fix,
 ``Unrolled`` under ``shard_map`` made XLA abort the process after 40 s) fails the combinations it reaches instead
-of hanging the suite. Nothing of it is in the default suite: one combination in its own child process takes
-19–25 s (measured), over the 10 s a default test may take. A combination must give the one-device value and gradient (``"works"``), or be refused at
+of hanging the suite. Running a combination is not in the default suite: one in its own child process takes
+19–25 s (measured), over the 10 s a default test may take; the default suite traces four gradient modes under
+``shard_map`` instead and checks that no collective sits inside a loop or a branch. A combination must give the one-device value and gradient (``"works"``), or be refused at
 trace time with a clear ``ValueError``: on one device and on eight alike (``Unrolled`` of a solver with a
 backtracking loop, ``Shine`` of a solver without an inverse-Jacobian estimate), or inside ``shard_map`` only
 (``Lineax``, whose operator tracing loses the per-device mesh axes).
@@ -71,6 +72,13 @@ def run_worker(solver_name: str, grad_names: list) -> dict:
     return results
 
 
+def structure_of(solver_name: str, grad_name: str) -> tuple:
+    key = f"collectives:{solver_name}"
+    if key not in _results:
+        _results[key] = run_worker(key, list(GRADS))
+    return _results[key][grad_name]
+
+
 def result_of(solver_name: str, grad_name: str) -> tuple:
     if solver_name not in _results:
         _results[solver_name] = run_worker(solver_name, list(GRADS))
@@ -90,3 +98,21 @@ def check(solver_name: str, grad_name: str, status: str, error) -> None:
 @pytest.mark.parametrize("solver_name", [*SOLVERS, *ROOT_SOLVERS])
 def test_combination_on_eight_devices(solver_name, grad_name):
     check(solver_name, grad_name, *result_of(solver_name, grad_name))
+
+
+@pytest.mark.slow  # about 2 min of CPU: every combination traced
+@pytest.mark.parametrize("grad_name", list(GRADS))
+@pytest.mark.parametrize("solver_name", [*SOLVERS, *ROOT_SOLVERS])
+def test_no_collective_inside_a_loop_or_branch(solver_name, grad_name):
+    """The gradient of every combination under ``shard_map`` sums the parameters' cotangents outside its loops."""
+    status, error = structure_of(solver_name, grad_name)
+    assert error is None, f"{solver_name} × {grad_name}: {error}"
+    assert status == "outside" if expected(solver_name, grad_name) == "works" else status.startswith("rejected")
+
+
+def test_no_collective_inside_a_loop_or_branch_of_representative_modes():
+    """Traced in one child process: before the fix ``Unrolled`` (in a ``lax.cond``) and ``Phantom`` (in its loop)
+    summed the parameters' cotangents over the devices inside the loop; ``Unrolled``'s deadlocked."""
+    modes = ["unrolled", "phantom", "implicit_gmres", "implicit_jvp"]
+    for grad_name, (status, error) in run_worker("collectives:anderson", modes).items():
+        assert (status, error) == ("outside", None), (grad_name, status, error)
