@@ -36,6 +36,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 WIDTH, IN_DIM, BATCH = 6, 3, 16
 TOL = 1e-10
+KRYLOV = jdeq.GMRES(tol=1e-12, max_steps=60, restart=20)  # converges on every system here (‖∂f/∂z‖ ≈ 0.5)
 
 SOLVERS = {
     "fixed_point": jdeq.FixedPoint(tol=TOL, max_steps=300),
@@ -44,7 +45,7 @@ SOLVERS = {
     "broyden_ls": jdeq.Broyden(tol=TOL, max_steps=100, m=20, line_search=True),
     "newton": jdeq.Newton(tol=TOL, max_steps=30),
     "newton_ls": jdeq.Newton(tol=TOL, max_steps=30, line_search=True),
-    "newton_gmres": jdeq.Newton(tol=TOL, max_steps=30, linear_solver=jdeq.GMRES(tol=1e-12, max_steps=WIDTH)),
+    "newton_gmres": jdeq.Newton(tol=TOL, max_steps=30, linear_solver=KRYLOV),
     "newton_bicgstab": jdeq.Newton(tol=TOL, max_steps=30, linear_solver=jdeq.BiCGStab(tol=1e-12, max_steps=50)),
     "newton_lineax": jdeq.Newton(
         tol=TOL, max_steps=30, linear_solver=jdeq.Lineax(lineax.GMRES(rtol=1e-12, atol=1e-14, max_steps=50))
@@ -57,18 +58,21 @@ SOLVERS = {
 GRADS = {
     "implicit": jdeq.Implicit(),
     "implicit_lu": jdeq.Implicit(jdeq.LU()),
-    "implicit_gmres": jdeq.Implicit(jdeq.GMRES(tol=1e-12, max_steps=WIDTH)),
+    "implicit_gmres": jdeq.Implicit(KRYLOV),
     "implicit_bicgstab": jdeq.Implicit(jdeq.BiCGStab(tol=1e-12, max_steps=50)),
     "implicit_neumann": jdeq.Implicit(jdeq.Neumann(k=60)),
     "implicit_lineax": jdeq.Implicit(jdeq.Lineax(lineax.GMRES(rtol=1e-12, atol=1e-14, max_steps=50))),
     "implicit_jvp": jdeq.ImplicitJVP(),
-    "implicit_jvp_gmres": jdeq.ImplicitJVP(jdeq.GMRES(tol=1e-12, max_steps=WIDTH)),
+    "implicit_jvp_gmres": jdeq.ImplicitJVP(KRYLOV),
     "shine_refined": jdeq.Shine(refine=jdeq.Anderson(tol=1e-12, max_steps=100)),
     "phantom": jdeq.Phantom(k=5),
     "unrolled": jdeq.Unrolled(),
 }
 
 RTOL = {"phantom": 1e-6, "implicit_neumann": 1e-6}  # approximate gradients: same approximation, other rounding
+ROOT_RTOL = 1e-6
+"""``root_`` solves a device's samples as one problem, not the whole batch: the same root to the solver's tolerance
+(1e-10), reached by other iterates (which ``Unrolled`` differentiates), so agreement to 1e-6, not 1e-8."""
 
 
 def cell(z, x, params):
@@ -134,7 +138,7 @@ def run_combination(solver_name, grad_name):
     (or, for lineax, inside ``shard_map`` only); an ``AssertionError`` for anything else."""
     params, x = problem()
     solve = solve_fn(solver_name, GRADS[grad_name])
-    rtol = RTOL.get(grad_name, 1e-8)
+    rtol = ROOT_RTOL if solver_name.startswith("root_") else RTOL.get(grad_name, 1e-8)
     try:
         (loss, (value, steps)), grads = loss_and_grad(solve)(params, x)
     except ValueError as error:  # refused on one device: must be refused the same way on eight
