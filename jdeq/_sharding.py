@@ -11,7 +11,7 @@ from typing import Any
 import jax
 from jax import lax
 
-__all__ = ["sum_like", "vary_like"]
+__all__ = ["sum_like", "vary_like", "varying_axes"]
 
 
 def _varying_axes(x: jax.Array) -> frozenset:
@@ -21,13 +21,18 @@ def _varying_axes(x: jax.Array) -> frozenset:
     return mat.varying if mat is not None else getattr(aval, "vma", frozenset())
 
 
+def varying_axes(tree: Any) -> frozenset:
+    """The manual mesh axes any leaf of ``tree`` varies over (empty outside ``jax.shard_map``)."""
+    return frozenset().union(*map(_varying_axes, jax.tree_util.tree_leaves(tree)))
+
+
 def vary_like(tree: Any, ref: Any) -> Any:
     """``tree`` with every leaf varying over the manual mesh axes any leaf of ``ref`` varies over.
 
     Inside ``jax.shard_map`` a loop carry must keep its type, and a constant (a zero start, a counter,
     a zero memory) combined with per-device data must vary like it. A no-op outside ``shard_map``.
     """
-    axes = frozenset().union(*map(_varying_axes, jax.tree_util.tree_leaves(ref)))
+    axes = varying_axes(ref)
     if not axes:
         return tree
 

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from ._sharding import vary_like
+
 __all__ = [
     "cast_floats",
     "check_same_structure",
@@ -85,10 +87,15 @@ def is_float(leaf: Any) -> bool:
 
 
 def zero_tangents(tree: Any) -> Any:
-    """Zero tangents/cotangents for ``tree`` (float0 for integer and boolean leaves)."""
-    return jax.tree_util.tree_map(
-        lambda a: jnp.zeros_like(a) if is_float(a) else jnp.zeros(jnp.shape(a), jax.dtypes.float0), tree
-    )
+    """Zero tangents/cotangents for ``tree`` (float0 for integer and boolean leaves), varying like each leaf.
+
+    Inside ``jax.shard_map`` a tangent must vary over the manual mesh axes its primal varies over.
+    """
+
+    def zero(a):
+        return vary_like(jnp.zeros_like(a) if is_float(a) else jnp.zeros(jnp.shape(a), jax.dtypes.float0), a)
+
+    return jax.tree_util.tree_map(zero, tree)
 
 
 def frozen(tree: Any) -> Any:

@@ -291,7 +291,9 @@ class Unrolled(GradientMode):
     ``while_loop`` solve's. Reverse-mode memory grows linearly with ``max_steps`` (every step's
     intermediates are saved); use it as the reference, or for short solves. Forward mode works too.
     Needs a solver whose ``unrollable`` is true (not ``Broyden(line_search=True)``, whose
-    backtracking is a ``while_loop``).
+    backtracking is a ``while_loop``). Inside ``jax.shard_map`` with per-device data every device runs
+    all ``max_steps`` steps (a stopped one keeps its iterate), so that no device skips a step whose
+    backward pass the others run; see :func:`jdeq.solvers.run`.
     """
 
     def solve(self, solver, fn, x0, args, probe):

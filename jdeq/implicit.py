@@ -89,7 +89,10 @@ def _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision) ->
         raise ValueError(f"grad must be a jdeq GradientMode ({subclass_names(GradientMode)}), got {grad!r}")
     if precision is not None:
         f, z0 = precision.wrap(f), precision.cast_state(z0)
-    z0 = vary_like(z0, args)  # inside jax.shard_map: a constant start varies like the per-device data
+    # Inside jax.shard_map: a constant start varies like the per-device data, and so do replicated parameters, so
+    # that no loop mixes the two: their cotangents are summed over the devices once, here, not inside a loop.
+    z0 = vary_like(z0, args)
+    args = vary_like(args, (z0, args))
     if axes is None:
         check_same_structure(f, z0, args)
         g = f

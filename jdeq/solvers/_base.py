@@ -21,7 +21,7 @@ from jax.custom_batching import custom_vmap
 from .._canonical_conv import canonical_convs
 from .._contract import check_step_result
 from .._numerics import check, check_stopping, norm, relative
-from .._sharding import vary_like
+from .._sharding import vary_like, varying_axes
 from ..stats import Result, Stats
 
 __all__ = ["FlatMap", "RESIDUAL_SCALES", "Solution", "Solver", "per_row", "residuals", "run", "settle"]
@@ -251,6 +251,11 @@ def per_row(fn: FlatMap, batch: Array) -> FlatMap:
     return lambda x: row(x, consts)
 
 
+def _select(keep_new: Array, new: Any, old: Any) -> Any:
+    """``new`` where the scalar ``keep_new`` holds, else ``old`` (leaf by leaf; ``None`` leaves stay ``None``)."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(keep_new, n, o), new, old)
+
+
 class _Carry(NamedTuple):
     it: Array  # iterations of the loop (the batch's slowest sample)
     step: Array  # per-sample iterations
@@ -281,7 +286,11 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
 
     ``unroll=True`` runs the same body as a ``lax.scan`` over ``max_steps`` (steps after the stop are
     skipped by ``lax.cond``) so that reverse-mode autodiff can go through the iterations; memory then
-    grows with ``max_steps``.
+    grows with ``max_steps``. Inside ``jax.shard_map`` with per-device data the devices stop after
+    different numbers of steps, and a ``lax.cond`` on a device's own predicate would put the backward
+    pass's collectives (the ``psum`` of a replicated parameter's cotangent) in a branch that some
+    devices skip: they would wait for each other forever. There every step runs on every device and a
+    stopped device keeps its carry by a select, so the value, the stats and the gradient are the same.
     """
     fn = canonical_convs(fn)  # CPU: XLA leaves non-canonical convolutions in loop bodies slow
     batched = x0.ndim == 2
@@ -347,7 +356,9 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
     def running(c: _Carry) -> Array:
         return jnp.any(c.result == Result.RUNNING)
 
-    if unroll:
+    if unroll and varying_axes(carry):  # per-device data: every device runs every step (see the docstring)
+        c, _ = lax.scan(lambda c, _: (_select(running(c), body(c), c), None), carry, length=solver.max_steps)
+    elif unroll:
         c, _ = lax.scan(lambda c, _: (lax.cond(running(c), body, lambda c: c, c), None), carry, length=solver.max_steps)
     else:
         c = lax.while_loop(running, body, carry)

@@ -21,12 +21,13 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsp_linalg
-import jax.scipy.sparse.linalg as jsp_linalg_sparse
 from jax import lax
 
 from .._numerics import check, check_stopping, lineax_hint, subclass_names
+from .._sharding import vary_like, varying_axes
 from ..stats import Result, Stats
 from ._base import Solver, per_row, residuals, settle
+from ._krylov import bicgstab, gmres
 
 __all__ = [
     "GMRES",
@@ -95,7 +96,7 @@ def dense_operator(matvec: LinearMap, b: Array) -> Array:
     ``n`` products with the basis vectors; for a batch each product runs ``matvec`` once on the whole
     batch (the rows are independent, so the basis vector ``e_j`` in every row gives every row's column ``j``).
     """
-    basis = jnp.eye(b.shape[-1], dtype=b.dtype)
+    basis = vary_like(jnp.eye(b.shape[-1], dtype=b.dtype), b)  # inside shard_map: a tangent varies like b
     columns = jax.vmap(lambda e: matvec(jnp.broadcast_to(e, b.shape)))(basis)  # (n, [B,] n): column j first
     return jnp.moveaxis(columns, 0, -1)
 
@@ -153,11 +154,11 @@ class LU(LinearSolver):
 
 @dataclasses.dataclass(frozen=True)
 class _Krylov(LinearSolver):
-    """A ``jax.scipy`` Krylov solve of ``(I − M) u = b``: stops when ``‖b − (I − M) u‖ <= max(atol, tol·‖b‖)``.
+    """A Krylov solve of ``(I − M) u = b``: stops when ``‖b − (I − M) u‖ <= max(atol, tol·‖b‖)``.
 
-    ``jax.scipy`` does not report iteration counts, so ``stats.num_steps`` and ``num_evals`` are -1;
-    the residual, ``converged`` and ``result`` are measured on the returned ``u`` (one extra
-    application of ``M``).
+    The iterations (``jdeq/solvers/_krylov.py``; their loops also trace inside ``jax.shard_map``) are not
+    counted: ``stats.num_steps`` and ``num_evals`` are -1; the residual, ``converged`` and ``result`` are
+    measured on the returned ``u`` (one extra application of ``M``).
     """
 
     tol: float = 1e-6
@@ -168,7 +169,7 @@ class _Krylov(LinearSolver):
         check_stopping(self.tol, self.atol, self.max_steps)
 
     def solve(self, state, matvec, b, x0=None):
-        u, _ = self._krylov(lambda v: v - matvec(v), b, x0)
+        u = self._krylov(lambda v: v - matvec(v), b, x0)
         abs_res, rel_res, fx_norm = residuals(u, matvec(u) + b)
         code = settle(Result.MAX_STEPS, self.tol, self.atol, abs_res, fx_norm)
         unknown = jnp.full(abs_res.shape, -1, jnp.int32)
@@ -177,20 +178,19 @@ class _Krylov(LinearSolver):
     def solve_rows(self, state, matvec, b, x0=None):
         """A batch ``(B, n)`` as one block-diagonal system, with ``B · max_steps`` Krylov iterations.
 
-        ``jax.scipy``'s solvers transpose their operator, which a row map that evaluates ``f`` on the
-        whole batch cannot be, so they do not run per row: one solve stops on the batch's residual
-        norm (``tol`` relative to the whole ``b``); ``stats`` are measured per row.
+        One loop for the batch, each product one evaluation of ``matvec`` on the whole batch: the solve
+        stops on the batch's residual norm (``tol`` relative to the whole ``b``); ``stats`` are measured per row.
         """
         return dataclasses.replace(self, max_steps=self.max_steps * b.shape[0]).solve(state, matvec, b, x0)
 
     @abc.abstractmethod
     def _krylov(self, matvec, b, x0):
-        """``jax.scipy.sparse.linalg`` solve of ``matvec(u) = b`` from ``x0``."""
+        """The solution ``u`` of ``matvec(u) = b`` from ``x0`` (default 0)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class GMRES(_Krylov):
-    """Restarted GMRES (``jax.scipy.sparse.linalg.gmres``); ``max_steps`` bounds its Krylov iterations.
+    """Restarted GMRES (Saad & Schultz 1986); ``max_steps`` bounds its Krylov iterations.
 
     Attributes:
       restart: Krylov subspace size per restart (capped at ``max_steps``).
@@ -203,17 +203,15 @@ class GMRES(_Krylov):
         check(isinstance(self.restart, int) and self.restart >= 1, f"restart must be an int >= 1, got {self.restart!r}")
 
     def _krylov(self, matvec, b, x0):
-        restart = min(self.restart, self.max_steps)
-        restarts = -(-self.max_steps // restart)
-        return jsp_linalg_sparse.gmres(matvec, b, x0, tol=self.tol, atol=self.atol, restart=restart, maxiter=restarts)
+        return gmres(matvec, b, x0, tol=self.tol, atol=self.atol, restart=self.restart, max_steps=self.max_steps)
 
 
 @dataclasses.dataclass(frozen=True)
 class BiCGStab(_Krylov):
-    """BiCGStab (``jax.scipy.sparse.linalg.bicgstab``); ``max_steps`` bounds its iterations."""
+    """BiCGStab (van der Vorst 1992), unpreconditioned; ``max_steps`` bounds its iterations."""
 
     def _krylov(self, matvec, b, x0):
-        return jsp_linalg_sparse.bicgstab(matvec, b, x0, tol=self.tol, atol=self.atol, maxiter=self.max_steps)
+        return bicgstab(matvec, b, x0, tol=self.tol, atol=self.atol, max_steps=self.max_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +271,12 @@ class Lineax(LinearSolver):
     def solve(self, state, matvec, b, x0=None):
         import lineax
 
+        check(
+            not varying_axes(b),
+            f"Lineax({type(self.solver).__name__}) cannot solve inside jax.shard_map with per-device data (lineax "
+            f"traces its operator on arrays without the varying mesh axes {sorted(varying_axes(b))}): use "
+            "jdeq.GMRES, jdeq.BiCGStab, jdeq.LU or jdeq.Neumann there",
+        )
         operator = lineax.FunctionLinearOperator(lambda v: v - matvec(v), jax.eval_shape(lambda: b))
         options = {} if x0 is None else {"y0": x0}
         sol = lineax.linear_solve(operator, b, self.solver, options=options, throw=False)
