@@ -276,7 +276,7 @@ def _reproduce_command(args) -> None:
             failed += outcome["failed"]
             unmeasured += outcome["unmeasured"]
             if outcome["invalid"]:
-                print(f"  non-converged equilibrium in (valid=false in results.json): {outcome['invalid']}")
+                print(f"  runs with a non-converged equilibrium (valid=false in results.json): {outcome['invalid']}")
     if failed:
         print(f"{len(failed)} claim(s) did not hold as measured (reported with holds=false in results.json).")
     if unmeasured:
