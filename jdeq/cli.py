@@ -240,22 +240,43 @@ def _sigint_held() -> Iterator[None]:
             signal.raise_signal(signal.SIGINT)
 
 
-def _reproduce_command(args) -> None:
+def _reproduce_one(name: str, quick: bool, out: str) -> dict:
+    """Run and save one paper's reproduction; its summary lines, the claims that failed or were not measured,
+    its invalid runs, and the process's CPU seconds (one paper per process, so that is the paper's CPU time)."""
     from .experiments import EXPERIMENTS, save_results
+
+    module = EXPERIMENTS[name]
+    results = module.run(module.QUICK if quick else module.FULL)
+    folder = save_results(results, out)
+    return {
+        "summary": f"{results.summary()}\n  -> {folder / 'results.json'} ({time.process_time():.0f} s CPU)",
+        "failed": [f"{name}: {c.claim}" for c in results.claims if c.holds is False],
+        "unmeasured": [f"{name}: {c.claim}" for c in results.claims if c.holds == "unmeasured"],
+        "invalid": [r.run for r in results.runs if not r.valid],
+    }
+
+
+def _reproduce_command(args) -> None:
+    """Each paper in its own process, ``--jobs`` of them at a time (a fresh process per paper, so the results do
+    not depend on how many run side by side); the summaries print as the papers finish."""
+    import concurrent.futures
+    import multiprocessing
+
+    from .experiments import EXPERIMENTS
 
     names = list(EXPERIMENTS) if args.paper == "all" else [args.paper]
     failed, unmeasured = [], []
-    for name in names:
-        module = EXPERIMENTS[name]
-        results = module.run(module.QUICK if args.quick else module.FULL)
-        folder = save_results(results, args.out)
-        print(results.summary())
-        print(f"  -> {folder / 'results.json'}")
-        failed += [f"{name}: {c.claim}" for c in results.claims if c.holds is False]
-        unmeasured += [f"{name}: {c.claim}" for c in results.claims if c.holds == "unmeasured"]
-        invalid = [r.run for r in results.runs if not r.valid]
-        if invalid:
-            print(f"  {len(invalid)} run(s) with a non-converged equilibrium (valid=false in results.json): {invalid}")
+    context = multiprocessing.get_context("spawn")  # never fork a process that has started JAX
+    with concurrent.futures.ProcessPoolExecutor(min(args.jobs, len(names)), context, max_tasks_per_child=1) as pool:
+        running = [pool.submit(_reproduce_one, name, args.quick, args.out) for name in names]
+        print(f"running {', '.join(names)} ({min(args.jobs, len(names))} at a time)", flush=True)
+        for future in concurrent.futures.as_completed(running):
+            outcome = future.result()
+            print(outcome["summary"], flush=True)
+            failed += outcome["failed"]
+            unmeasured += outcome["unmeasured"]
+            if outcome["invalid"]:
+                print(f"  runs with a non-converged equilibrium (valid=false in results.json): {outcome['invalid']}")
     if failed:
         print(f"{len(failed)} claim(s) did not hold as measured (reported with holds=false in results.json).")
     if unmeasured:
@@ -486,6 +507,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("paper", choices=["kawaguchi2021", "gao2022", "ling2023", "all"])
     p.add_argument("--quick", action="store_true", help="small sizes (all three in a few minutes on a CPU)")
     p.add_argument("--out", default="runs/reproduce", help="results go to OUT/<paper>/ (default: runs/reproduce)")
+    p.add_argument(
+        "--jobs", type=_positive_int, default=2, help="papers run side by side, one process each (default: 2)"
+    )
     p.set_defaults(run=_reproduce_command)
     train = sub.add_parser("train", help="train a zoo model: the multiscale DEQ (mdeq) or the DEQ-Transformer LM (lm)")
     tasks = train.add_subparsers(dest="task", required=True)

@@ -375,6 +375,7 @@ def _gram_figure(grams: list[dict], cfg: Config, n: int):
             "λ₀ / m",
             f"σ_w = {gram['sigma_w']:g}: λ* {100 * gram['lambda_star_shift_from_one_layer']:.3g} % from one layer",
             logx=True,
+            xticks=widths,
         )
     return fig
 
