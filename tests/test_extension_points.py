@@ -1,5 +1,6 @@
 """A solver and gradient modes defined outside jdeq (the examples of docs/architecture.md) through every entry point."""
 
+import functools
 import re
 from pathlib import Path
 
@@ -36,7 +37,13 @@ def grad_of(solver, mode, w=W, x=X):
     def loss(w, x):
         return jnp.sum(jnp.sin(jdeq.fixed_point(tanh_map, jnp.zeros(N), x, w, solver=solver, grad=mode).value))
 
-    return jax.grad(loss, argnums=(0, 1))(w, x)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(w, x)
+
+
+@functools.cache
+def unrolled_anderson_gradient():
+    """The reference of the exact modes: Anderson differentiated through its unrolled steps, computed once."""
+    return grad_of(jdeq.Anderson(tol=TOL, max_steps=300), jdeq.Unrolled())
 
 
 def test_examples_are_defined_outside_jdeq():
@@ -63,8 +70,7 @@ def test_custom_solver_solves_and_reports_stats():
     ids=["implicit", "implicit_jvp", "unrolled", "shine_refined", "gmres"],
 )
 def test_custom_solver_gives_the_exact_gradient_in_every_exact_mode(mode):
-    reference = grad_of(jdeq.Anderson(tol=TOL, max_steps=300), jdeq.Unrolled())
-    assert leaves_equal(grad_of(CUSTOM, mode), reference, rtol=1e-7, atol=1e-12)
+    assert leaves_equal(grad_of(CUSTOM, mode), unrolled_anderson_gradient(), rtol=1e-7, atol=1e-12)
 
 
 def test_custom_solver_inverse_jacobian_reaches_shine():
@@ -81,9 +87,11 @@ def test_custom_solver_as_a_fallback_stage_and_through_shine():
     assert chain.has_inverse_jacobian and chain.unrollable
     sol = jdeq.fixed_point(tanh_map, jnp.zeros(N), X, W, solver=chain)
     assert bool(sol.stats.converged) and int(sol.state.stage) == 0
-    reference = grad_of(jdeq.Anderson(tol=TOL, max_steps=300), jdeq.Unrolled())
     assert leaves_equal(
-        grad_of(chain, jdeq.Shine(refine=jdeq.FixedPoint(tol=TOL, max_steps=500))), reference, rtol=1e-7, atol=1e-12
+        grad_of(chain, jdeq.Shine(refine=jdeq.FixedPoint(tol=TOL, max_steps=500))),
+        unrolled_anderson_gradient(),
+        rtol=1e-7,
+        atol=1e-12,
     )
 
 
@@ -110,10 +118,11 @@ def test_custom_mode_and_solver_through_fixed_point_batch():
         sol = jdeq.fixed_point_batch(tanh_map, jnp.zeros((3, N)), xs, w, in_axes=(0, None), solver=CUSTOM, grad=mode)
         return jnp.sum(jnp.sin(sol.value))
 
-    batched = jax.grad(loss)(W, IdentityAdjoint())
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    batched = grad(W, IdentityAdjoint())
     summed = sum(grad_of(CUSTOM, IdentityAdjoint(), x=x)[0] for x in xs)
     np.testing.assert_allclose(batched, summed, rtol=1e-9)
-    np.testing.assert_allclose(jax.grad(loss)(W, LastStep()), batched, rtol=1e-9)
+    np.testing.assert_allclose(grad(W, LastStep()), batched, rtol=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +135,7 @@ def test_custom_solver_and_modes_in_a_linen_layer(mode):
     z, sown = layer.apply(variables, x, mutable=["intermediates"])
     assert z.shape == (4, 8) and bool(jnp.all(forward_stats(sown)[0].converged))
     params = variables["params"]
-    grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x) ** 2))(params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x) ** 2)))(params)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
 
 
@@ -147,12 +156,15 @@ def batch_loss(w, probe, xs, solver):
     return jnp.sum(sol.value**2)
 
 
+batch_probe_grad = jax.jit(jax.grad(batch_loss, argnums=1), static_argnums=3)
+
+
 def test_unbatched_probe_under_vmap_decodes_to_counts_that_add_up():
     """The issue's contract: 3 converged backward solves decode as converged, steps summed over the batch."""
     xs = jnp.stack([X, -X, 0.5 * X])
     solver = jdeq.Anderson(tol=1e-8, max_steps=100)
-    shared = jdeq.read_backward_stats(jax.grad(batch_loss, argnums=1)(W, jdeq.stats_probe(), xs, solver))
-    rows = jdeq.read_backward_stats(jax.grad(batch_loss, argnums=1)(W, jdeq.stats_probe((3,)), xs, solver))
+    shared = jdeq.read_backward_stats(batch_probe_grad(W, jdeq.stats_probe(), xs, solver))
+    rows = jdeq.read_backward_stats(batch_probe_grad(W, jdeq.stats_probe((3,)), xs, solver))
     assert int(shared.result) == jdeq.Result.CONVERGED and bool(shared.converged)
     assert int(shared.num_solves) == 3 and shared.counts.tolist() == [3, 0, 0, 0]
     assert rows.num_solves.tolist() == [1, 1, 1] and bool(jnp.all(rows.converged))
@@ -165,8 +177,8 @@ def test_mixed_backward_results_are_counted_per_code():
     xs = jnp.stack([X, 3.0 * X, -3.0 * X])  # saturated tanh: small Jacobian, the adjoint converges fast
     w = random_matrix(5, N, 0.95)
     solver = jdeq.FixedPoint(tol=1e-10, max_steps=12)
-    rows = jdeq.read_backward_stats(jax.grad(batch_loss, argnums=1)(w, jdeq.stats_probe((3,)), xs, solver))
-    shared = jdeq.read_backward_stats(jax.grad(batch_loss, argnums=1)(w, jdeq.stats_probe(), xs, solver))
+    rows = jdeq.read_backward_stats(batch_probe_grad(w, jdeq.stats_probe((3,)), xs, solver))
+    shared = jdeq.read_backward_stats(batch_probe_grad(w, jdeq.stats_probe(), xs, solver))
     codes = rows.result.tolist()
     expected = [codes.count(code) for code in jdeq.Result.FINAL]
     assert shared.counts.tolist() == expected and sum(expected) == 3
@@ -216,10 +228,9 @@ def test_every_linear_solver_is_a_linear_solver():
 
 def test_lineax_solvers_work_as_the_adjoint_solver():
     lineax = pytest.importorskip("lineax")
-    reference = grad_of(jdeq.Anderson(tol=TOL, max_steps=300), jdeq.Unrolled())
     for inner in (lineax.GMRES(rtol=1e-12, atol=1e-14), lineax.LU()):
         got = grad_of(jdeq.Anderson(tol=TOL, max_steps=300), jdeq.Implicit(jdeq.Lineax(inner)))
-        assert leaves_equal(got, reference, rtol=1e-7, atol=1e-12)
+        assert leaves_equal(got, unrolled_anderson_gradient(), rtol=1e-7, atol=1e-12)
 
 
 # --- no recompiles --------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def test_exact_modes_match_closed_form(solver, exact_mode):
         with pytest.raises(ValueError, match="Shine|Unrolled"):
             jax.grad(loss)(a, b)
         return
-    grad_a, grad_b = jax.grad(loss, argnums=(0, 1))(a, b)
+    grad_a, grad_b = jax.jit(jax.grad(loss, argnums=(0, 1)))(a, b)
     u = inv.T @ c
     assert rel_err(grad_b, u) < RTOL
     assert rel_err(grad_a, jnp.outer(u, inv @ b)) < RTOL
@@ -105,7 +105,9 @@ def test_implicit_jvp_passes_fwd_and_rev_finite_differences():
 
     check_grads(solve, (x, w), order=1, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
     jac_fwd = jax.jacfwd(solve)(x, w)
-    jac_rev = jax.jacrev(lambda x: jdeq.fixed_point(tanh_map, jnp.zeros(5), x, w, solver=SOLVERS["anderson"]).value)(x)
+    jac_rev = jax.jit(
+        jax.jacrev(lambda x: jdeq.fixed_point(tanh_map, jnp.zeros(5), x, w, solver=SOLVERS["anderson"]).value)
+    )(x)
     assert rel_err(jac_fwd, jac_rev) < 1e-9
 
 
@@ -187,8 +189,12 @@ def test_shine_with_spanning_anderson_memory_is_exact_on_a_linear_map():
     # Anderson's multisecant inverse Jacobian is exact once its differences span the space (m > n).
     a, b, c, inv = linear_problem(n=3)
     solver = jdeq.Anderson(m=5, tol=1e-9, max_steps=100, ridge=1e-12)
-    grad_b = jax.grad(
-        lambda b: jnp.vdot(c, jdeq.fixed_point(linear_map, jnp.zeros(3), a, b, solver=solver, grad=jdeq.Shine()).value)
+    grad_b = jax.jit(
+        jax.grad(
+            lambda b: jnp.vdot(
+                c, jdeq.fixed_point(linear_map, jnp.zeros(3), a, b, solver=solver, grad=jdeq.Shine()).value
+            )
+        )
     )(b)
     assert rel_err(grad_b, inv.T @ c) < 1e-6
 

@@ -84,7 +84,7 @@ def test_gradient_flows_to_closed_over_arrays():
     def loss_args(w):
         return jdeq.fixed_point(tanh_map, jnp.zeros(6), x, w).value.sum()
 
-    assert rel_err(jax.grad(loss_closure)(w), jax.grad(loss_args)(w)) < 1e-9
+    assert rel_err(jax.jit(jax.grad(loss_closure))(w), jax.jit(jax.grad(loss_args))(w)) < 1e-9
 
 
 def test_pytree_arguments_and_state_get_gradients():
@@ -102,7 +102,7 @@ def test_pytree_arguments_and_state_get_gradients():
             z = f(z, params, scale)
         return z["h"].sum()
 
-    got = jax.grad(loss, argnums=(0, 1))(params, 0.3)
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, 0.3)
     want = jax.grad(loss_unrolled, argnums=(0, 1))(params, 0.3)
     for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         assert rel_err(g, r) < RTOL
@@ -114,7 +114,7 @@ def test_integer_arguments_are_allowed():
     def f(z, w, shift):
         return jnp.tanh(w @ z + shift.astype(z.dtype))  # explicit: the suite runs under strict promotion
 
-    g = jax.grad(lambda w: jdeq.fixed_point(f, jnp.zeros(4), w, jnp.arange(4)).value.sum())(w)
+    g = jax.jit(jax.grad(lambda w: jdeq.fixed_point(f, jnp.zeros(4), w, jnp.arange(4)).value.sum()))(w)
     assert g.shape == (4, 4) and bool(jnp.all(jnp.isfinite(g)))
 
 
@@ -156,7 +156,7 @@ def test_backward_stats_report_failure():
     def loss(w, probe):
         return jdeq.fixed_point(tanh_map, jnp.zeros(6), x, w, grad=adjoint, backward_stats=probe).value.sum()
 
-    stats = jdeq.read_backward_stats(jax.grad(loss, argnums=1)(w, jdeq.stats_probe()))
+    stats = jdeq.read_backward_stats(jax.jit(jax.grad(loss, argnums=1))(w, jdeq.stats_probe()))
     assert not bool(stats.converged) and int(stats.result) == jdeq.Result.MAX_STEPS and int(stats.num_steps) == 2
 
 
@@ -168,7 +168,7 @@ def test_batched_backward_stats_are_per_sample():
         sol = jdeq.fixed_point_batch(tanh_map, jnp.zeros((2, 6)), xs, w, in_axes=(0, None), backward_stats=probe)
         return sol.value.sum()
 
-    stats = jdeq.read_backward_stats(jax.grad(loss, argnums=1)(w, jdeq.stats_probe((2,))))
+    stats = jdeq.read_backward_stats(jax.jit(jax.grad(loss, argnums=1))(w, jdeq.stats_probe((2,))))
     assert stats.num_steps.shape == (2,) and bool(jnp.all(stats.converged))
 
 
@@ -203,6 +203,6 @@ def test_modes_without_backward_solve_decode_as_no_solve():
     def loss(w, probe):
         return jdeq.fixed_point(tanh_map, jnp.zeros(5), x, w, grad=jdeq.Phantom(k=2), backward_stats=probe).value.sum()
 
-    stats = jdeq.read_backward_stats(jax.grad(loss, argnums=1)(w, jdeq.stats_probe()))
+    stats = jdeq.read_backward_stats(jax.jit(jax.grad(loss, argnums=1))(w, jdeq.stats_probe()))
     assert int(stats.result) == jdeq.Result.RUNNING and not bool(stats.converged)
     assert jdeq.Result.name(stats.result) == "no solve"

@@ -65,7 +65,7 @@ def test_parameter_gradients_match_finite_differences(cell_and_shape):
 
     _, sown = layer.apply({"params": params}, x, mutable=[STATS_COLLECTION])
     assert bool(jnp.all(forward_stats(sown)[0].converged))  # else finite differences are noise
-    check_grads(loss, (params,), order=1, modes=["rev"], eps=1e-5)
+    check_grads(jax.jit(loss), (params,), order=1, modes=["rev"], eps=1e-5)
 
 
 def unrolled_loss(cell, params, x, steps=200):
@@ -96,10 +96,10 @@ def test_backward_stats_reach_the_layers_own_probe():
     def loss(params, probe):
         return jnp.sum(layer.apply({"params": params, PROBE_COLLECTION: {"backward": probe}}, x) ** 2)
 
-    params = variables["params"]
-    shared = jdeq.read_backward_stats(jax.grad(loss, argnums=1)(params, variables[PROBE_COLLECTION]["backward"]))
+    params, probe_grad = variables["params"], jax.jit(jax.grad(loss, argnums=1))
+    shared = jdeq.read_backward_stats(probe_grad(params, variables[PROBE_COLLECTION]["backward"]))
     assert int(shared.num_solves) == 4 and int(shared.counts[jdeq.Result.CONVERGED]) == 4  # adds up over the batch
-    rows = jdeq.read_backward_stats(jax.grad(loss, argnums=1)(params, jdeq.stats_probe((4,))))  # one row each
+    rows = jdeq.read_backward_stats(probe_grad(params, jdeq.stats_probe((4,))))  # one row each
     assert rows.num_steps.shape == (4,) and bool(jnp.all(rows.num_steps >= 1))
     assert bool(jnp.all(rows.converged)) and float(jnp.max(rows.residual)) <= TIGHT.tol
     assert int(shared.num_steps) == int(jnp.sum(rows.num_steps))
