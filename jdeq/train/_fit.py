@@ -94,8 +94,9 @@ def fit(
         ``iter(data)`` a new pass: a list of batches, a data loader), or a one-shot iterator (a generator: one
         epoch only, e.g. ``steps=N`` over an endless stream). In-memory data is shuffled by ``seed`` each epoch
         and cut into full batches of ``batch_size``; a stream's batches are trained as they come.
-      epochs, steps: the budget, exactly one of them (a positive int): ``epochs`` passes over the data, or
-        ``steps`` training steps (the last epoch is cut short when the budget ends inside it).
+      epochs: the budget in passes over the data (a positive int); exactly one of ``epochs`` and ``steps``.
+      steps: the budget in training steps (a positive int; the last epoch is cut short when the budget ends
+        inside it).
       batch_size: in-memory data only (default 64, or the training set's size if smaller).
       loss_fn: ``loss_fn(outputs, y) -> scalar``, averaged over the batch (default, for integer labels only:
         softmax cross-entropy of logits against the labels, which must then lie in ``[0, number of logits)``;
