@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._tree import describe
+from ._tree import describe, same_shape_dtypes, shape_dtypes
 from .stats import Stats
 
 __all__ = ["check_adjoint_result", "check_mode_result", "check_step_result"]
@@ -22,27 +22,18 @@ __all__ = ["check_adjoint_result", "check_mode_result", "check_step_result"]
 STEP_RETURNS = "(x_new, fn(x_new), state_new, evals_used)"
 
 
-def _spec(tree: Any) -> Any:
-    """``tree`` with every leaf replaced by its shape and dtype (ValueError on a leaf that is not an array)."""
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
-
-
 def _mismatch(got: Any, expected: Any) -> bool:
     """Whether ``got`` differs from ``expected`` in tree structure, a leaf's shape or a leaf's dtype."""
     try:
-        got, expected = _spec(got), _spec(expected)
+        return not same_shape_dtypes(shape_dtypes(got), shape_dtypes(expected))
     except TypeError:  # a leaf that is not an array (a string, an object)
         return True
-    return jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(expected) or any(
-        (a.shape, a.dtype) != (b.shape, b.dtype)
-        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected))
-    )
 
 
 def _shown(tree: Any) -> str:
     """:func:`describe` of ``tree``, or its repr where a leaf is not an array."""
     try:
-        return describe(_spec(tree))
+        return describe(shape_dtypes(tree))
     except TypeError:
         return repr(tree)
 

@@ -19,6 +19,8 @@ __all__ = [
     "flat_rows",
     "frozen",
     "is_float",
+    "same_shape_dtypes",
+    "shape_dtypes",
     "zero_tangents",
 ]
 
@@ -30,25 +32,34 @@ def describe(tree: Any) -> str:
     return f"{treedef} with leaves [{specs}]"
 
 
+def shape_dtypes(tree: Any) -> Any:
+    """``tree`` with every leaf replaced by its ``jax.ShapeDtypeStruct`` (TypeError on a leaf that is not an array)."""
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
+
+
+def same_shape_dtypes(a: Any, b: Any) -> bool:
+    """Whether the trees ``a`` and ``b`` (of arrays or ``ShapeDtypeStruct``s) have the same structure and their
+    leaves the same shapes and dtypes."""
+    return jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and all(
+        (x.shape, x.dtype) == (y.shape, y.dtype)
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+    )
+
+
 def check_same_structure(f: Callable, z0: Any, args: tuple, name: str = "f") -> None:
     """Raise ValueError unless ``z0`` is real floating point and ``f(z0, *args)`` matches its structure, shapes and dtypes.
 
     Complex states are rejected: the solvers' norms and inner products are real (``Σ v²`` of a complex
     ``v`` can vanish for ``v ≠ 0``), so split them into real and imaginary parts.
     """
-    z_spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), z0)
+    z_spec = shape_dtypes(z0)
     if not all(jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in jax.tree_util.tree_leaves(z_spec)):
         raise ValueError(
             f"z0 must hold real floating-point arrays (cast integers; split complex into real and imaginary "
             f"parts), got {describe(z_spec)}"
         )
     out = jax.eval_shape(f, z0, *args)
-    same_tree = jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(z_spec)
-    same_leaves = same_tree and all(
-        (a.shape, a.dtype) == (b.shape, b.dtype)
-        for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(z_spec))
-    )
-    if not same_leaves:
+    if not same_shape_dtypes(out, z_spec):
         raise ValueError(
             f"{name}(z, *args) must return the same pytree structure, shapes and dtypes as z0; "
             f"z0 is {describe(z_spec)} but {name} returned {describe(out)}"
