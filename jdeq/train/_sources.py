@@ -297,10 +297,7 @@ def evaluation_source(data: Any, eval_data: Any) -> ArraySource | StreamSource |
         return ArraySource(*eval_data, "eval_data", "test")
     source = StreamSource(eval_data, "eval_data", "test")
     if source.one_shot:
-        raise ValueError(
-            "eval_data is a one-shot iterator (a generator?), but evaluation reads it after every epoch: pass "
-            "arrays, a re-iterable (a list of batches, a data loader) or a callable eval_data(epoch)"
-        )
+        raise one_shot_error("eval_data", "evaluation reads it after every epoch")
     return source
 
 
