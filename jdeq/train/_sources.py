@@ -81,9 +81,14 @@ def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> Iterator[np
         yield order[start : start + batch_size]
 
 
+def is_array(value: Any) -> bool:
+    """Whether ``value`` is array-like for the data forms: anything with a ``shape`` and a ``dtype``."""
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
 def is_arrays(data: Any) -> bool:
-    """Whether ``data`` is an ``(x, y)`` pair of arrays (anything with a ``shape`` and a ``dtype``)."""
-    return isinstance(data, tuple) and len(data) == 2 and all(hasattr(a, "shape") and hasattr(a, "dtype") for a in data)
+    """Whether ``data`` is an ``(x, y)`` pair of arrays (:func:`is_array`)."""
+    return isinstance(data, tuple) and len(data) == 2 and all(map(is_array, data))
 
 
 class ArraySource:
@@ -237,7 +242,7 @@ def as_batch(batch: Any, what: str, where: str) -> tuple[Any, Any]:
             f"{what} must give (x, y) batches; {where} is a {type(batch).__name__} (in-memory arrays are passed as "
             "a tuple (x, y))"
         )
-    x, y = (part if hasattr(part, "shape") and hasattr(part, "dtype") else np.asarray(part) for part in batch)
+    x, y = (part if is_array(part) else np.asarray(part) for part in batch)
     if np.ndim(x) == 0 or np.ndim(y) == 0:
         raise ValueError(f"{what}: {where} has no batch axis (x shape {np.shape(x)}, y shape {np.shape(y)})")
     if len(x) == 0 or len(x) != len(y):
