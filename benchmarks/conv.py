@@ -15,12 +15,12 @@ per-process CPU time, one XLA / PyTorch thread):
   relative residual is within ``tol``, TorchDEQ's rule) under a ``jax.custom_vjp`` whose adjoint
   ``u ← (∂f/∂z)ᵀu + c`` is a second ``lax.while_loop``, every convolution and every convolution
   transpose written canonically (``NHWC``/``HWIO``) by hand: what a conv DEQ costs with no library;
-- ``jdeq/anderson, channel-stats group norm``: the same cell with its group norms computed from per-channel
-  sums in one pass (:func:`channel_stats_group_norm`), to show what the group norm costs;
+- ``jdeq/anderson, two-pass group norm``: the same cell with the two-pass group norm that
+  ``jdeq.models.cells.group_norm`` replaced (:func:`two_pass_group_norm`), to show what the group norm costs;
 - ``nchw``: the same cell written by a user in ``NCHW``/``OIHW`` (state, kernels and group norm), solved
   by jdeq FixedPoint, next to the ``NHWC`` row;
 - ``f``: 50 chained evaluations of the cell in JAX and in PyTorch; with ``--f-only`` also the cell with a
-  flat ``(B, n)`` carry, with the channel-stats group norm, written ``NCHW``, and its parts (the two
+  flat ``(B, n)`` carry, with the two-pass group norm, written ``NCHW``, and its parts (the two
   convolutions alone, the three group norms alone): the cost of one cell evaluation.
 
 Every solve row carries its NFE and the worst sample's relative residual ``‖f(z) − z‖ / ‖f(z)‖`` that
@@ -42,7 +42,7 @@ import numpy as np
 from jax import lax
 
 import jdeq
-from jdeq.models.cells import group_norm
+from jdeq.models.cells import channelwise, group_norm
 
 from .timing import clock_for, interleaved_ms, jax_call, set_cpu_threads
 from .workloads import Workload, conv_workload
@@ -202,9 +202,9 @@ def build_variants(w: Workload, tol: float, max_steps: int, torch_device) -> tup
         fwd, fwd_bwd = jdeq_variant(solver, w.one_sample_map(), cotangent, params, u)
         add(f"jdeq/{cls.__name__.lower()}", fwd, fwd_bwd, (params, u), lambda z: z, check_nhwc)
 
-    fast_gn = _per_sample(cell_nhwc(conv_nhwc, channel_stats_group_norm))
-    fwd, fwd_bwd = jdeq_variant(jdeq.Anderson(tol=tol, max_steps=max_steps), fast_gn, cotangent, params, u)
-    add("jdeq/anderson, channel-stats group norm", fwd, fwd_bwd, (params, u), lambda z: z, check_nhwc)
+    two_pass = _per_sample(cell_nhwc(conv_nhwc, two_pass_group_norm))
+    fwd, fwd_bwd = jdeq_variant(jdeq.Anderson(tol=tol, max_steps=max_steps), two_pass, cotangent, params, u)
+    add("jdeq/anderson, two-pass group norm", fwd, fwd_bwd, (params, u), lambda z: z, check_nhwc)
 
     floor_forward, floor_solve = floor_solver(cell_nhwc(conv_canonical), tol, max_steps)
     add(
@@ -241,7 +241,7 @@ def build_variants(w: Workload, tol: float, max_steps: int, torch_device) -> tup
 
 def f_calls(w: Workload, torch_device, variants: bool = True) -> dict:
     """:data:`CHAIN` chained evaluations of the cell in one jitted loop, and in PyTorch; with ``variants`` also
-    its parts, a flat carry, a one-pass group norm and the ``NCHW`` map (``--f-only``)."""
+    its parts, a flat carry, the two-pass group norm and the ``NCHW`` map (``--f-only``)."""
     params = jax.device_put({k: jnp.asarray(v) for k, v in w.params.items()})
     u = jnp.asarray(w.data["x"])
     p_nchw, u_nchw = nchw_params(params), u.transpose(0, 3, 1, 2)
@@ -255,9 +255,9 @@ def f_calls(w: Workload, torch_device, variants: bool = True) -> dict:
 
     calls = {"f/jax/NHWC (ConvCell)": jax_call(chain(w.jax_map), z_start, params, u)}
     if variants:
-        one_pass = cell_nhwc(conv_nhwc, channel_stats_group_norm)
+        two_pass = cell_nhwc(conv_nhwc, two_pass_group_norm)
         calls["f/jax/NHWC, flat (B, n) carry"] = jax_call(chain(flat_carry), z_start.reshape(w.batch, -1), params, u)
-        calls["f/jax/NHWC, channel-stats group norm"] = jax_call(chain(one_pass), z_start, params, u)
+        calls["f/jax/NHWC, two-pass group norm"] = jax_call(chain(two_pass), z_start, params, u)
         calls["f/jax/NCHW (user map)"] = jax_call(chain(cell_nchw), z_start.transpose(0, 3, 1, 2), p_nchw, u_nchw)
         for part, fn in cell_parts().items():
             calls[f"f/jax/{part}"] = jax_call(chain(fn), z_start, params, u)
@@ -268,22 +268,15 @@ def f_calls(w: Workload, torch_device, variants: bool = True) -> dict:
     return calls
 
 
-def channel_stats_group_norm(h, scale, bias, groups: int, eps: float = 1e-5):
-    """GroupNorm of ``(B, H, W, C)`` with one pass for the statistics and one for the output.
-
-    ``Σh`` and ``Σh²`` per channel (sums over ``H, W``, sibling reductions that XLA fuses into one
-    pass), then per group (``C/G`` numbers per sample), ``var = E[h²] − E[h]²``, and ``h·a + b`` with the
-    per-channel ``a = scale/σ``, ``b = bias − mean·a``. Less accurate than two passes when
-    ``|mean| ≫ σ`` (float32 cancellation), which the cell's normalised activations avoid.
-    """
-    b, height, width, c = h.shape
-    count = height * width * (c // groups)
-    s1, s2 = jnp.sum(h, axis=(1, 2)), jnp.sum(jnp.square(h), axis=(1, 2))
-    mean = s1.reshape(b, groups, -1).sum(-1) / count
-    var = jnp.maximum(s2.reshape(b, groups, -1).sum(-1) / count - jnp.square(mean), 0.0)
-    a = (lax.rsqrt(var + eps)[:, :, None] * scale.reshape(groups, -1)).reshape(b, 1, 1, c)
-    shift = bias.reshape(1, 1, 1, c) - jnp.repeat(mean, c // groups, axis=1).reshape(b, 1, 1, c) * a
-    return h * a + shift
+def two_pass_group_norm(h, scale, bias, groups: int, eps: float = 1e-5):
+    """GroupNorm of ``(..., H, W, C)`` reduced over a ``(…, H, W, G, C/G)`` view's non-adjacent axes (mean, then
+    variance): ``jdeq.models.cells.group_norm`` before its reductions went per channel over ``H, W`` first,
+    kept to show what it cost."""
+    *lead, height, width, channels = h.shape
+    g = h.reshape(*lead, height, width, groups, channels // groups)
+    axes = (-4, -3, -1)
+    g = (g - jnp.mean(g, axis=axes, keepdims=True)) * lax.rsqrt(jnp.var(g, axis=axes, keepdims=True) + eps)
+    return g.reshape(h.shape) * channelwise(scale, h) + channelwise(bias, h)
 
 
 def cell_parts() -> dict:
@@ -303,7 +296,7 @@ def cell_parts() -> dict:
     return {
         "convs only": convs,
         "3 group norms only": norms(group_norm),
-        "3 channel-stats group norms only": norms(channel_stats_group_norm),
+        "3 two-pass group norms only": norms(two_pass_group_norm),
     }
 
 

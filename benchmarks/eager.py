@@ -2,11 +2,11 @@
 
     python -m benchmarks.eager --calls 12 --repeats 10
 
-A ``jdeq.nn.DEQ`` of a 64-wide ``MLPCell`` (and the same map as a user's own linen module) on a batch
-of 32: ``model.apply(params, x)`` called eagerly again and again, next to ``jax.jit(model.apply)``.
-Reported: the CPU time of the first eager call (it traces and compiles), of the 2nd and 3rd, the
-median of the later eager calls against the jitted call (per-process CPU time, interleaved), and the
-process's resident memory before and after
+A ``jdeq.nn.DEQ`` of a 64-wide ``MLPCell`` (and the same map as a user's own linen module, and as a user's
+own NNX module in ``jdeq.nn.NNXDEQ``) on a batch of 32: ``model.apply(params, x)`` (the NNX layer called
+itself) eagerly again and again, next to ``jax.jit(model.apply)``. Reported: the CPU time of the first
+eager call (it traces and compiles), of the 2nd and 3rd, the median of the later eager calls against the
+jitted call (per-process CPU time, interleaved), and the process's resident memory before and after
 ``--calls`` further eager calls, each with a new input (a cache that keeps an executable per call grows).
 """
 
@@ -22,6 +22,7 @@ import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import jdeq
 from jdeq.models import MLPCell
@@ -37,6 +38,33 @@ class UserMLP(linen.Module):
     @linen.compact
     def __call__(self, z, x):
         return jnp.tanh(linen.Dense(self.width, use_bias=False)(z) * 0.4 + x)
+
+
+class UserNNX(nnx.Module):
+    """The same map as an NNX module, for ``jdeq.nn.NNXDEQ``."""
+
+    def __init__(self, width: int, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(width, width, use_bias=False, rngs=rngs)
+
+    def __call__(self, z, x):
+        return jnp.tanh(self.dense(z) * 0.4 + x)
+
+
+class NNXApply:
+    """An NNX layer behind linen's ``init``/``apply``: an eager ``apply`` calls the layer object itself (what a
+    user's loop does); under ``jax.jit`` it rebuilds the layer from its state."""
+
+    def __init__(self, layer: nnx.Module):
+        self.layer = layer
+        self.graphdef, _ = nnx.split(layer)
+
+    def init(self, key, x, z0):
+        return nnx.state(self.layer)
+
+    def apply(self, state, x, z0):
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(state)):
+            return nnx.merge(self.graphdef, state)(x, z0)
+        return self.layer(x, z0)
 
 
 def rss_mb() -> float:
@@ -120,6 +148,15 @@ def main(argv=None) -> list[dict]:
         layer_rows(
             "DEQ(user linen module)",
             jdeq.nn.DEQ(UserMLP(args.width), solver=solver),
+            z0,
+            x,
+            args.calls,
+            args.repeats,
+            clock,
+        ),
+        layer_rows(
+            "NNXDEQ(user NNX module)",
+            NNXApply(jdeq.nn.NNXDEQ(UserNNX(args.width, nnx.Rngs(0)), (args.width,), solver=solver)),
             z0,
             x,
             args.calls,

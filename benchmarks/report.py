@@ -51,13 +51,14 @@ def _solve_table(rows: list[dict]) -> list[str]:
         if "error" in r:
             out.append(f"| {r['library']} | {r['method']} | {r['mode']} | {r['error'][:120]} ||||||||||")
             continue
-        flag = "" if r.get("converged", True) else " ✗"
+        flag = "" if r.get("converged", True) else " ✗ not converged"
         samples = f"{r['converged_samples']}/{r['batch']}" if "converged_samples" in r else "—"
         out.append(
             f"| {r['library']} | {r['method']} | {r['mode']} | {_fmt(r.get('requested_tol'), '.1e')} | "
             f"{_spread(r, 'fwd_ms')} | {_spread(r, 'fwd_bwd_ms')} | "
             f"{_fmt(r.get('bwd_over_fwd'), '.2f')} | {r.get('nfe', '—')} | "
-            f"{_fmt(r.get('rel_residual_worst_sample'), '.1e')} | {_fmt(r.get('rel_residual'), '.1e')}{flag} | {samples} | {_fmt(r.get('peak_mem_mb'), '.1f')} | "
+            f"{_fmt(r.get('rel_residual_worst_sample'), '.1e')}{flag} | {_fmt(r.get('rel_residual'), '.1e')} | {samples} | "
+            f"{_fmt(r.get('peak_mem_mb'), '.1f')} | "
             f"{_fmt(r.get('ms_per_nfe_over_f'), '.2f')} |"
         )
     return out

@@ -628,27 +628,36 @@ class NNXDEQ(nnx.Module):
         graphdef, params, batch_stats, rngs, rest = nnx.split(self.f, nnx.Param, nnx.BatchStat, nnx.RngState, ...)
         _reject_state(name, ["batch_stats"] if jax.tree_util.tree_leaves(batch_stats) else [])
         _advance_streams(self.f)  # the next call's solve sees new masks
-        call = _nnx_map(name, graphdef, rngs, rest)
-        one = _OneOfBatch(_StateFirst(call))
+        call = _NNXMap(name, graphdef)
         random = bool(jax.tree_util.tree_leaves(rngs))  # masks drawn on a batch and on one sample differ
         if self.per_sample and not self.checked_per_sample and not random:  # once per layer, or per trace
-            _check_per_sample(name, functools.partial(_nnx_map, name, graphdef, rngs), z0, x, params, rest)
+            _check_per_sample(name, functools.partial(_NNXMap.bound, call, rngs), z0, x, params, rest)
             concrete = not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((x, params)))
             self.checked_per_sample = concrete  # set inside nnx.jit, it would change the graph and retrace
-        return z0, lambda start: _solve_map(one, call, start, x, params, **options)
+        variables = (params, rngs, rest)
+        return z0, lambda start: _solve_map(_OneOfBatch(_StateFirst(call)), call, start, x, variables, **options)
 
 
-def _nnx_map(name: str, graphdef: Any, rngs: nnx.State, rest: nnx.State) -> Callable:
-    """``call(params, z, x)``: the NNX module on fresh copies of its variables at every evaluation (the same rng
-    state, so the same dropout mask), refusing a module that writes to its variables (:func:`_reject_updates`)."""
+@dataclasses.dataclass(frozen=True)
+class _NNXMap:
+    """An NNX module as ``f((params, rngs, rest), z, x)``: the module rebuilt from ``graphdef`` on fresh copies of
+    the variables it is passed at every evaluation (the same rng state, so the same dropout mask), refusing a module
+    that writes to its variables (:func:`_reject_updates`). Its variables are arguments, not closed over, so equal
+    layers give equal maps and an un-jitted call reuses the previous call's compiled solve."""
 
-    def call(params, z, x):
-        module = nnx.merge(graphdef, params, rngs, rest, copy=True)
+    name: str
+    graphdef: Any
+
+    def __call__(self, variables, z, x):
+        params, rngs, rest = variables
+        module = nnx.merge(self.graphdef, params, rngs, rest, copy=True)
         out = module(z, x)
-        _reject_updates(name, rest, nnx.split(module, nnx.Param, nnx.BatchStat, nnx.RngState, ...)[-1])
+        _reject_updates(self.name, rest, nnx.split(module, nnx.Param, nnx.BatchStat, nnx.RngState, ...)[-1])
         return out
 
-    return call
+    def bound(self, rngs: nnx.State, rest: nnx.State) -> Callable:
+        """``call(params, z, x)`` with the rng state and the other variables fixed."""
+        return lambda params, z, x: self((params, rngs, rest), z, x)
 
 
 def _stand_in(tree: Any) -> Any:

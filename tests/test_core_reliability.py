@@ -123,6 +123,37 @@ def test_a_large_finite_float32_iterate_is_not_reported_nonfinite():
     assert int(sol.stats.result) == jdeq.Result.MAX_STEPS and bool(jnp.isfinite(sol.stats.abs_residual))
 
 
+@pytest.mark.parametrize(
+    "scale, dtype",
+    [(1.0, jnp.float32), (1e19, jnp.float32), (1e-21, jnp.float32), (1e-160, jnp.float64), (1.0, jnp.bfloat16)],
+)
+def test_residual_norms_are_accurate_from_overflow_to_underflow(scale, dtype):
+    """The driver's one-pass residual norms (``√Σv²``) fall back to the scaled two-pass norm where a sum overflows
+    (1e19² in float32) or underflows (1e-21² in float32): every row's norm within a few ε of float64 numpy's,
+    a zero row 0, NaN and inf rows NaN and inf, batched like one row at a time."""
+    from jdeq.solvers._base import residuals
+
+    rng = np.random.default_rng(0)
+    fx = rng.standard_normal((5, 7)) * scale
+    x = fx + rng.standard_normal((5, 7)) * scale * 1e-2
+    x[1] = fx[1]  # a zero residual
+    fx_d, x_d = jnp.asarray(fx, dtype), jnp.asarray(x, dtype)
+    abs_res, rel_res, fx_norm = residuals(x_d, fx_d)
+    want_f = np.linalg.norm(np.asarray(fx_d, np.float64) / scale, axis=-1)
+    want_r = np.linalg.norm((np.asarray(fx_d, np.float64) - np.asarray(x_d, np.float64)) / scale, axis=-1)
+    eps = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np.asarray(fx_norm, np.float64) / scale, want_f, rtol=8 * eps)
+    np.testing.assert_allclose(np.asarray(abs_res, np.float64) / scale, want_r, rtol=8 * eps, atol=0)
+    assert float(abs_res[1]) == 0.0 and float(rel_res[1]) == 0.0
+    for row in range(5):
+        alone = residuals(x_d[row], fx_d[row])
+        np.testing.assert_allclose(np.asarray(alone[0], np.float64), np.asarray(abs_res[row], np.float64), rtol=4 * eps)
+    bad = fx_d.at[2, 3].set(jnp.nan).at[4, 0].set(jnp.inf)
+    abs_bad, _, norm_bad = residuals(x_d, bad)
+    assert np.isnan(float(abs_bad[2])) and np.isnan(float(norm_bad[2])) and np.isinf(float(norm_bad[4]))
+    np.testing.assert_allclose(np.asarray(norm_bad[0], np.float64) / scale, want_f[0], rtol=8 * eps)
+
+
 def _resident_mb() -> float:
     """This process's resident memory in MB (Linux /proc)."""
     with open("/proc/self/statm") as statm:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jdeq
 from jdeq import implicit
@@ -82,3 +83,35 @@ def test_eager_loop_keeps_resident_memory_and_the_cache_bounded(monkeypatch):
         jdeq.fixed_point(lambda z, s=scale: jnp.tanh(s * z), jnp.ones((2,)))
         assert implicit.solve_cache_size() <= 3
     assert implicit.solve_cache_size() == 3
+
+
+class CountingNNX(nnx.Module):
+    """A user's own NNX map ``tanh(scale·Linear(z) + x)``, ``scale`` a non-parameter variable; counts its traces."""
+
+    def __init__(self, width: int, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(width, width, use_bias=False, param_dtype=jnp.float64, rngs=rngs)
+        self.scale = nnx.Variable(jnp.asarray(0.3))
+
+    def __call__(self, z, x):
+        TRACES["nnx"] = TRACES.get("nnx", 0) + 1
+        return jnp.tanh(self.scale[...] * self.linear(z) + x)
+
+
+@pytest.mark.parametrize("per_sample", [True, False], ids=["per_sample", "whole_batch"])
+def test_second_eager_call_of_an_nnx_module_layer_traces_nothing_and_reads_its_variables(per_sample):
+    """The module's variables are arguments of the cached solve, not constants of it: a changed non-parameter
+    variable changes the output of the next (untraced) call."""
+    layer = jdeq.nn.NNXDEQ(CountingNNX(8, nnx.Rngs(0)), (8,), solver=SOLVER, per_sample=per_sample)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 8)))
+    z0 = jnp.zeros_like(x)
+    first = layer(x, z0)
+    traced = TRACES["nnx"]
+    for _ in range(2):
+        np.testing.assert_array_equal(layer(x + 0.0, z0), first)
+        assert TRACES["nnx"] == traced  # the same module structure, shapes and options: the compiled solve is reused
+    layer.f.scale[...] = jnp.asarray(0.1)
+    changed = layer(x, z0)
+    assert TRACES["nnx"] == traced
+    want = jdeq.fixed_point(lambda z: jnp.tanh(0.1 * layer.f.linear(z) + x), z0, solver=SOLVER).value
+    np.testing.assert_allclose(changed, want, atol=1e-5)
+    assert float(jnp.max(jnp.abs(changed - first))) > 1e-3

@@ -20,7 +20,7 @@ from jax.custom_batching import custom_vmap
 
 from .._canonical_conv import canonical_convs
 from .._contract import check_step_result
-from .._numerics import check, check_stopping, norm, relative
+from .._numerics import at_least_float32, check, check_stopping, norm, relative
 from .._sharding import vary_like, varying_axes
 from ..stats import Result, Stats
 
@@ -147,8 +147,25 @@ def settle(code, tol, atol, abs_res, fx_norm, scale=None) -> Array:
 
 def residuals(x: Array, fx: Array) -> tuple[Array, Array, Array]:
     """``(‖f − x‖, ‖f − x‖/‖f‖, ‖f‖)`` in at least float32."""
-    abs_res, fx_norm = norm(fx - x), norm(fx)
+    abs_res, fx_norm = _two_norms(fx - x, fx)
     return abs_res, relative(abs_res, fx_norm), fx_norm
+
+
+def _two_norms(r: Array, f: Array) -> tuple[Array, Array]:
+    """``(‖r‖, ‖f‖)`` over the last axis in one read of ``r`` and ``f``: ``√Σr²`` and ``√Σf²``.
+
+    Exact to rounding wherever every sum is finite and at least ``n·tiny/ε`` (then the squares that
+    underflowed add less than ``ε`` of the sum); otherwise (overflow, underflow, zero, NaN or inf) the
+    two-pass, overflow-safe :func:`norm`, under a ``lax.cond`` so that it costs nothing when unused.
+    """
+    dtype = at_least_float32(r.dtype)
+    r, f = r.astype(dtype), f.astype(dtype)
+    sum_r, sum_f = jnp.sum(jnp.square(r), axis=-1), jnp.sum(jnp.square(f), axis=-1)
+    info = jnp.finfo(dtype)
+    floor = r.shape[-1] * float(info.tiny) / float(info.eps)
+    smallest = jnp.where(jnp.isfinite(sum_r + sum_f), jnp.minimum(sum_r, sum_f), -1.0)  # -1: inf or NaN
+    plain = jnp.min(smallest, initial=jnp.inf) >= floor
+    return lax.cond(plain, lambda: (jnp.sqrt(sum_r), jnp.sqrt(sum_f)), lambda: (norm(r), norm(f)))
 
 
 class _Start(NamedTuple):

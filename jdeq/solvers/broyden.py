@@ -8,6 +8,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from .._numerics import at_least_float32, check, norm
 from ._line_search import LineSearchSolver
@@ -21,6 +22,11 @@ class BroydenState(NamedTuple):
     hg: jax.Array  # H g at the current iterate (the next step is −H g)
     count: jax.Array  # steps taken; rows i < count mod (m + 1) are in use (none: H = γI)
     gamma: jax.Array  # γ, the scale of the initial inverse Jacobian (x's dtype)
+
+
+def max_abs(v):
+    """``‖v‖_∞``: one pass, no overflow for finite ``v`` (the skip test's scale)."""
+    return jnp.max(jnp.abs(v), initial=jnp.zeros((), v.dtype))
 
 
 def _in_use(count, m):
@@ -62,7 +68,7 @@ class Broyden(LineSearchSolver):
     ``s = z⁺ − z``, ``y = g(z⁺) − g(z)`` and ``v = Hᵀs``, is ``H⁺ = H + (s − H y) vᵀ / (vᵀ y)``, which
     keeps the secant condition ``H⁺ y = s``. When ``m`` rank-one terms fill the memory, the next step
     restarts H from ``γI`` (dropping only the oldest term would break the secant conditions of the others).
-    Updates with ``|vᵀ y|`` below ``1e-12·‖s‖‖H y‖`` are skipped (a zero term is written). ``H g`` is
+    Updates with ``|vᵀ y|`` below ``1e-12·‖s‖_∞‖H y‖_∞`` are skipped (a zero term is written). ``H g`` is
     carried from step to step (``H⁺ g⁺ = H g⁺ + u (v·g⁺)``), so a step makes 4 passes over the memory:
     ``H g⁺`` and ``Hᵀ s``.
 
@@ -96,8 +102,10 @@ class Broyden(LineSearchSolver):
         s = x_new - x
         y = g_new - g
         first = state.count == 0
-        gamma = secant_scale(s, y) if self.gamma is None else jnp.asarray(self.gamma, x.dtype)
-        state = state._replace(gamma=jnp.where(first, gamma, state.gamma))
+        if self.gamma is None:  # estimated once: a cond (shared step count) skips the two dots on later steps
+            state = state._replace(gamma=lax.cond(first, secant_scale, lambda s, y: state.gamma, s, y))
+        else:
+            state = state._replace(gamma=jnp.where(first, jnp.asarray(self.gamma, x.dtype), state.gamma))
         hg = jnp.where(first, state.gamma * g, state.hg)  # H g under the (new) γ; no rows are in use yet
         hg_new = apply_inverse(state, g_new)
         h_y = hg_new - hg
@@ -105,8 +113,8 @@ class Broyden(LineSearchSolver):
         denom = jnp.vdot(v, y)
         terms = state.count % (self.m + 1)
         restart = terms == self.m  # the memory is full: H⁺ = −I, the rows fall out of use
-        wide = at_least_float32(denom.dtype)  # norm's dtype: compared without implicit promotion
-        ok = (jnp.abs(denom).astype(wide) > 1e-12 * norm(s) * norm(h_y)) & ~restart
+        wide = at_least_float32(denom.dtype)  # the test in float32 or wider (1e-12 underflows float16)
+        ok = (jnp.abs(denom).astype(wide) > 1e-12 * max_abs(s).astype(wide) * max_abs(h_y).astype(wide)) & ~restart
         u = jnp.where(ok, (s - h_y) / jnp.where(ok, denom, 1.0), 0.0)
         v = jnp.where(ok, v, 0.0)
         slot = terms % self.m
