@@ -189,7 +189,7 @@ def test_with_loss_term_adds_the_terms_gradient_and_leaves_the_value():
     np.testing.assert_allclose(jax.grad(loss)(p), 8.0 * p + 0.5 * 3.0 * p**2, rtol=1e-6)
 
 
-@pytest.mark.slow  # three gradients through float64 solves to 1e-11 and an exact Jacobian (about 30 s of one core)
+@pytest.mark.slow  # three gradients through float64 solves to 1e-11 and an exact Jacobian (47 s on the loaded 2-core machine)
 def test_mdeq_jacobian_penalty_is_the_unit_frobenius_norm_and_enters_only_training_gradients(standard_promotion):
     images = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 4, 4, 1)))
     labels = jnp.array([1, 0])
