@@ -20,7 +20,16 @@ from jdeq.models import (
     bits_per_character,
     teacher_forced_loss,
 )
-from jdeq.models.mdeq import branch_channels, pack, unpack
+from jdeq.models.mdeq import (
+    MultiscaleInjection,
+    _PackedCell,
+    branch_channels,
+    branch_shapes,
+    pack,
+    unit_jacobian_penalty,
+    unpack,
+    with_loss_term,
+)
 
 TIGHT = jdeq.Anderson(m=5, tol=1e-11, max_steps=300)
 FD_RTOL = 1e-4  # a central difference at eps 1e-6 of losses whose solves stop at 1e-11: errors of ~1e-11 / 1e-6
@@ -113,6 +122,8 @@ def test_mdeq_three_branches_and_bad_inputs():
         model.init(jax.random.PRNGKey(0), images[..., 0])
     with pytest.raises(ValueError, match="floating batch of NHWC"):
         model.init(jax.random.PRNGKey(0), (images * 255).astype(jnp.int32))
+    with pytest.raises(ValueError, match="jacobian_weight"):
+        model.clone(jacobian_weight=-1.0).init(jax.random.PRNGKey(0), images)
 
 
 def test_pack_unpack_round_trip():
@@ -166,6 +177,56 @@ def test_mdeq_implicit_gradient_matches_finite_differences_and_unrolled_in_float
         # the unrolled derivative through a solve stopped at 1e-11 lags its iterate: 1e-5 of each leaf's scale
         assert float(jnp.max(jnp.abs(g - u))) <= 1e-5 * float(jnp.max(jnp.abs(u))) + 1e-12  # + zero leaves
     assert all(bool(jnp.any(g != 0)) for g in jax.tree_util.tree_leaves(grads["f"]))
+
+
+def test_with_loss_term_adds_the_terms_gradient_and_leaves_the_value():
+    p = jnp.array([0.3, -1.2])
+
+    def loss(p):
+        return jnp.sum(with_loss_term(2.0 * p, jnp.sum(p**3), 0.5) ** 2)
+
+    np.testing.assert_allclose(loss(p), jnp.sum((2.0 * p) ** 2))
+    np.testing.assert_allclose(jax.grad(loss)(p), 8.0 * p + 0.5 * 3.0 * p**2, rtol=1e-6)
+
+
+@pytest.mark.slow  # three gradients through float64 solves to 1e-11 and an exact Jacobian (47 s on the loaded 2-core machine)
+def test_mdeq_jacobian_penalty_is_the_unit_frobenius_norm_and_enters_only_training_gradients(standard_promotion):
+    images = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 4, 4, 1)))
+    labels = jnp.array([1, 0])
+    model = small_mdeq(TIGHT).clone(jacobian_weight=0.7)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), images)["params"]
+    rngs = {"dropout": jax.random.PRNGKey(5)}
+
+    def loss_and_penalty(p, weight):
+        logits, sown = model.clone(jacobian_weight=weight).apply(
+            {"params": p}, images, rngs=rngs, mutable=["intermediates"]
+        )
+        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+        return loss, sown["intermediates"].get("jacobian_penalty", (jnp.zeros(()),))[0]
+
+    @jax.jit
+    def gradients(p):  # of the loss with the penalty's weight 0.7, of the loss alone, of the sown penalty
+        return [jax.grad(lambda p, w=w, i=i: loss_and_penalty(p, w)[i])(p) for w, i in ((0.7, 0), (0.0, 0), (0.7, 1))]
+
+    grads, plain, penalty_grads = gradients(params)
+    for g, p0, pg in zip(*map(jax.tree_util.tree_leaves, (grads, plain, penalty_grads))):
+        np.testing.assert_allclose(g, p0 + 0.7 * pg, atol=1e-12)  # the loss's gradient plus w times the penalty's
+    assert any(bool(jnp.any(g != 0)) for g in jax.tree_util.tree_leaves(penalty_grads["f"]))
+    apply = jax.jit(lambda p: model.apply({"params": p}, images, return_state=True, mutable=["intermediates"]))
+    (_, branches), evaluated = apply(params)
+    assert converged(evaluated).all()  # to 1e-11: the penalty is taken at the equilibrium
+    assert "jacobian_penalty" not in evaluated["intermediates"]  # no rng: evaluation, no penalty
+
+    # one Hutchinson probe is unbiased for ‖∂f/∂z‖_F² / d at z*: its mean over many probes against the exact norm
+    shapes = branch_shapes(images.shape[1:], (4, 4))
+    u = pack(MultiscaleInjection((4, 4), 2, images.dtype).apply({"params": params["injection"]}, images))
+    cell = _PackedCell(shapes, 2, model.scale, images.dtype)
+    z = pack(branches)
+    jac = jax.jacfwd(lambda z: cell.apply({"params": params["f"]}, z, u))(z)
+    exact = float(jnp.sum(jac**2)) / z.size
+    keys = jax.random.split(jax.random.PRNGKey(7), 4096)
+    probes = jax.jit(jax.vmap(lambda k: unit_jacobian_penalty(cell, params["f"], z, u, k)))(keys)
+    assert abs(float(jnp.mean(probes)) - exact) <= 0.05 * exact
 
 
 @pytest.mark.slow  # three compilations of the full-size model, eagerly as a user's NNX code runs
@@ -347,7 +408,36 @@ def test_skipdeq_in_nnx_and_in_the_zoo_models(standard_promotion):
     assert "skip" in jax.eval_shape(small_mdeq(TIGHT).clone(skip=True).init, jax.random.PRNGKey(0), images)["params"]
 
 
+@pytest.mark.slow  # a compiled init and gradient of the small MDEQ (about 20 s of one core)
+def test_mdeq_skipdeq_guess_trains_on_the_consistency_loss_and_leaves_the_injection_alone():
+    images = jnp.asarray(np.random.default_rng(4).uniform(size=(2, 4, 4, 1)), jnp.float32)
+    mdeq = small_mdeq(jdeq.Anderson(m=5, tol=1e-5, max_steps=60)).clone(skip=True)
+    params = jax.jit(mdeq.init)(jax.random.PRNGKey(0), images)["params"]
+    # the task loss is zero: only the consistency loss, which trains the guess and leaves the injection alone
+    grads = jax.jit(jax.grad(lambda p: 0.0 * jnp.sum(mdeq.apply({"params": p}, images))))(params)
+    assert any(bool(jnp.any(g != 0)) for g in jax.tree_util.tree_leaves(grads["skip"]))
+    assert all(bool(jnp.all(g == 0)) for g in jax.tree_util.tree_leaves(grads["injection"]))
+
+
 # --- jdeq train ---------------------------------------------------------------------------------------------------
+
+
+def test_train_mdeq_command_builds_its_model_from_the_options(monkeypatch, tmp_path):
+    from jdeq import cli, train
+
+    class Reached(Exception):
+        pass
+
+    def fit(model, *args, **kwargs):
+        raise Reached(model)
+
+    monkeypatch.setattr(train, "fit", fit)  # the command up to training: data, model, optimizer, header
+    with pytest.raises(Reached) as reached:
+        cli.main(["train", "mdeq", "--skipdeq", "--jacobian-weight", "0.5", "--out", str(tmp_path)])
+    model = reached.value.args[0]
+    assert isinstance(model, MDEQClassifier) and model.skip and model.jacobian_weight == 0.5
+    with pytest.raises(SystemExit):
+        cli.main(["train", "mdeq", "--jacobian-weight", "-1", "--out", str(tmp_path)])
 
 
 @pytest.mark.slow  # a CLI training run each (50-70 s of one core)

@@ -13,12 +13,18 @@ nearest upsampling, and for a finer branch ``i < j`` ``j − i`` strided 3×3 co
 state ends in a GroupNorm, so ``f`` starts near a contraction and its states stay bounded. The head
 average-pools each branch of ``z*``, concatenates them and applies a linear layer.
 
+Training keeps ``f`` a contraction with the Jacobian penalty of Bai, Koltun & Kolter (arXiv 2106.14342):
+``w · ‖∂f/∂z (z*)‖_F² / d`` (a Hutchinson estimate, one probe per call, ``d`` the state's size), evaluated at
+``stop_gradient(z*)`` as in their implementation, and added to the training loss through the logits' backward
+pass (:func:`with_loss_term`), so :func:`jdeq.train.fit` trains with it without a change to its loss.
+
 The branches form one state: the layer's solver sees them raveled into one vector per sample, as
 :func:`jdeq.fixed_point` sees any pytree state, and each sample is its own fixed-point problem.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -27,12 +33,17 @@ import jax
 import jax.numpy as jnp
 
 from ..gradients import GradientMode
-from ..nn import DEQ
+from ..nn import DEQ, STATS_COLLECTION
+from ..regularize import jacobian_penalty
 from ..solvers import Anderson, Solver
 
 ZOO_SOLVER = Anderson(m=5, tol=1e-3, max_steps=40, return_best=True)
 """The zoo's default forward solver: Anderson (m = 5) to a relative residual of 1e-3 within 40 steps (the
 tolerance TorchDEQ's and the MDEQ paper's training runs use), keeping the lowest-residual iterate."""
+
+
+JACOBIAN_WEIGHT = 1.0
+"""The default weight of :class:`MDEQClassifier`'s Jacobian penalty."""
 
 
 def branch_channels(height: int, channels: Optional[Sequence[int]]) -> tuple[int, ...]:
@@ -164,7 +175,9 @@ class _PackedCell(linen.Module):
 
 
 class _PackedSkip(linen.Module):
-    """SkipDEQ's initial guess for MDEQ: ``z0_i = GN(conv(u_i))`` per branch, on packed injections and states."""
+    """SkipDEQ's initial guess for MDEQ: ``z0_i = GN(conv(stop_gradient(u_i)))`` per branch, on packed injections
+    and states. The injection is held fixed for the guess: the consistency loss trains the guess only, not the
+    classifier's injection (which it would otherwise pull towards features that predict ``z*``)."""
 
     shapes: tuple[tuple[int, int, int], ...]
     groups: int = 4
@@ -176,7 +189,7 @@ class _PackedSkip(linen.Module):
         return pack(
             [
                 _norm(self.groups, c, dtype)(_Conv(c, normalized=False, param_dtype=dtype)(u_i))
-                for u_i, (_, _, c) in zip(unpack(u, self.shapes), self.shapes)
+                for u_i, (_, _, c) in zip(unpack(jax.lax.stop_gradient(u), self.shapes), self.shapes)
             ]
         )
 
@@ -195,6 +208,38 @@ class MultiscaleInjection(linen.Module):
         for c in self.channels[1:]:
             u.append(_norm(self.groups, c, dtype)(_Conv(c, stride=2, param_dtype=dtype)(u[-1])))
         return tuple(u)
+
+
+JACOBIAN_PENALTY_NAME = "jacobian_penalty"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def with_loss_term(outputs: jax.Array, term: jax.Array, weight: float) -> jax.Array:
+    """``outputs``; its backward pass passes ``outputs``' cotangent through and gives the scalar ``term`` the
+    cotangent ``weight``, as if ``weight · term`` were added to the loss that ``outputs`` enter."""
+    return outputs
+
+
+def _with_loss_term_fwd(outputs, term, weight):
+    return outputs, term
+
+
+def _with_loss_term_bwd(weight, term, cotangent):
+    return cotangent, jnp.full_like(term, weight)
+
+
+with_loss_term.defvjp(_with_loss_term_fwd, _with_loss_term_bwd)
+
+
+def unit_jacobian_penalty(cell: linen.Module, params: Any, z: jax.Array, u: jax.Array, key: jax.Array) -> jax.Array:
+    """``‖∂f/∂z‖_F² / d`` of ``f(z) = cell(z, u)`` at ``stop_gradient(z)`` (packed ``(B, d)`` states), averaged over the
+    batch: one Hutchinson probe (:func:`jdeq.jacobian_penalty`; ``f`` acts on each sample alone, so the batch's
+    squared norm is the sum of the samples'), differentiable in ``params``."""
+
+    def f(z, params):
+        return cell.apply({"params": params}, z, u)
+
+    return jacobian_penalty(f, jax.lax.stop_gradient(z), params, key=key) / z.size
 
 
 def check_images(images: jax.Array) -> None:
@@ -220,6 +265,9 @@ class MDEQClassifier(linen.Module):
       grad: the gradient mode (default ``jdeq.Implicit()``).
       skip: start each solve from a learned SkipDEQ guess (a 3×3 conv and GroupNorm per branch of the injection),
         trained by the consistency loss with weight ``skip_weight`` (see :class:`jdeq.nn.DEQ`).
+      jacobian_weight: the weight ``w`` of the Jacobian penalty ``w · ‖∂f/∂z (z*)‖_F² / d`` (see the module
+        docstring), applied in the calls that carry a ``"dropout"`` rng (training under :func:`jdeq.train.fit`;
+        evaluation passes none) and sown as ``"jacobian_penalty"`` in ``"intermediates"``; 0 switches it off.
 
     Call as ``model.apply(variables, images)`` with float NHWC ``images``; parameters and computation take the
     images' dtype. ``return_state=True`` returns ``(logits, z*)`` with ``z*`` the tuple of branch states. The
@@ -234,10 +282,13 @@ class MDEQClassifier(linen.Module):
     grad: Optional[GradientMode] = None
     skip: bool = False
     skip_weight: float = 1.0
+    jacobian_weight: float = JACOBIAN_WEIGHT
 
     @linen.compact
     def __call__(self, images: jax.Array, return_state: bool = False):
         check_images(images)
+        if isinstance(self.jacobian_weight, bool) or not self.jacobian_weight >= 0:
+            raise ValueError(f"jacobian_weight must be a number >= 0 (0: no penalty), got {self.jacobian_weight!r}")
         dtype = jnp.result_type(images)
         channels = branch_channels(images.shape[1], self.channels)
         shapes = branch_shapes(images.shape[1:], channels)
@@ -250,4 +301,8 @@ class MDEQClassifier(linen.Module):
         branches = unpack(z, shapes)
         pooled = jnp.concatenate([jnp.mean(b, axis=(1, 2)) for b in branches], axis=1)
         logits = linen.Dense(self.num_classes, dtype=dtype, param_dtype=dtype, name="head")(pooled)
+        if self.jacobian_weight > 0 and self.has_rng("dropout") and not self.is_initializing():
+            penalty = unit_jacobian_penalty(f.clone(parent=None), f.variables["params"], z, u, self.make_rng("dropout"))
+            self.sow(STATS_COLLECTION, JACOBIAN_PENALTY_NAME, penalty)
+            logits = with_loss_term(logits, penalty, self.jacobian_weight)
         return (logits, branches) if return_state else logits
