@@ -54,9 +54,12 @@ def torch_sync(device):
     return sync
 
 
-def build(method: TorchMethod, w: Workload, cotangent: np.ndarray, device) -> tuple[Callable, Callable, dict]:
+def build(
+    method: TorchMethod, w: Workload, cotangent: np.ndarray, device, options: dict | None = None
+) -> tuple[Callable, Callable, dict]:
     """``(forward, forward_backward, first)``: synchronised zero-argument calls, and the forward's
-    returned ``z`` and NFE from one untimed call."""
+    returned ``z`` and NFE from one untimed call. ``options`` go to the solver (e.g. Anderson's ``m``)
+    in the forward and the adjoint solves."""
     import torch
     from torchdeq import get_deq
     from torchdeq.solver import get_solver
@@ -67,7 +70,7 @@ def build(method: TorchMethod, w: Workload, cotangent: np.ndarray, device) -> tu
     f = w.torch_map(params)
     z0 = torch.zeros((w.batch, *w.state_shape), device=device)
     solver = get_solver(method.solver)
-    budget = dict(max_iter=w.max_steps, tol=w.tol, stop_mode="rel")
+    budget = dict(max_iter=w.max_steps, tol=w.tol, stop_mode="rel", **(options or {}))
     sync = torch_sync(device)
 
     def forward():
