@@ -54,7 +54,7 @@ WEIGHT_NORM_EPS = 1e-12  # linen.WeightNorm's
 
 def flat_params(tree) -> dict[str, np.ndarray]:
     """A parameter tree as ``{"a.b.c": float32 array}`` (flax names may hold '/', never '.')."""
-    return {".".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(tree).items()}
+    return {".".join(k): np.array(v, np.float32) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 def nested_params(flat: dict) -> dict:
@@ -253,7 +253,7 @@ def mdeq_workload(batch: int, size: int, tol: float, max_steps: int, seed: int =
     def batch_map(z, p, x):
         return pack(cell.apply({"params": nested_params(p)["cell"]}, unpack(z, shapes), unpack(x, shapes)))
 
-    data = {**flat_params(params["f"]), "x": np.asarray(u, np.float32)}
+    data = {**flat_params(params["f"]), "x": np.array(u, np.float32)}
     description = f"MDEQ map, {size}x{size}x{images.shape[-1]} input, branches {shapes}"
     return Workload(
         f"mdeq-{size}",
@@ -280,7 +280,7 @@ def lm_workload(batch: int, length: int, dim: int, tol: float, max_steps: int, s
     def batch_map(z, p, x):
         return block.apply({"params": nested_params(p)}, z, x)
 
-    data = {**flat_params(params["block"]), "x": np.asarray(x, np.float32)}
+    data = {**flat_params(params["block"]), "x": np.array(x, np.float32)}
     description = f"DEQ-Transformer block, T={length}, width {dim}, {model.heads} heads, pydoc characters"
     return Workload("deq_lm", description, data, (length, dim), tol, max_steps, batch_map, torch_block_map(model.heads))
 
@@ -421,6 +421,7 @@ def main(argv=None) -> Path:
     p.add_argument("--budget", type=float, default=120.0, help="seconds of timed calls per variant, at most")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--tag", default="", help="suffix of the results file (e.g. the tolerance tried)")
     args = p.parse_args(argv)
     from .torch_methods import setup_torch
 
@@ -462,7 +463,8 @@ def main(argv=None) -> Path:
     result["load_average_at_end"] = os.getloadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"zoo-parity-{args.device}-{datetime.date.today().isoformat()}.json"
+    device = "" if args.device == "cpu" else f"-{args.device}"
+    path = out / f"zoo-parity{device}-{datetime.date.today().isoformat()}{args.tag and '-' + args.tag}.json"
     path.write_text(json.dumps(result, indent=1))
     print(report(result))
     print(f"\nwrote {path}")
