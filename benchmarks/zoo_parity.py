@@ -410,6 +410,7 @@ def report(result: dict) -> str:
 
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(prog="python -m benchmarks.zoo_parity", description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="mdeq,lm", help="which zoo maps: mdeq and/or lm")
     p.add_argument("--mdeq-sizes", default="8", help="image sizes for MDEQ: 8 (digits) and/or 32 (32×32×3)")
     p.add_argument("--mdeq-batch", type=int, default=16)
     p.add_argument("--lm-batch", type=int, default=8)
@@ -432,8 +433,14 @@ def main(argv=None) -> Path:
     def progress(message):
         print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
-    workloads = [mdeq_workload(args.mdeq_batch, int(s), args.tol, args.max_steps) for s in args.mdeq_sizes.split(",")]
-    workloads.append(lm_workload(args.lm_batch, args.lm_length, args.lm_dim, args.tol, args.max_steps))
+    models = args.models.split(",")
+    workloads = []
+    if "mdeq" in models:
+        workloads += [
+            mdeq_workload(args.mdeq_batch, int(s), args.tol, args.max_steps) for s in args.mdeq_sizes.split(",")
+        ]
+    if "lm" in models:
+        workloads.append(lm_workload(args.lm_batch, args.lm_length, args.lm_dim, args.tol, args.max_steps))
     import torch
     import torchdeq
 
