@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import math
 import os
@@ -297,7 +298,10 @@ def jdeq_solver(name: str, tol: float, max_steps: int) -> jdeq.Solver:
     return jdeq.Broyden(m=max_steps, tol=tol, max_steps=max_steps, return_best=True)
 
 
-TORCH_OPTIONS = {"anderson": {"m": 5, "lam": 1e-4, "tau": 1.0}, "broyden": {}}
+def torchdeq_options(name: str, lam: float = 1e-4) -> dict:
+    """TorchDEQ's solver options: Anderson with m = 5, τ = 1 and ``lam`` (its default 1e-4: an absolute ridge on
+    ``GᵀG``, where jdeq's is relative to ``‖g_k‖²``); Broyden with its defaults."""
+    return {"m": 5, "lam": lam, "tau": 1.0} if name == "anderson" else {}
 
 
 def f_agreement(w: Workload, torch_device, seed: int = 3) -> dict:
@@ -315,7 +319,7 @@ def f_agreement(w: Workload, torch_device, seed: int = 3) -> dict:
     return {"max_abs": difference, "relative": difference / float(np.max(np.abs(fz_jax)))}
 
 
-def run_workload(w: Workload, torch_device, repeats: int, clock, budget_s: float, progress) -> dict:
+def run_workload(w: Workload, torch_device, repeats: int, clock, budget_s: float, progress, lam: float = 1e-4) -> dict:
     """Build, check and time every variant of one workload; the rows, the parity verdicts and the times."""
     from . import torch_methods
 
@@ -340,7 +344,7 @@ def run_workload(w: Workload, torch_device, repeats: int, clock, budget_s: float
         progress(f"{w.name}: torchdeq/{name}")
         method = torch_methods.TorchMethod("torchdeq", name, "per-sample", torch_methods.TORCHDEQ_SOLVERS[name])
         forward, forward_backward, first = torch_methods.build(
-            method, w, cotangent_np, torch_device, TORCH_OPTIONS[name]
+            method, w, cotangent_np, torch_device, torchdeq_options(name, lam)
         )
         calls[f"torchdeq/{name}/fwd"], calls[f"torchdeq/{name}/fwd_bwd"] = forward, forward_backward
         states[f"torchdeq/{name}"] = first["z"]
@@ -421,6 +425,7 @@ def main(argv=None) -> Path:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--budget", type=float, default=120.0, help="seconds of timed calls per variant, at most")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--torchdeq-lam", type=float, default=1e-4, help="TorchDEQ anderson's ridge λ (its default 1e-4)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--tag", default="", help="suffix of the results file (e.g. the tolerance tried)")
     args = p.parse_args(argv)
@@ -442,7 +447,6 @@ def main(argv=None) -> Path:
     if "lm" in models:
         workloads.append(lm_workload(args.lm_batch, args.lm_length, args.lm_dim, args.tol, args.max_steps))
     import torch
-    import torchdeq
 
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -453,19 +457,22 @@ def main(argv=None) -> Path:
         "versions": {
             "jax": jax.__version__,
             "torch": torch.__version__,
-            "torchdeq": getattr(torchdeq, "__version__", "?"),
+            "torchdeq": importlib.metadata.version("torchdeq"),
         },
         "claims": {
             "same_equilibrium": f"per sample ‖z_jdeq − z_torchdeq‖₂ / ‖z_torchdeq‖₂ ≤ {DIFF_FACTOR:g}·tol",
             "steps_comparable": f"|steps_jdeq − steps_torchdeq| ≤ max({STEP_SLACK}, {STEP_RATIO:g}·steps_torchdeq)",
             "f_agreement": f"max |f_jax − f_torch| / max |f_jax| ≤ {F_AGREEMENT:g}",
         },
+        "torchdeq_anderson_options": torchdeq_options("anderson", args.torchdeq_lam),
         "workloads": [],
     }
     with jax.default_matmul_precision("highest"):
         for w in workloads:
             result["workloads"].append(
-                run_workload(w, torch_device, args.repeats, clock_for(args.device), args.budget, progress)
+                run_workload(
+                    w, torch_device, args.repeats, clock_for(args.device), args.budget, progress, args.torchdeq_lam
+                )
             )
     result["load_average_at_end"] = os.getloadavg()
     out = Path(args.out)
