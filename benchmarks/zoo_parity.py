@@ -357,10 +357,11 @@ def run_workload(w: Workload, torch_device, repeats: int, clock, budget_s: float
         )
         for name in SOLVERS
     }
-    progress(f"{w.name}: timing {len(calls)} calls interleaved, {repeats} repeats")
-    times = interleaved_ms(calls, repeats, clock, budget_s)
-    for row in rows.values():
-        row["fwd_ms"], row["fwd_bwd_ms"] = times[row["variant"] + "/fwd"], times[row["variant"] + "/fwd_bwd"]
+    if repeats > 0:  # --repeats 0: the parity checks alone
+        progress(f"{w.name}: timing {len(calls)} calls interleaved, {repeats} repeats")
+        times = interleaved_ms(calls, repeats, clock, budget_s)
+        for row in rows.values():
+            row["fwd_ms"], row["fwd_bwd_ms"] = times[row["variant"] + "/fwd"], times[row["variant"] + "/fwd_bwd"]
     return {
         "workload": w.name,
         "description": w.description,
@@ -374,8 +375,8 @@ def run_workload(w: Workload, torch_device, repeats: int, clock, budget_s: float
     }
 
 
-def _ms(spread: dict) -> str:
-    return f"{spread['median']:.1f} ({spread['min']:.1f}–{spread['max']:.1f})"
+def _ms(spread: dict | None) -> str:
+    return "—" if spread is None else f"{spread['median']:.1f} ({spread['min']:.1f}–{spread['max']:.1f})"
 
 
 def _verdict(value) -> str:
@@ -394,7 +395,7 @@ def report(result: dict) -> str:
             flag = "" if r["converged"] else f" ✗ ({r['samples_above_tol']} above tol)"
             out.append(
                 f"| {block['workload']} | {solver} | {library} | {r['steps']} | {r['worst_sample_residual']:.1e}{flag} | "
-                f"{_ms(r['fwd_ms'])} | {_ms(r['fwd_bwd_ms'])} |"
+                f"{_ms(r.get('fwd_ms'))} | {_ms(r.get('fwd_bwd_ms'))} |"
             )
     out += [
         "",
@@ -422,7 +423,7 @@ def main(argv=None) -> Path:
     p.add_argument("--lm-dim", type=int, default=64)
     p.add_argument("--tol", type=float, default=jdeq.models.ZOO_SOLVER.tol)
     p.add_argument("--max-steps", type=int, default=jdeq.models.ZOO_SOLVER.max_steps)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats per call; 0: no timing")
     p.add_argument("--budget", type=float, default=120.0, help="seconds of timed calls per variant, at most")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--torchdeq-lam", type=float, default=1e-4, help="TorchDEQ anderson's ridge λ (its default 1e-4)")
