@@ -300,12 +300,15 @@ def cell_parts() -> dict:
     }
 
 
+def sample_residuals(z, fz) -> np.ndarray:
+    """Per sample ``‖f(z_b) − z_b‖₂ / ‖f(z_b)‖₂`` in float64 norms (the first axis is the batch)."""
+    z, fz = (np.asarray(a, np.float64).reshape(len(a), -1) for a in (z, fz))
+    return np.linalg.norm(fz - z, axis=1) / np.linalg.norm(fz, axis=1)
+
+
 def measured(f_check, z, tol: float) -> dict:
     """The worst sample's relative residual of the returned ``z``, measured here in float64 norms."""
-    fz = np.asarray(f_check(jnp.asarray(z, jnp.float32)), np.float64)
-    z = np.asarray(z, np.float64)
-    diff, scale = (fz - z).reshape(len(z), -1), fz.reshape(len(z), -1)
-    worst = float(np.max(np.linalg.norm(diff, axis=1) / np.linalg.norm(scale, axis=1)))
+    worst = float(np.max(sample_residuals(z, f_check(jnp.asarray(z, jnp.float32)))))
     return {"worst_sample_residual": worst, "converged": worst <= tol * 1.0001}
 
 

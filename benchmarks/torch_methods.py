@@ -54,9 +54,15 @@ def torch_sync(device):
     return sync
 
 
-def build(method: TorchMethod, w: Workload, cotangent: np.ndarray, device) -> tuple[Callable, Callable, dict]:
+def build(
+    method: TorchMethod, w: Workload, cotangent: np.ndarray, device, options: dict | None = None
+) -> tuple[Callable, Callable, dict]:
     """``(forward, forward_backward, first)``: synchronised zero-argument calls, and the forward's
-    returned ``z`` and NFE from one untimed call."""
+    returned ``z`` and NFE from one untimed call. ``options`` go to the forward solver (e.g. Anderson's
+    ``m``); TorchDEQ passes only its budget, tolerance and stop mode to the adjoint solver.
+
+    TorchDEQ's ``nstep`` counts evaluations of ``f`` for ``anderson`` and ``fixed_point_iter``, and steps
+    after an initial evaluation for ``broyden`` (whose NFE is ``nstep + 1`` without line search)."""
     import torch
     from torchdeq import get_deq
     from torchdeq.solver import get_solver
@@ -67,7 +73,7 @@ def build(method: TorchMethod, w: Workload, cotangent: np.ndarray, device) -> tu
     f = w.torch_map(params)
     z0 = torch.zeros((w.batch, *w.state_shape), device=device)
     solver = get_solver(method.solver)
-    budget = dict(max_iter=w.max_steps, tol=w.tol, stop_mode="rel")
+    budget = dict(max_iter=w.max_steps, tol=w.tol, stop_mode="rel", **(options or {}))
     sync = torch_sync(device)
 
     def forward():
@@ -91,12 +97,13 @@ def build(method: TorchMethod, w: Workload, cotangent: np.ndarray, device) -> tu
     def forward_backward():
         for p in grad_params.values():
             p.grad = None
-        z_out, _ = deq(lambda z: f_grad(z, x), z0)
+        z_out, _ = deq(lambda z: f_grad(z, x), z0, solver_kwargs=options)
         (z_out[-1] * cot).sum().backward()
         return sync([p.grad for p in grad_params.values()])
 
     z, _, info = forward()
-    return forward, forward_backward, {"z": z.cpu().numpy(), "nfe": int(info["nstep"].max())}
+    initial = 1 if method.solver == "broyden" else 0
+    return forward, forward_backward, {"z": z.cpu().numpy(), "nfe": int(info["nstep"].max()) + initial}
 
 
 def peak_memory_mb(forward_backward: Callable, device) -> float | None:
