@@ -5,11 +5,15 @@ The whole suite runs under ``jax.numpy_dtype_promotion("strict")`` and ``jax.num
 (as optimistix runs its own): jdeq must never rely on implicit dtype or rank promotion. Tests that exercise a
 user's code written for the default settings switch them back locally.
 
-Compiled programs persist in ``build/jax-cache/<worker>`` (``make clean`` removes it), so a second run of the suite
-loads executables instead of compiling them. One directory per pytest-xdist worker: JAX writes cache entries
-without a lock unless ``filelock`` is installed, and a worker must never read an entry another one is writing.
+Compiled programs persist under ``build/jax-cache`` (``make clean`` removes it), so a second run of the suite loads
+executables instead of compiling them. Each test process writes only its own directory (``<worker>``: JAX writes
+an entry without a lock, and no process may read an entry another one is still writing) and starts from ``seed``,
+the programs of every earlier run, which the controlling process links together once its workers have finished.
+Which worker runs a test changes from run to run (``--dist worksteal``), so without the seed a worker would find
+only the programs of the tests it happened to run last time.
 """
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -26,9 +30,35 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-COMPILATION_CACHE = Path(__file__).parents[1] / "build" / "jax-cache" / os.environ.get("PYTEST_XDIST_WORKER", "main")
-jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)  # most of the suite's programs compile in < 1 s
+CACHE_ROOT = Path(__file__).parents[1] / "build" / "jax-cache"
+SEED_CACHE = CACHE_ROOT / "seed"
+PROCESS_CACHE = CACHE_ROOT / os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+def link_cache_entries(source: Path, target: Path) -> None:
+    """Hard-link into ``target`` every compiled program of ``source`` it lacks (an entry never changes once written)."""
+    if not source.is_dir():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    present = {entry.name for entry in target.iterdir()}
+    for entry in source.iterdir():
+        if entry.name not in present:
+            with contextlib.suppress(FileExistsError):  # a concurrent run of the suite linked it first
+                os.link(entry, target / entry.name)
+
+
+link_cache_entries(SEED_CACHE, PROCESS_CACHE)
+jax.config.update("jax_compilation_cache_dir", str(PROCESS_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # eager ops too: each compiles in ~15-40 ms
+
+
+def pytest_sessionfinish(session):
+    """The controlling process, once its workers have finished: every process's new programs join the seed."""
+    if "PYTEST_XDIST_WORKER" not in os.environ and CACHE_ROOT.is_dir():
+        for directory in CACHE_ROOT.iterdir():
+            if directory != SEED_CACHE:
+                link_cache_entries(directory, SEED_CACHE)
+
 
 import pytest  # noqa: E402
 
