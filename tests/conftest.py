@@ -22,7 +22,8 @@ from pathlib import Path
 # the Anderson + GMRES tanh gradient: 3.1 s -> 0.8 s of CPU). Test processes only: benchmarks and users keep XLA's
 # defaults. Set before the CPU backend starts; subprocesses (CLI and notebook tests) inherit it.
 TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # xdist's workers inherit them from the controlling process
+    os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 import jax  # noqa: E402
 
@@ -53,11 +54,14 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # eager ops 
 
 
 def pytest_sessionfinish(session):
-    """The controlling process, once its workers have finished: every process's new programs join the seed."""
-    if "PYTEST_XDIST_WORKER" not in os.environ and CACHE_ROOT.is_dir():
-        for directory in CACHE_ROOT.iterdir():
-            if directory != SEED_CACHE:
-                link_cache_entries(directory, SEED_CACHE)
+    """The controlling process, once its own workers have finished: their new programs join the seed (never the
+    directories of another run still writing them)."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    workers = getattr(session.config.option, "numprocesses", None)
+    own = [CACHE_ROOT / f"gw{i}" for i in range(workers)] if isinstance(workers, int) and workers else [PROCESS_CACHE]
+    for directory in own:
+        link_cache_entries(directory, SEED_CACHE)
 
 
 import pytest  # noqa: E402

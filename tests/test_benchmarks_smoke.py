@@ -5,6 +5,7 @@ itself is within the tolerance the solvers were given, and the Markdown report r
 """
 
 import json
+import os
 import time
 
 import jax
@@ -22,7 +23,19 @@ from jdeq.models import ConvCell
 TINY = ["--libraries", "jdeq", "--methods", "fixedpoint", "--sizes", "4x8", "--repeats", "3", "--step-steps", "3"]
 
 
-def test_harness_writes_rows_with_measured_residuals(tmp_path, standard_promotion):  # its train step calls optax.adam
+@pytest.fixture
+def process_settings_restored(monkeypatch):
+    """``benchmarks.run.main`` pins its process to ``--threads`` cores and extends ``XLA_FLAGS`` (a benchmark owns its
+    process); undo both after the test, or the test process would run the rest of the suite on one core, and
+    JAX's compilation-cache keys (which hash ``XLA_FLAGS``) would change midway."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    cores = os.sched_getaffinity(0)
+    yield
+    os.sched_setaffinity(0, cores)
+
+
+def test_harness_writes_rows_with_measured_residuals(tmp_path, standard_promotion, process_settings_restored):
+    # its train step calls optax.adam (standard promotion)
     path = run.main(
         [
             *TINY,
