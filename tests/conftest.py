@@ -48,9 +48,21 @@ def link_cache_entries(source: Path, target: Path) -> None:
                 os.link(entry, target / entry.name)
 
 
-link_cache_entries(SEED_CACHE, PROCESS_CACHE)
 jax.config.update("jax_compilation_cache_dir", str(PROCESS_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # eager ops too: each compiles in ~15-40 ms
+
+
+def xdist_workers(config) -> int:
+    """How many pytest-xdist workers this run starts (0: the tests run in this process)."""
+    workers = getattr(config.option, "numprocesses", None)
+    return workers if isinstance(workers, int) else 0
+
+
+def pytest_configure(config):
+    """A process that runs tests (an xdist worker, or the only process) starts from the seed; the controlling
+    process of an xdist run compiles nothing and is not seeded."""
+    if "PYTEST_XDIST_WORKER" in os.environ or not xdist_workers(config):
+        link_cache_entries(SEED_CACHE, PROCESS_CACHE)
 
 
 def pytest_sessionfinish(session):
@@ -58,8 +70,8 @@ def pytest_sessionfinish(session):
     directories of another run still writing them)."""
     if "PYTEST_XDIST_WORKER" in os.environ:
         return
-    workers = getattr(session.config.option, "numprocesses", None)
-    own = [CACHE_ROOT / f"gw{i}" for i in range(workers)] if isinstance(workers, int) and workers else [PROCESS_CACHE]
+    workers = xdist_workers(session.config)
+    own = [CACHE_ROOT / f"gw{i}" for i in range(workers)] if workers else [PROCESS_CACHE]
     for directory in own:
         link_cache_entries(directory, SEED_CACHE)
 
