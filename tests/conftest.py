@@ -49,7 +49,15 @@ def link_cache_entries(source: Path, target: Path) -> None:
 
 
 jax.config.update("jax_compilation_cache_dir", str(PROCESS_CACHE))
+# JAX's default also turns on XLA's GPU autotuning cache inside the cache directory and so writes that directory's
+# path into the compile options it hashes into every key: each worker's keys then differed from the other worker's,
+# and a program was found again only if the same worker compiled it (measured: 0 of 6 972 keys shared by the two
+# workers of a run). Nothing here runs on a GPU.
+jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # eager ops too: each compiles in ~15-40 ms
+# The processes a test starts (notebook kernels, CLI and multi-device children) use the cache of the test process,
+# which waits for them, so no entry is read while it is being written.
+os.environ.update(JAX_COMPILATION_CACHE_DIR=str(PROCESS_CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def xdist_workers(config) -> int:
