@@ -67,7 +67,11 @@ def _canonical_conv(lhs, rhs, **params):
     perm[out_spec[0]], perm[out_spec[1]] = 0, n + 1
     for i, axis in enumerate(out_spec[2:]):
         perm[axis] = 1 + i
-    return lax.transpose(out, tuple(perm))
+    if perm == sorted(perm):
+        return out
+    # Materialised, not fused: fused into its consumers (a group norm's reductions and elementwise passes, each
+    # recomputing it) the transpose back would make every one of them read the convolution's output with a stride.
+    return lax.optimization_barrier(lax.transpose(out, tuple(perm)))
 
 
 def _conv_on_cpu_canonical(lhs, rhs, **params):
