@@ -20,9 +20,10 @@ per-process CPU time, one XLA / PyTorch thread):
   ``jdeq.models.cells.group_norm`` replaced (:func:`two_pass_group_norm`), to show what the group norm costs;
 - ``nchw``: the same cell written by a user in ``NCHW``/``OIHW`` (state, kernels and group norm), solved
   by jdeq FixedPoint, next to the ``NHWC`` row;
-- ``f``: 50 chained evaluations of the cell in JAX and in PyTorch; with ``--f-only`` also the cell with a
-  flat ``(B, n)`` carry, with the two-pass group norm, written ``NCHW``, and its parts (the two
-  convolutions alone, the three group norms alone): the cost of one cell evaluation.
+- ``f``: 50 chained evaluations of the cell in JAX (convolutions made canonical, as in jdeq's loops) and in
+  PyTorch; with ``--f-only`` also the cell with a flat ``(B, n)`` carry, with the two-pass group norm, written
+  ``NCHW``, and its parts (the two convolutions alone, the three group norms alone, the ``NCHW`` group norms
+  and the rewrite's transposes alone): the cost of one cell evaluation.
 
 Every solve row carries its NFE and the worst sample's relative residual ``‖f(z) − z‖ / ‖f(z)‖`` that
 the harness measures on the returned ``z`` (float64 norms); a row above ``tol`` is flagged.
@@ -43,6 +44,7 @@ import numpy as np
 from jax import lax
 
 import jdeq
+from jdeq._canonical_conv import canonical_convs
 from jdeq.models.cells import channelwise, group_norm
 
 from .timing import clock_for, interleaved_ms, jax_call, set_cpu_threads
@@ -248,8 +250,12 @@ def f_calls(w: Workload, torch_device, variants: bool = True) -> dict:
     p_nchw, u_nchw = nchw_params(params), u.transpose(0, 3, 1, 2)
     z_start = jnp.full_like(u, 0.1)
 
-    def chain(f):
-        return jax.jit(lambda z, params, u: lax.fori_loop(0, CHAIN, lambda _, z: f(z, params, u), z))
+    def chain(f):  # convolutions made canonical, as in jdeq's loops (a no-op for the NHWC maps)
+        def loop(z, params, u):
+            step = canonical_convs(lambda z: f(z, params, u))
+            return lax.fori_loop(0, CHAIN, lambda _, z: step(z), z)
+
+        return jax.jit(loop)
 
     def flat_carry(z, params, u):  # the carry as the driver keeps it: (batch, H·W·C) rows
         return w.jax_map(z.reshape(u.shape), params, u).reshape(z.shape)
@@ -262,6 +268,8 @@ def f_calls(w: Workload, torch_device, variants: bool = True) -> dict:
         calls["f/jax/NCHW (user map)"] = jax_call(chain(cell_nchw), z_start.transpose(0, 3, 1, 2), p_nchw, u_nchw)
         for part, fn in cell_parts().items():
             calls[f"f/jax/{part}"] = jax_call(chain(fn), z_start, params, u)
+        for part, fn in nchw_parts().items():
+            calls[f"f/jax/{part}"] = jax_call(chain(fn), z_start.transpose(0, 3, 1, 2), p_nchw, u_nchw)
     if torch_device is not None:
         from . import torch_methods
 
@@ -309,8 +317,6 @@ def backward_breakdown(w: Workload, tol: float, max_steps: int, repeats: int, cl
     and forward+backward ms; with every row the ms of one evaluation of ``f`` and of one VJP ``(∂f/∂z)ᵀu`` at z*
     (each :data:`CHAIN` times in one loop, convolutions made canonical as jdeq's loops make them).
     """
-    from jdeq._canonical_conv import canonical_convs
-
     params = jax.device_put({k: jnp.asarray(v) for k, v in w.params.items()})
     u = jnp.asarray(w.data["x"])
     c = jnp.asarray(np.random.default_rng(7).standard_normal(u.shape).astype(np.float32))
@@ -374,6 +380,24 @@ def breakdown_report(batch: int, rows: list[dict]) -> str:
             f"{ratio:.2f} | {r['f_ms']['median']:.2f} | {r['vjp_ms']['median']:.2f} |"
         )
     return "\n".join(out)
+
+
+def nchw_parts() -> dict:
+    """The ``NCHW`` cell's three group norms alone, and the four layout changes the canonical-convolution rewrite
+    adds to it (``NCHW → NHWC`` before and back after each of two convolutions, each materialised)."""
+
+    def norms(z, params, u):
+        for i in (1, 2, 3):
+            z = group_norm_nchw(z, params[f"g{i}"], params[f"b{i}"], 4)
+        return z + u
+
+    def transposes(z, params, u):
+        for _ in range(2):
+            z = lax.optimization_barrier(jnp.transpose(z, (0, 2, 3, 1)))
+            z = lax.optimization_barrier(jnp.transpose(z, (0, 3, 1, 2)))
+        return z + u
+
+    return {"NCHW, 3 group norms only": norms, "NCHW, the rewrite's 4 transposes only": transposes}
 
 
 def sample_residuals(z, fz) -> np.ndarray:

@@ -11,9 +11,10 @@ generic loop-nest convolution, an order of magnitude slower.
 
 :func:`canonical_convs` does what that pass does, for the function a loop evaluates: it traces
 the function once to a jaxpr and replaces each non-canonical ``conv_general_dilated`` by
-transpose → canonical convolution → transpose. The choice is made per platform with
-:func:`jax.lax.platform_dependent`, so only CPU programs change; GPU and TPU lower the original
-convolution. Functions without convolutions are returned unchanged.
+transpose → canonical convolution → transpose (the transposed output materialised behind an
+``optimization_barrier``, so that XLA does not fuse the transpose into each consumer). The choice is
+made per platform with :func:`jax.lax.platform_dependent`, so only CPU programs change; GPU and TPU
+lower the original convolution. Functions without convolutions are returned unchanged.
 
 What is rewritten: convolutions at the top level and inside nested ``jit``/``pjit`` calls,
 ``closed_call``, ``checkpoint``/``remat``, ``while``/``cond``/``scan`` bodies, the primal
