@@ -2,6 +2,7 @@
 
     python -m benchmarks.conv --batches 4,16 --repeats 10            # the tables of docs/benchmarks.md
     python -m benchmarks.conv --batches 4 --repeats 3 --no-torch     # quick look, JAX only
+    python -m benchmarks.conv --batches 4,16 --backward-breakdown    # where FixedPoint's backward time goes
 
 Per batch size, every variant is built and run once, then all are timed interleaved (round-robin,
 per-process CPU time, one XLA / PyTorch thread):
@@ -19,9 +20,10 @@ per-process CPU time, one XLA / PyTorch thread):
   ``jdeq.models.cells.group_norm`` replaced (:func:`two_pass_group_norm`), to show what the group norm costs;
 - ``nchw``: the same cell written by a user in ``NCHW``/``OIHW`` (state, kernels and group norm), solved
   by jdeq FixedPoint, next to the ``NHWC`` row;
-- ``f``: 50 chained evaluations of the cell in JAX and in PyTorch; with ``--f-only`` also the cell with a
-  flat ``(B, n)`` carry, with the two-pass group norm, written ``NCHW``, and its parts (the two
-  convolutions alone, the three group norms alone): the cost of one cell evaluation.
+- ``f``: 50 chained evaluations of the cell in JAX (convolutions made canonical, as in jdeq's loops) and in
+  PyTorch; with ``--f-only`` also the cell with a flat ``(B, n)`` carry, with the two-pass group norm, written
+  ``NCHW``, and its parts (the two convolutions alone, the three group norms alone, the ``NCHW`` group norms
+  and the rewrite's transposes alone): the cost of one cell evaluation.
 
 Every solve row carries its NFE and the worst sample's relative residual ``‖f(z) − z‖ / ‖f(z)‖`` that
 the harness measures on the returned ``z`` (float64 norms); a row above ``tol`` is flagged.
@@ -42,6 +44,7 @@ import numpy as np
 from jax import lax
 
 import jdeq
+from jdeq._canonical_conv import canonical_convs
 from jdeq.models.cells import channelwise, group_norm
 
 from .timing import clock_for, interleaved_ms, jax_call, set_cpu_threads
@@ -247,8 +250,12 @@ def f_calls(w: Workload, torch_device, variants: bool = True) -> dict:
     p_nchw, u_nchw = nchw_params(params), u.transpose(0, 3, 1, 2)
     z_start = jnp.full_like(u, 0.1)
 
-    def chain(f):
-        return jax.jit(lambda z, params, u: lax.fori_loop(0, CHAIN, lambda _, z: f(z, params, u), z))
+    def chain(f):  # convolutions made canonical, as in jdeq's loops (a no-op for the NHWC maps)
+        def loop(z, params, u):
+            step = canonical_convs(lambda z: f(z, params, u))
+            return lax.fori_loop(0, CHAIN, lambda _, z: step(z), z)
+
+        return jax.jit(loop)
 
     def flat_carry(z, params, u):  # the carry as the driver keeps it: (batch, H·W·C) rows
         return w.jax_map(z.reshape(u.shape), params, u).reshape(z.shape)
@@ -261,6 +268,8 @@ def f_calls(w: Workload, torch_device, variants: bool = True) -> dict:
         calls["f/jax/NCHW (user map)"] = jax_call(chain(cell_nchw), z_start.transpose(0, 3, 1, 2), p_nchw, u_nchw)
         for part, fn in cell_parts().items():
             calls[f"f/jax/{part}"] = jax_call(chain(fn), z_start, params, u)
+        for part, fn in nchw_parts().items():
+            calls[f"f/jax/{part}"] = jax_call(chain(fn), z_start.transpose(0, 3, 1, 2), p_nchw, u_nchw)
     if torch_device is not None:
         from . import torch_methods
 
@@ -300,6 +309,97 @@ def cell_parts() -> dict:
     }
 
 
+def backward_breakdown(w: Workload, tol: float, max_steps: int, repeats: int, clock) -> list[dict]:
+    """Where a FixedPoint solve's backward time goes (``--backward-breakdown``), one row per adjoint solve.
+
+    For FixedPoint's plain adjoint iteration (``linear_m=0``) and its Anderson-accelerated one (the default,
+    ``linear_m=5``): forward evaluations, adjoint steps (worst sample, from a :func:`jdeq.stats_probe`), forward
+    and forward+backward ms; with every row the ms of one evaluation of ``f`` and of one VJP ``(∂f/∂z)ᵀu`` at z*
+    (each :data:`CHAIN` times in one loop, convolutions made canonical as jdeq's loops make them).
+    """
+    params = jax.device_put({k: jnp.asarray(v) for k, v in w.params.items()})
+    u = jnp.asarray(w.data["x"])
+    c = jnp.asarray(np.random.default_rng(7).standard_normal(u.shape).astype(np.float32))
+    one, z0, probe = w.one_sample_map(), jnp.zeros_like(u), jdeq.stats_probe((w.batch,))
+    batch_map = jax.vmap(one, in_axes=(0, None, 0))
+
+    def solve(solver, params, u, probe):
+        return jdeq.fixed_point_batch(one, z0, params, u, in_axes=(None, 0), solver=solver, backward_stats=probe)
+
+    def loop(step):
+        return lambda x: lax.fori_loop(0, CHAIN, lambda _, x: step(x), x)
+
+    def vjp_chain(z_star):
+        _, vjp = jax.vjp(lambda z: batch_map(z, params, u), z_star)
+        return loop(canonical_convs(lambda v: vjp(v)[0] + c))(c)
+
+    calls, rows = {}, []
+    for linear_m in (0, 5):
+        solver = jdeq.FixedPoint(tol=tol, max_steps=max_steps, linear_m=linear_m)
+        forward = jax.jit(lambda p, u, solver=solver: solve(solver, p, u, probe))
+        loss = jax.jit(jax.grad(lambda p, u, q, solver=solver: jnp.vdot(solve(solver, p, u, q).value, c), (0, 2)))
+        sol = forward(params, u)
+        steps = jdeq.read_backward_stats(loss(params, u, probe)[1]).num_steps
+        z_star = sol.value
+        calls[f"{linear_m}/fwd"], calls[f"{linear_m}/fwd_bwd"] = (
+            jax_call(forward, params, u),
+            jax_call(loss, params, u, probe),
+        )
+        rows.append(
+            {
+                "linear_m": linear_m,
+                "forward_evals": int(jnp.max(sol.stats.num_evals)),
+                "adjoint_steps": int(jnp.max(steps)),
+            }
+        )
+    calls["f"] = jax_call(jax.jit(loop(canonical_convs(lambda z: batch_map(z, params, u)))), z_star)
+    calls["vjp"] = jax_call(jax.jit(vjp_chain), z_star)
+    times = interleaved_ms(calls, repeats, clock, 300.0)
+    for row in rows:
+        row["fwd_ms"], row["fwd_bwd_ms"] = times[f"{row['linear_m']}/fwd"], times[f"{row['linear_m']}/fwd_bwd"]
+        row["f_ms"], row["vjp_ms"] = (_per(times[k], CHAIN) for k in ("f", "vjp"))
+    return rows
+
+
+def _per(spread: dict, count: int) -> dict:
+    """A min/median/max spread divided by ``count`` (per evaluation)."""
+    return {k: (v / count if k != "repeats" else v) for k, v in spread.items()}
+
+
+def breakdown_report(batch: int, rows: list[dict]) -> str:
+    out = [
+        f"\n**FixedPoint backward, ConvCell batch {batch}**\n",
+        "| adjoint | fwd evals | adjoint steps | fwd ms | fwd+bwd ms | bwd/fwd | one f, ms | one VJP, ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        name = "plain iteration (`linear_m=0`)" if r["linear_m"] == 0 else f"Anderson (`linear_m={r['linear_m']}`)"
+        ratio = (r["fwd_bwd_ms"]["median"] - r["fwd_ms"]["median"]) / r["fwd_ms"]["median"]
+        out.append(
+            f"| {name} | {r['forward_evals']} | {r['adjoint_steps']} | {_ms(r['fwd_ms'])} | {_ms(r['fwd_bwd_ms'])} | "
+            f"{ratio:.2f} | {r['f_ms']['median']:.2f} | {r['vjp_ms']['median']:.2f} |"
+        )
+    return "\n".join(out)
+
+
+def nchw_parts() -> dict:
+    """The ``NCHW`` cell's three group norms alone, and the four layout changes the canonical-convolution rewrite
+    adds to it (``NCHW → NHWC`` before and back after each of two convolutions, each materialised)."""
+
+    def norms(z, params, u):
+        for i in (1, 2, 3):
+            z = group_norm_nchw(z, params[f"g{i}"], params[f"b{i}"], 4)
+        return z + u
+
+    def transposes(z, params, u):
+        for _ in range(2):
+            z = lax.optimization_barrier(jnp.transpose(z, (0, 2, 3, 1)))
+            z = lax.optimization_barrier(jnp.transpose(z, (0, 3, 1, 2)))
+        return z + u
+
+    return {"NCHW, 3 group norms only": norms, "NCHW, the rewrite's 4 transposes only": transposes}
+
+
 def sample_residuals(z, fz) -> np.ndarray:
     """Per sample ``‖f(z_b) − z_b‖₂ / ‖f(z_b)‖₂`` in float64 norms (the first axis is the batch)."""
     z, fz = (np.asarray(a, np.float64).reshape(len(a), -1) for a in (z, fz))
@@ -324,11 +424,7 @@ def run_batch(batch: int, channels: int, args, torch_device, progress) -> dict:
     for name, row in rows.items():
         row["fwd_ms"], row["fwd_bwd_ms"] = times[name + "/fwd"], times[name + "/fwd_bwd"]
         row["bwd_over_fwd"] = (row["fwd_bwd_ms"]["median"] - row["fwd_ms"]["median"]) / row["fwd_ms"]["median"]
-    f_times = {
-        name[2:]: {k: (v / CHAIN if k != "repeats" else v) for k, v in t.items()}
-        for name, t in times.items()
-        if name.startswith("f/")
-    }
+    f_times = {name[2:]: _per(t, CHAIN) for name, t in times.items() if name.startswith("f/")}
     return {"batch": batch, "state_shape": list(w.state_shape), "rows": list(rows.values()), "f_ms": f_times}
 
 
@@ -403,7 +499,7 @@ def targets_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> Path:
+def main(argv=None) -> Path | None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.conv", description=__doc__.splitlines()[0])
     p.add_argument("--batches", default="4,16")
     p.add_argument("--channels", type=int, default=16)
@@ -413,11 +509,22 @@ def main(argv=None) -> Path:
     p.add_argument("--budget", type=float, default=120.0)
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--f-only", action="store_true", help="only the cost of one cell evaluation (and its parts)")
+    p.add_argument(
+        "--backward-breakdown", action="store_true", help="only FixedPoint's backward: adjoint steps, f and VJP cost"
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--tag", default="default", help="suffix of the results file (e.g. the XLA flags tried)")
     args = p.parse_args(argv)
     set_cpu_threads(1)
     args.clock = clock_for("cpu")
+    if args.backward_breakdown:
+        with jax.default_matmul_precision("highest"):
+            for batch in [int(b) for b in args.batches.split(",")]:
+                rows = backward_breakdown(
+                    conv_workload(batch, args.channels), args.tol, args.max_steps, args.repeats, args.clock
+                )
+                print(breakdown_report(batch, rows), flush=True)
+        return None
     torch_device = None
     if not args.no_torch:
         from .torch_methods import setup_torch

@@ -11,9 +11,10 @@ generic loop-nest convolution, an order of magnitude slower.
 
 :func:`canonical_convs` does what that pass does, for the function a loop evaluates: it traces
 the function once to a jaxpr and replaces each non-canonical ``conv_general_dilated`` by
-transpose → canonical convolution → transpose. The choice is made per platform with
-:func:`jax.lax.platform_dependent`, so only CPU programs change; GPU and TPU lower the original
-convolution. Functions without convolutions are returned unchanged.
+transpose → canonical convolution → transpose (the transposed output materialised behind an
+``optimization_barrier``, so that XLA does not fuse the transpose into each consumer). The choice is
+made per platform with :func:`jax.lax.platform_dependent`, so only CPU programs change; GPU and TPU
+lower the original convolution. Functions without convolutions are returned unchanged.
 
 What is rewritten: convolutions at the top level and inside nested ``jit``/``pjit`` calls,
 ``closed_call``, ``checkpoint``/``remat``, ``while``/``cond``/``scan`` bodies, the primal
@@ -67,7 +68,11 @@ def _canonical_conv(lhs, rhs, **params):
     perm[out_spec[0]], perm[out_spec[1]] = 0, n + 1
     for i, axis in enumerate(out_spec[2:]):
         perm[axis] = 1 + i
-    return lax.transpose(out, tuple(perm))
+    if perm == sorted(perm):
+        return out
+    # Materialised, not fused: fused into its consumers (a group norm's reductions and elementwise passes, each
+    # recomputing it) the transpose back would make every one of them read the convolution's output with a stride.
+    return lax.optimization_barrier(lax.transpose(out, tuple(perm)))
 
 
 def _conv_on_cpu_canonical(lhs, rhs, **params):

@@ -1,5 +1,6 @@
 """The canonical-convolution rewrite: same values and gradients, canonical convolutions in compiled loop bodies."""
 
+import functools
 import re
 
 import jax
@@ -252,3 +253,15 @@ def test_conv_deq_gradient_matches_finite_differences():
 
     numeric = (value(kernel + eps * direction) - value(kernel - eps * direction)) / (2 * eps)
     np.testing.assert_allclose(jnp.vdot(grads[0], direction), numeric, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout, barriers", [("NCHW", 1), ("NHWC", 0)])
+def test_outputs_transposed_back_are_materialised_not_fused(layout, barriers):
+    """An output transposed back to a non-canonical layout sits behind an optimization barrier (fused into each
+    consumer, the transpose would make every one read the convolution's output with a stride); a canonical output
+    (the ``NHWC`` map, whose VJP only swaps the kernel's ``I`` and ``O``) gets none."""
+    z, kernel = _data(layout, jnp.float32)
+    f = functools.partial(_conv_map(LAYOUTS[layout][0]), kernel=kernel)
+    _, vjp = jax.vjp(f, z)
+    for fn in (f, lambda u: vjp(u)[0]):
+        assert str(jax.make_jaxpr(canonical_convs(fn))(z)).count("optimization_barrier") == barriers

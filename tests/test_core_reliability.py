@@ -54,7 +54,7 @@ def loss_with_probe(b, probe, a, throw):
         a,
         b,
         solver=jdeq.Broyden(tol=1e-10, max_steps=100),
-        grad=jdeq.Implicit(jdeq.FixedPoint(max_steps=100)),
+        grad=jdeq.Implicit(jdeq.FixedPoint(max_steps=100, linear_m=0)),  # plain iteration diverges here
         throw=throw,
         backward_stats=probe,
     )

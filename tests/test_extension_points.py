@@ -176,7 +176,7 @@ def test_mixed_backward_results_are_counted_per_code():
     """Two samples whose adjoint stops at max_steps and one that converges: counts 1/2/0/0, worst max_steps."""
     xs = jnp.stack([X, 3.0 * X, -3.0 * X])  # saturated tanh: small Jacobian, the adjoint converges fast
     w = random_matrix(5, N, 0.95)
-    solver = jdeq.FixedPoint(tol=1e-10, max_steps=12)
+    solver = jdeq.FixedPoint(tol=1e-10, max_steps=12, linear_m=0)  # plain adjoint iteration: slow where unsaturated
     rows = jdeq.read_backward_stats(batch_probe_grad(w, jdeq.stats_probe((3,)), xs, solver))
     shared = jdeq.read_backward_stats(batch_probe_grad(w, jdeq.stats_probe(), xs, solver))
     codes = rows.result.tolist()

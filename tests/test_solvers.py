@@ -134,6 +134,7 @@ def test_absolute_tolerance_handles_zero_solution():
         (lambda: jdeq.FixedPoint(max_steps=0), "max_steps"),
         (lambda: jdeq.FixedPoint(max_steps=2.5), "max_steps"),
         (lambda: jdeq.FixedPoint(damping=1.0), "damping"),
+        (lambda: jdeq.FixedPoint(linear_m=-1), "linear_m"),
         (lambda: jdeq.FixedPoint(divergence=0.5), "divergence"),
         (lambda: jdeq.Anderson(m=0), "m must"),
         (lambda: jdeq.Anderson(beta=0.0), "beta"),
