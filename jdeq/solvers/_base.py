@@ -165,7 +165,18 @@ def _two_norms(r: Array, f: Array) -> tuple[Array, Array]:
     floor = r.shape[-1] * float(info.tiny) / float(info.eps)
     smallest = jnp.where(jnp.isfinite(sum_r + sum_f), jnp.minimum(sum_r, sum_f), -1.0)  # -1: inf or NaN
     plain = jnp.min(smallest, initial=jnp.inf) >= floor
-    return lax.cond(plain, lambda: (jnp.sqrt(sum_r), jnp.sqrt(sum_f)), lambda: (norm(r), norm(f)))
+    return lax.cond(plain, _norms_from_sums, _norms_two_pass, sum_r, sum_f, r, f)
+
+
+# The branches are module-level functions of explicit operands, not closures: their traced jaxprs are then cached,
+# so that an eager call (e.g. a solve under an un-jitted ``jax.grad``) reuses its compiled ``cond`` instead of
+# lowering a new one for every solve.
+def _norms_from_sums(sum_r: Array, sum_f: Array, r: Array, f: Array) -> tuple[Array, Array]:
+    return jnp.sqrt(sum_r), jnp.sqrt(sum_f)
+
+
+def _norms_two_pass(sum_r: Array, sum_f: Array, r: Array, f: Array) -> tuple[Array, Array]:
+    return norm(r), norm(f)
 
 
 class _Start(NamedTuple):
