@@ -36,6 +36,8 @@ def candidates(tol: float) -> dict:
         "anderson-100": Anderson(m=5, max_steps=100, **common),
         "fixedpoint-200": FixedPoint(max_steps=200, **common),
         "fallback-fp-p8-100": Fallback(stages=(anderson, plain), patience=8, max_steps=100, **common),
+        "fallback-fp-p8-300": Fallback(stages=(anderson, plain), patience=8, max_steps=300, **common),
+        "fixedpoint-300": FixedPoint(max_steps=300, **common),
         "fallback-fp-p8-60": Fallback(stages=(anderson, plain), patience=8, max_steps=60, **common),
         "fallback-fp-p4-60": Fallback(stages=(anderson, plain), patience=4, max_steps=60, **common),
         "fallback-fp0.5-p8-100": Fallback(
