@@ -3,7 +3,9 @@
 Loads the newest checkpoint of a ``jdeq train mdeq`` run and solves every test image's equilibrium with each
 solver named in ``--solvers`` (the same parameters, tolerance and data split), one row per solver: test accuracy,
 converged fraction at the run's tolerance, mean and largest forward steps, the largest relative residual, and the
-test images whose solve did not converge.
+test images whose solve did not converge; with ``--repeats N``, the process CPU time of a pass over the test
+split per solver (compiled beforehand; solvers interleaved; run it with one thread,
+``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false``).
 
     python -m benchmarks.mdeq_solvers runs/mdeq --out benchmarks/results/zoo-mdeq-solvers.json
 """
@@ -47,9 +49,8 @@ def candidates(tol: float) -> dict:
     }
 
 
-def solve_test_split(params, model: MDEQClassifier, x: np.ndarray, y: np.ndarray, batch: int) -> dict:
-    """``model``'s test accuracy and forward solves (fixed-size padded batches, one compilation): converged
-    fraction, mean and largest steps, largest relative residual, the indices of the non-converged images."""
+def compiled(params, model: MDEQClassifier):
+    """``images ↦ (predicted classes, converged, steps, relative residual)`` of ``model``, jitted."""
 
     @jax.jit
     def apply(images):
@@ -57,12 +58,23 @@ def solve_test_split(params, model: MDEQClassifier, x: np.ndarray, y: np.ndarray
         (stats,) = forward_stats(state)
         return jnp.argmax(logits, -1), stats.converged, stats.num_steps, stats.residual
 
-    parts = []
+    return apply
+
+
+def padded_batches(x: np.ndarray, batch: int) -> list[tuple[np.ndarray, int]]:
+    """``x`` in batches of ``batch`` (the last one padded with zero images: one compiled shape), each with its
+    number of real images."""
+    out = []
     for start in range(0, len(x), batch):
         xb = x[start : start + batch]
-        pad = batch - len(xb)
-        out = jax.device_get(apply(np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])))
-        parts.append([np.asarray(o)[: len(xb)] for o in out])
+        out.append((np.concatenate([xb, np.zeros((batch - len(xb), *xb.shape[1:]), xb.dtype)]), len(xb)))
+    return out
+
+
+def solve_test_split(apply, batches: list, y: np.ndarray) -> dict:
+    """The test accuracy and forward solves: converged fraction, mean and largest steps, largest relative
+    residual, the indices of the non-converged images."""
+    parts = [[np.asarray(o)[:n] for o in jax.device_get(apply(xb))] for xb, n in batches]
     pred, converged, steps, residual = (np.concatenate(p) for p in zip(*parts))
     return {
         "accuracy": float(np.mean(pred == y)),
@@ -74,12 +86,26 @@ def solve_test_split(params, model: MDEQClassifier, x: np.ndarray, y: np.ndarray
     }
 
 
+def cpu_times(applies: dict, batches: list, repeats: int) -> dict:
+    """Per solver, the process CPU seconds of one pass over ``batches`` (compiled beforehand), solvers interleaved
+    in each of ``repeats`` rounds: ``{name: {"min", "median", "max"}}``."""
+    times: dict = {name: [] for name in applies}
+    for _ in range(repeats):
+        for name, apply in applies.items():
+            began = time.process_time()
+            for xb, _ in batches:
+                jax.block_until_ready(apply(xb))
+            times[name].append(time.process_time() - began)
+    return {name: {"min": min(t), "median": float(np.median(t)), "max": max(t)} for name, t in times.items()}
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="the output directory of a `jdeq train mdeq` run (digits)")
     parser.add_argument("--solvers", nargs="+", default=None, help="names from candidates() (default: all)")
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=0, help="time each solver's pass over the test split")
     parser.add_argument("--out", default=None, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     config = json.loads((Path(args.run) / "metrics.json").read_text())["config"]
@@ -88,16 +114,22 @@ def main(argv=None) -> list[dict]:
     trained = cli.zoo_model(argparse.Namespace(**config), data)  # the run's own model: its checkpoint's fields
     params = load(Path(args.run) / "checkpoints", trained)
     solvers = candidates(args.tol)
-    rows = []
+    batches = padded_batches(data.x_test, args.batch_size)
+    applies, rows = {}, []
     for name in args.solvers or list(solvers):
         began = time.process_time()
-        row = solve_test_split(params, trained.clone(solver=solvers[name]), data.x_test, data.y_test, args.batch_size)
-        row = {"run": args.run, "solver": name, "solver_repr": repr(solvers[name]), **row}
-        row["cpu_s"] = time.process_time() - began
+        applies[name] = compiled(params, trained.clone(solver=solvers[name]))
+        row = {"run": args.run, "solver": name, "solver_repr": repr(solvers[name])}
+        row.update(solve_test_split(applies[name], batches, data.y_test))
+        row["cpu_s"] = time.process_time() - began  # with the compilation
         print(json.dumps({k: v for k, v in row.items() if k != "solver_repr"}), flush=True)
         rows.append(row)
-        if args.out:
-            Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    if args.repeats:
+        for row, (name, times) in zip(rows, cpu_times(applies, batches, args.repeats).items()):
+            row["test_split_cpu_s"] = times
+            print(name, "CPU seconds per pass over the test split (min, median, max):", times, flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
     return rows
 
 
