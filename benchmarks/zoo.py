@@ -3,8 +3,8 @@
 One row per trained model (the contract of the zoo's issue): ``model``, ``dataset``, ``params``, ``metric`` and
 ``value`` on the held-out test split, ``fwd_converged_fraction`` and ``fwd_mean_steps`` of the test solves,
 ``skipdeq``, ``train_temp_bytes`` (the compiled training step's temporaries per solver budget or depth, from
-:mod:`benchmarks.zoo_memory`), ``steps``, ``wall_s``, ``commit``; plus ``converged_ok`` (the 99 % target) and the
-machine's load average beside the wall time.
+:mod:`benchmarks.zoo_memory`), ``steps``, ``wall_s``, ``commit``; plus ``converged_ok`` (the 99 % target), the
+``jdeq`` command (without ``--out``) and the machine's load average beside the wall time.
 
     python -m benchmarks.zoo --runs mdeq mdeq-skip lm lm-skip explicit-lm
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 RUNS = {
     "mdeq": ["mdeq"],
     "mdeq-skip": ["mdeq", "--skipdeq"],
+    "mdeq-30": ["mdeq", "--epochs", "30"],
     "lm": ["lm"],
     "lm-skip": ["lm", "--skipdeq"],
     "explicit-lm": ["lm", "--depth", "{depth}"],
@@ -38,9 +39,10 @@ def run(name: str, out: Path, extra: list[str], depth: int, reuse: bool) -> dict
     from jdeq import cli
 
     metrics = out / name / "metrics.json"
+    argv = ["train", *[a.format(depth=depth) for a in RUNS[name]], *extra]
     if not (reuse and metrics.exists()):
-        cli.main(["train", *[a.format(depth=depth) for a in RUNS[name]], "--out", str(out / name), *extra])
-    return json.loads(metrics.read_text())["row"]
+        cli.main([*argv, "--out", str(out / name)])
+    return {**json.loads(metrics.read_text())["row"], "command": " ".join(["jdeq", *argv])}
 
 
 def main(argv=None) -> list[dict]:

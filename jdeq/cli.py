@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -303,11 +304,13 @@ def zoo_data(args) -> Any:
 def zoo_model(args, data) -> Any:
     """An :class:`~jdeq.models.MDEQClassifier`, or a :class:`~jdeq.models.DEQTransformerLM` (with ``--depth L`` the
     explicit :class:`~jdeq.models.WeightTiedTransformerLM`) wrapped in :class:`~jdeq.models.TeacherForced`."""
-    from .models import DEQTransformerLM, MDEQClassifier, TeacherForced, WeightTiedTransformerLM
+    from .models import MDEQ_SOLVER, DEQTransformerLM, MDEQClassifier, TeacherForced, WeightTiedTransformerLM
 
     solver = Anderson(m=5, tol=args.tol, max_steps=args.max_steps, return_best=True)
     skip = dict(skip=args.skipdeq, skip_weight=args.skip_weight)
     if args.task == "mdeq":
+        if args.solver == "fallback":
+            solver = dataclasses.replace(MDEQ_SOLVER, tol=args.tol, max_steps=args.max_steps)
         return MDEQClassifier(data.num_classes, solver=solver, jacobian_weight=args.jacobian_weight, **skip)
     options = dict(dim=args.dim, heads=args.heads, max_len=args.length)
     if args.depth:
@@ -430,13 +433,20 @@ def _zoo_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, cosine decay)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--tol", type=float, default=1e-3, help="forward solver tolerance (relative residual)")
-    p.add_argument("--max-steps", type=_positive_int, default=40, help="forward solver step budget")
+    p.add_argument("--max-steps", type=_positive_int, default=100 if mdeq else 40, help="forward solver step budget")
     p.add_argument("--skipdeq", action="store_true", help="learn the solver's start (SkipDEQ)")
     p.add_argument("--skip-weight", type=float, default=1.0, help="the SkipDEQ consistency loss's weight")
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch order (digits: also the split)")
     p.add_argument("--out", default=f"runs/{task}", help="output directory (checkpoints resume from it)")
     if mdeq:
         p.add_argument("--cifar10", default=None, help="train on CIFAR-10's python batches in this directory")
+        p.add_argument(
+            "--solver",
+            choices=["fallback", "anderson"],
+            default="fallback",
+            help="forward solver: jdeq.models.MDEQ_SOLVER (Anderson, then fixed-point iteration when it stalls) or "
+            "Anderson (m = 5) alone",
+        )
         p.add_argument(
             "--jacobian-weight",
             type=_nonnegative_float,

@@ -13,6 +13,7 @@ from flax import nnx
 import jdeq
 from jdeq import data
 from jdeq.models import (
+    MDEQ_SOLVER,
     DEQTransformerLM,
     MDEQClassifier,
     TeacherForced,
@@ -436,6 +437,12 @@ def test_train_mdeq_command_builds_its_model_from_the_options(monkeypatch, tmp_p
         cli.main(["train", "mdeq", "--skipdeq", "--jacobian-weight", "0.5", "--out", str(tmp_path)])
     model = reached.value.args[0]
     assert isinstance(model, MDEQClassifier) and model.skip and model.jacobian_weight == 0.5
+    assert model.solver == MDEQ_SOLVER  # the command's defaults are the model's
+    with pytest.raises(Reached) as reached:
+        cli.main(
+            ["train", "mdeq", "--solver", "anderson", "--max-steps", "40", "--tol", "1e-4", "--out", str(tmp_path)]
+        )
+    assert reached.value.args[0].solver == jdeq.Anderson(m=5, tol=1e-4, max_steps=40, return_best=True)
     with pytest.raises(SystemExit):
         cli.main(["train", "mdeq", "--jacobian-weight", "-1", "--out", str(tmp_path)])
 

@@ -3,7 +3,7 @@ and the zoo researchers train (the multiscale conv DEQ and the DEQ-Transformer l
 
 from . import gao, kawaguchi, ling, mdeq, splitting, transformer, well_posed
 from .cells import ConvCell, MLPCell
-from .mdeq import ZOO_SOLVER, MDEQClassifier, MultiscaleCell
+from .mdeq import MDEQ_SOLVER, ZOO_SOLVER, MDEQClassifier, MultiscaleCell
 from .transformer import (
     DEQTransformerLM,
     TeacherForced,
@@ -15,6 +15,7 @@ from .transformer import (
 from .well_posed import InfNormCell, MonotoneCell, ScaledCell, SoftmaxCell
 
 __all__ = [
+    "MDEQ_SOLVER",
     "ZOO_SOLVER",
     "ConvCell",
     "DEQTransformerLM",
