@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 import jdeq
-from jdeq.models import ZOO_SOLVER, DEQTransformerLM, MDEQClassifier, WeightTiedTransformerLM
+from jdeq.models import MDEQ_SOLVER, ZOO_SOLVER, DEQTransformerLM, MDEQClassifier, WeightTiedTransformerLM
 
 BUDGETS = (10, 20, 40)
 DEPTHS = (2, 4, 8, 12)
@@ -56,18 +56,22 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
-def budget_solver(budget: int) -> jdeq.Solver:
-    """The zoo solver with ``max_steps=budget``."""
-    return dataclasses.replace(ZOO_SOLVER, max_steps=budget)
+MDEQ_SOLVERS = {"ZOO_SOLVER": ZOO_SOLVER, "MDEQ_SOLVER": MDEQ_SOLVER}  # --mdeq-solver: the earlier and today's default
 
 
-def mdeq_memory(grad: str) -> dict:
-    """``{budget: temp bytes}`` of the MDEQ training step (digits batch) with gradient mode ``grad``."""
+def budget_solver(budget: int, solver: jdeq.Solver = ZOO_SOLVER) -> jdeq.Solver:
+    """``solver`` (default: the zoo solver) with ``max_steps=budget``."""
+    return dataclasses.replace(solver, max_steps=budget)
+
+
+def mdeq_memory(grad: str, solver: jdeq.Solver = ZOO_SOLVER) -> dict:
+    """``{budget: temp bytes}`` of the MDEQ training step (digits batch) with gradient mode ``grad``, forward
+    solver ``solver`` at each budget."""
     images = jax.ShapeDtypeStruct(MDEQ_BATCH, jnp.float32)
     labels = jax.ShapeDtypeStruct(MDEQ_BATCH[:1], jnp.int32)
     return {
         str(b): step_temp_bytes(
-            MDEQClassifier(10, solver=budget_solver(b), grad=GRADS[grad]), images, labels, cross_entropy
+            MDEQClassifier(10, solver=budget_solver(b, solver), grad=GRADS[grad]), images, labels, cross_entropy
         )
         for b in BUDGETS
     }
@@ -89,6 +93,11 @@ def lm_memory(grad: str, dim: int = 64) -> dict:
 PARTS = {("mdeq", grad): functools.partial(mdeq_memory, grad) for grad in GRADS} | {
     ("deq_lm", grad): functools.partial(lm_memory, grad) for grad in (*GRADS, "Explicit")
 }
+
+
+def measure(model: str, grad: str, mdeq_solver: str) -> dict:
+    """One part's measurement; MDEQ's with the forward solver named ``mdeq_solver`` (a key of ``MDEQ_SOLVERS``)."""
+    return PARTS[model, grad](**({"solver": MDEQ_SOLVERS[mdeq_solver]} if model == "mdeq" else {}))
 
 
 def claims(lm: dict, mdeq: dict) -> dict:
@@ -137,17 +146,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--figure", default="docs/figures/zoo/memory.png")
     parser.add_argument("--part", help="measure one part only, MODEL:GRAD (e.g. deq_lm:Explicit), into --out")
     parser.add_argument("--combine", nargs="+", help="combine the parts' JSON files into --out and the figure")
+    parser.add_argument("--mdeq-solver", choices=list(MDEQ_SOLVERS), default="ZOO_SOLVER", help="MDEQ's forward solver")
     args = parser.parse_args(argv)
     if args.part:
         model, grad = args.part.split(":")
-        results = {model: {grad: PARTS[model, grad]()}}
+        results = {model: {grad: measure(model, grad, args.mdeq_solver)}}
     else:
         results = {"mdeq": {}, "deq_lm": {}}
         parts = [json.loads(Path(p).read_text()) for p in args.combine] if args.combine else None
         for model, grad in PARTS:
             found = [p[model][grad] for p in parts or [] if grad in p.get(model, {})]
             if found or not parts:  # a part not measured is left out, not made up
-                results[model][grad] = found[0] if parts else PARTS[model, grad]()
+                results[model][grad] = found[0] if parts else measure(model, grad, args.mdeq_solver)
         results["claims"] = claims(results["deq_lm"], results["mdeq"])
         results["platform"] = jax.devices()[0].platform
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
