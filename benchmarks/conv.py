@@ -47,7 +47,7 @@ import jdeq
 from jdeq._canonical_conv import canonical_convs
 from jdeq.models.cells import channelwise, group_norm
 
-from .timing import clock_for, interleaved_ms, jax_call, set_cpu_threads
+from .timing import bwd_over_fwd, clock_for, interleaved_ms, jax_call, set_cpu_threads
 from .workloads import Workload, conv_workload
 
 CHAIN = 50  # evaluations of f chained in one timed call
@@ -374,7 +374,7 @@ def breakdown_report(batch: int, rows: list[dict]) -> str:
     ]
     for r in rows:
         name = "plain iteration (`linear_m=0`)" if r["linear_m"] == 0 else f"Anderson (`linear_m={r['linear_m']}`)"
-        ratio = (r["fwd_bwd_ms"]["median"] - r["fwd_ms"]["median"]) / r["fwd_ms"]["median"]
+        ratio = bwd_over_fwd(r["fwd_ms"], r["fwd_bwd_ms"])
         out.append(
             f"| {name} | {r['forward_evals']} | {r['adjoint_steps']} | {_ms(r['fwd_ms'])} | {_ms(r['fwd_bwd_ms'])} | "
             f"{ratio:.2f} | {r['f_ms']['median']:.2f} | {r['vjp_ms']['median']:.2f} |"
@@ -423,7 +423,7 @@ def run_batch(batch: int, channels: int, args, torch_device, progress) -> dict:
     times = interleaved_ms(calls, args.repeats, args.clock, args.budget)
     for name, row in rows.items():
         row["fwd_ms"], row["fwd_bwd_ms"] = times[name + "/fwd"], times[name + "/fwd_bwd"]
-        row["bwd_over_fwd"] = (row["fwd_bwd_ms"]["median"] - row["fwd_ms"]["median"]) / row["fwd_ms"]["median"]
+        row["bwd_over_fwd"] = bwd_over_fwd(row["fwd_ms"], row["fwd_bwd_ms"])
     f_times = {name[2:]: _per(t, CHAIN) for name, t in times.items() if name.startswith("f/")}
     return {"batch": batch, "state_shape": list(w.state_shape), "rows": list(rows.values()), "f_ms": f_times}
 

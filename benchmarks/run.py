@@ -35,7 +35,7 @@ import jdeq
 from . import training
 from .jax_methods import jdeq_methods, peer_jax_methods
 from .step_cost import parse_sizes, single_problem_rows, step_cost_rows
-from .timing import clock_for, compiled_memory_mb, interleaved_ms, jax_call, set_cpu_threads
+from .timing import bwd_over_fwd, clock_for, compiled_memory_mb, interleaved_ms, jax_call, set_cpu_threads
 from .workloads import MLP_KINDS, Workload, conv_workload, mlp_workload
 
 WORKLOADS = (*MLP_KINDS, "conv", "train", "step_cost", "single")
@@ -91,7 +91,7 @@ def timing_fields(fwd: dict, fwd_bwd: dict | None) -> dict:
     out = {"fwd_ms": fwd["median"], "fwd_ms_min": fwd["min"], "fwd_ms_max": fwd["max"], "repeats": fwd["repeats"]}
     if fwd_bwd is not None:
         out.update(fwd_bwd_ms=fwd_bwd["median"], fwd_bwd_ms_min=fwd_bwd["min"], fwd_bwd_ms_max=fwd_bwd["max"])
-        out["bwd_over_fwd"] = (fwd_bwd["median"] - fwd["median"]) / fwd["median"]
+        out["bwd_over_fwd"] = bwd_over_fwd(fwd, fwd_bwd)
     return out
 
 

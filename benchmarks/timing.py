@@ -42,6 +42,11 @@ def spread_ms(seconds: list[float]) -> dict:
     return {"min": min(ms), "median": statistics.median(ms), "max": max(ms), "repeats": len(ms)}
 
 
+def bwd_over_fwd(fwd_ms: dict, fwd_bwd_ms: dict) -> float:
+    """Of two :func:`spread_ms` spreads, the backward's median time over the forward's: ``(fwd+bwd − fwd) / fwd``."""
+    return (fwd_bwd_ms["median"] - fwd_ms["median"]) / fwd_ms["median"]
+
+
 def interleaved_ms(
     calls: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float], budget_s: float = 60.0
 ) -> dict[str, dict]:
