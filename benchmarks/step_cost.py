@@ -5,7 +5,9 @@
 ``step_cost_rows``: every solver runs a fixed budget of ``--steps`` iterations (a tolerance no
 float32 solve reaches, divergence checks off) on the ``mlp_moderate`` map, per sample
 (``fixed_point_batch``) and as one whole-batch problem; time / steps taken (the worst sample's) is
-the cost of a step, and the FixedPoint row is the cost of ``f`` plus the driver.
+the cost of a step, and the FixedPoint row is the cost of ``f`` plus the driver. The ``f`` row, timed
+interleaved with them, is ``--steps`` evaluations of ``f`` chained in a ``fori_loop``, per evaluation:
+the denominator of M1 (FixedPoint step / f) in ``docs/benchmarks.md``; M2 is Anderson step / FixedPoint step.
 ``single_problem_rows``: the default ``jdeq.Anderson()`` on one 64-state ``mlp_easy`` problem against a
 plain ``lax.while_loop`` fixed-point iteration of the same map with the same stopping rule.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 from collections.abc import Callable
 
 import jax
@@ -39,21 +42,27 @@ def step_cost_rows(batch: int, width: int, steps: int, repeats: int, clock: Call
     one = w.one_sample_map()
     budget = dict(tol=1e-30, max_steps=steps, divergence=float("inf"))
 
-    def per_sample(solver):
+    # params, x and z0 are arguments of the jitted calls, as in a solver's use: closed over, they would be
+    # constants that XLA folds into the program
+    def per_sample(solver, params, x, z0):
         sol = jdeq.fixed_point_batch(one, z0, params, x, in_axes=(None, 0), solver=solver)
         return sol.value, jnp.max(sol.stats.num_steps)
 
-    def whole_batch(solver):
+    def whole_batch(solver, params, x, z0):
         sol = jdeq.fixed_point(w.jax_map, z0, params, x, solver=solver)
         return sol.value, sol.stats.num_steps
+
+    def chained(params, x, z0):
+        return jax.lax.fori_loop(0, steps, lambda _, z: w.jax_map(z, params, x), z0), jnp.asarray(steps)
 
     variants = {
         (cls.__name__.lower(), mode): jax.jit(functools.partial(build, cls(**budget)))
         for cls in SOLVERS
         for mode, build in (("per-sample", per_sample), ("whole-batch", whole_batch))
     }
-    taken = {key: int(fn()[1]) for key, fn in variants.items()}
-    times = interleaved_ms({key: jax_call(fn) for key, fn in variants.items()}, repeats, clock)
+    variants["f", "chained"] = jax.jit(chained)
+    taken = {key: int(fn(params, x, z0)[1]) for key, fn in variants.items()}
+    times = interleaved_ms({key: jax_call(fn, params, x, z0) for key, fn in variants.items()}, repeats, clock)
     rows = []
     for (method, mode), spread in times.items():
         us = _spread_per(spread, taken[method, mode] / 1e3)
@@ -143,15 +152,24 @@ def main(argv=None):
     args = p.parse_args(argv)
     set_cpu_threads(args.threads)
     clock = clock_for(jax.default_backend())
+    print("load average at start", os.getloadavg())
     for batch, width in parse_sizes(args.sizes):
-        print(f"batch {batch} x width {width}: microseconds per step (median [min, max])")
-        for r in step_cost_rows(batch, width, args.steps, args.repeats, clock):
+        print(f"batch {batch} x width {width}: microseconds per step or evaluation of f (median [min, max])")
+        rows = step_cost_rows(batch, width, args.steps, args.repeats, clock)
+        for r in rows:
             print(
                 f"  {r['method']:<11} {r['mode']:<12} {r['us_per_step']:8.1f} "
                 f"[{r['us_per_step_min']:.1f}, {r['us_per_step_max']:.1f}]  ({r['steps']} steps)"
             )
+        us = {(r["method"], r["mode"]): r["us_per_step"] for r in rows}
+        fixed = us["fixedpoint", "per-sample"]
+        print(
+            f"  M1 FixedPoint step / f = {fixed / us['f', 'chained']:.2f}, "
+            f"M2 Anderson step / FixedPoint step = {us['anderson', 'per-sample'] / fixed:.2f} (per sample, medians)"
+        )
     for r in single_problem_rows(64, args.repeats, clock):
         print(f"one 64-state problem: {r['method']:<17} {1e3 * r['fwd_ms']:8.1f} us per call, NFE {r['nfe']}")
+    print("load average at end", os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def test_harness_writes_rows_with_measured_residuals(tmp_path, standard_promotio
     assert limit["nfe"] == min(r["nfe"] for r in solves)
     assert len([r for r in result["rows"] if r["workload"] == "train"]) == 2
     steps = [r for r in result["rows"] if r["workload"] == "step_cost"]
-    assert {(r["mode"], r["steps"]) for r in steps} == {("per-sample", 3), ("whole-batch", 3)}
+    assert {(r["mode"], r["steps"]) for r in steps} == {("per-sample", 3), ("whole-batch", 3), ("chained", 3)}
     assert "| jdeq | fixedpoint | per-sample |" in table(result)
 
 
@@ -141,7 +141,7 @@ def test_step_cost_counts_the_steps_it_times():
     rows = step_cost_rows(batch=3, width=4, steps=5, repeats=2, clock=time.process_time)
     assert {(r["method"], r["mode"]) for r in rows} == {
         (m, mode) for m in ("fixedpoint", "anderson", "broyden") for mode in ("per-sample", "whole-batch")
-    }
+    } | {("f", "chained")}
     assert all(r["steps"] == 5 and 0 < r["us_per_step_min"] <= r["us_per_step"] for r in rows)
 
 
