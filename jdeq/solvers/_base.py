@@ -287,7 +287,7 @@ def _select(keep_new: Array, new: Any, old: Any) -> Any:
 class _Carry(NamedTuple):
     it: Array  # iterations of the loop (the batch's slowest sample)
     step: Array  # per-sample iterations
-    evals: Array
+    extra_evals: Array  # evaluations beyond one per step (a Broyden line search's); constant 0 is optimised away
     x: Array
     fx: Array
     start: _Start
@@ -342,7 +342,7 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
     carry = _Carry(
         it=jnp.zeros((), jnp.int32),
         step=zero,
-        evals=jnp.ones_like(zero),
+        extra_evals=zero,
         x=x0,
         fx=fx0,
         start=start,
@@ -370,7 +370,7 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
         return _Carry(
             it=c.it + 1,
             step=steps,
-            evals=c.evals + keep(used, jnp.zeros_like(used)),
+            extra_evals=c.extra_evals + keep(used - 1, jnp.zeros_like(used)),
             x=x,
             fx=fx,
             start=c.start,
@@ -401,7 +401,7 @@ def run(solver: Solver, fn: FlatMap, x0: Array, *, unroll: bool = False, freeze_
     rel_res = jnp.where(failed, jnp.nan, rel_res)
     stats = Stats(
         num_steps=c.step,
-        num_evals=c.evals + 1,
+        num_evals=c.step + c.extra_evals + 2,  # f(x0), one per step and the extras, the verification
         residual=rel_res,
         abs_residual=abs_res,
         converged=result == Result.CONVERGED,
