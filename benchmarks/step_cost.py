@@ -8,6 +8,7 @@ float32 solve reaches, divergence checks off) on the ``mlp_moderate`` map, per s
 the cost of a step, and the FixedPoint row is the cost of ``f`` plus the driver. The ``f`` row, timed
 interleaved with them, is ``--steps`` evaluations of ``f`` chained in a ``fori_loop``, per evaluation:
 the denominator of M1 (FixedPoint step / f) in ``docs/benchmarks.md``; M2 is Anderson step / FixedPoint step.
+The ``floor`` row (:func:`per_sample_floor`) is the least loop with a per-sample stopping test, for scale.
 ``single_problem_rows``: the default ``jdeq.Anderson()`` on one 64-state ``mlp_easy`` problem against a
 plain ``lax.while_loop`` fixed-point iteration of the same map with the same stopping rule.
 """
@@ -52,6 +53,10 @@ def step_cost_rows(batch: int, width: int, steps: int, repeats: int, clock: Call
         sol = jdeq.fixed_point(w.jax_map, z0, params, x, solver=solver)
         return sol.value, sol.stats.num_steps
 
+    def floor(params, x, z0):
+        z, taken = per_sample_floor(lambda z: w.jax_map(z, params, x), budget["tol"], steps)(z0)
+        return z, jnp.max(taken)
+
     def chained(params, x, z0):
         return jax.lax.fori_loop(0, steps, lambda _, z: w.jax_map(z, params, x), z0), jnp.asarray(steps)
 
@@ -60,6 +65,7 @@ def step_cost_rows(batch: int, width: int, steps: int, repeats: int, clock: Call
         for cls in SOLVERS
         for mode, build in (("per-sample", per_sample), ("whole-batch", whole_batch))
     }
+    variants["floor", "per-sample"] = jax.jit(floor)
     variants["f", "chained"] = jax.jit(chained)
     taken = {key: int(fn(params, x, z0)[1]) for key, fn in variants.items()}
     times = interleaved_ms({key: jax_call(fn, params, x, z0) for key, fn in variants.items()}, repeats, clock)
@@ -71,7 +77,7 @@ def step_cost_rows(batch: int, width: int, steps: int, repeats: int, clock: Call
                 "workload": "step_cost",
                 "batch": batch,
                 "state_shape": [width],
-                "library": "jdeq",
+                "library": {"floor": "jax", "f": "jax"}.get(method, "jdeq"),
                 "method": method,
                 "mode": mode,
                 "steps": taken[method, mode],
@@ -98,6 +104,29 @@ def plain_fixed_point(f: Callable, tol: float, max_steps: int) -> Callable:
 
         z, fz, step = jax.lax.while_loop(running, body, (z0, f(z0), 1))
         return fz, step
+
+    return solve
+
+
+def per_sample_floor(f: Callable, tol: float, max_steps: int) -> Callable:
+    """A batch ``(B, n)`` iterated by ``z ↦ f(z)`` in a ``lax.while_loop``, each row until ``‖f(z) − z‖ <= tol·‖f(z)‖``.
+
+    The least a per-sample loop does: freeze the rows that stopped, one reduction per norm, an ``any`` in the
+    loop's test; no overflow-safe norms, nonfinite or divergence checks, or verification. ``(z, steps)``.
+    """
+
+    def solve(z0):
+        def body(carry):
+            z, fz, steps, active = carry
+            new = active[:, None]
+            z, fz = jnp.where(new, fz, z), jnp.where(new, f(fz), fz)
+            steps = steps + active
+            rest = jnp.sum(jnp.square(fz - z), axis=-1) > tol**2 * jnp.sum(jnp.square(fz), axis=-1)
+            return z, fz, steps, active & rest & (steps < max_steps)
+
+        start = (z0, f(z0), jnp.zeros(z0.shape[0], jnp.int32), jnp.ones(z0.shape[0], bool))
+        _, fz, steps, _ = jax.lax.while_loop(lambda carry: jnp.any(carry[3]), body, start)
+        return fz, steps
 
     return solve
 
@@ -163,6 +192,7 @@ def main(argv=None):
             )
         us = {(r["method"], r["mode"]): r["us_per_step"] for r in rows}
         fixed = us["fixedpoint", "per-sample"]
+        print(f"  per-sample floor / f = {us['floor', 'per-sample'] / us['f', 'chained']:.2f}")
         print(
             f"  M1 FixedPoint step / f = {fixed / us['f', 'chained']:.2f}, "
             f"M2 Anderson step / FixedPoint step = {us['anderson', 'per-sample'] / fixed:.2f} (per sample, medians)"

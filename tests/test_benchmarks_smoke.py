@@ -141,7 +141,7 @@ def test_step_cost_counts_the_steps_it_times():
     rows = step_cost_rows(batch=3, width=4, steps=5, repeats=2, clock=time.process_time)
     assert {(r["method"], r["mode"]) for r in rows} == {
         (m, mode) for m in ("fixedpoint", "anderson", "broyden") for mode in ("per-sample", "whole-batch")
-    } | {("f", "chained")}
+    } | {("f", "chained"), ("floor", "per-sample")}
     assert all(r["steps"] == 5 and 0 < r["us_per_step_min"] <= r["us_per_step"] for r in rows)
 
 
