@@ -120,7 +120,7 @@ def per_sample_floor(f: Callable, tol: float, max_steps: int) -> Callable:
             z, fz, steps, active = carry
             new = active[:, None]
             z, fz = jnp.where(new, fz, z), jnp.where(new, f(fz), fz)
-            steps = steps + active
+            steps = steps + active.astype(jnp.int32)
             rest = jnp.sum(jnp.square(fz - z), axis=-1) > tol**2 * jnp.sum(jnp.square(fz), axis=-1)
             return z, fz, steps, active & rest & (steps < max_steps)
 
