@@ -45,8 +45,9 @@ MDEQ_SOLVER = Fallback(stages=(Anderson(m=5), FixedPoint()), patience=8, tol=1e-
 """:class:`MDEQClassifier`'s default forward solver: Anderson (m = 5); once it has gone 8 steps without a new lowest
 residual, plain fixed-point iteration ``z ← f(z)`` from the lowest-residual iterate; to a relative residual of 1e-3
 within 100 steps in all. Anderson alone stalls on a few percent of digits (residuals up to 6e-2 after 40 or 100
-steps) where the map is a contraction that plain iteration solves (docs/zoo.md). Under a batch solve each step
-evaluates ``f`` once per stage (two evaluations)."""
+steps) where the map is a contraction that plain iteration solves (docs/zoo.md). Both stages propose their next
+iterate without evaluating ``f``, so a step evaluates ``f`` once, also in a batch whose samples sit in different
+stages."""
 
 
 JACOBIAN_WEIGHT = 1.0
