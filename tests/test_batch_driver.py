@@ -21,6 +21,10 @@ SOLVERS = {
     "broyden": jdeq.Broyden(tol=1e-10, max_steps=60, m=3),  # m=3: the memory fills and restarts
     "broyden_line_search": jdeq.Broyden(tol=1e-10, max_steps=60, line_search=True),
     "fallback": jdeq.Fallback(stages=(jdeq.Broyden(m=3), jdeq.FixedPoint(damping=0.5)), tol=1e-10, max_steps=80),
+    # proposing stages (one evaluation of f per step); samples 1-5 move on to the second stage, sample 0 does not
+    "fallback_anderson": jdeq.Fallback(
+        stages=(jdeq.Anderson(m=3, cholesky=True), jdeq.FixedPoint()), patience=3, tol=1e-10, max_steps=80
+    ),
     "newton_line_search": jdeq.Newton(tol=1e-10, max_steps=30, line_search=True),
     "chord": jdeq.Chord(tol=1e-10, max_steps=60, refresh=2),
 }

@@ -1,5 +1,7 @@
 """The Fallback chain: switches stage on growth, NaN or stagnation; DIVERGED only when every stage fails."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from helpers import linear_map
 
 import jdeq
 from jdeq import Result
+from jdeq.solvers import Solver
 
 N = 8
 PLAIN_THEN_DAMPED = (jdeq.FixedPoint(), jdeq.FixedPoint(damping=0.5))
@@ -103,6 +106,73 @@ def test_per_sample_chains_under_vmap():
     assert bool(jnp.all(sol.stats.converged))
     np.testing.assert_allclose(sol.value, jnp.stack([exact_easy, exact_hard]), atol=1e-8)
     assert int(sol.stats.num_steps[0]) < int(sol.stats.num_steps[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOnlyAnderson(jdeq.Anderson):
+    """Anderson with its own ``step`` (the same iteration), so it does not count as proposing."""
+
+    def step(self, fn, x, fx, state):
+        return Solver.step(self, fn, x, fx, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOnlyFixedPoint(jdeq.FixedPoint):
+    def step(self, fn, x, fx, state):
+        return Solver.step(self, fn, x, fx, state)
+
+
+def tanh_count(solver, batch):
+    """The evaluations of ``f(z) = tanh(z / 2)`` (its ``tanh``) in the program of one batch step of ``solver``."""
+
+    def fn(xs):
+        return jnp.tanh(0.5 * xs)
+
+    def step(xs):
+        fx = fn(xs)
+        return solver.batch_step(fn, xs, fx, jax.vmap(solver.init)(xs, fx), 0)
+
+    return sum(eqn.primitive.name == "tanh" for eqn in iter_eqns(jax.make_jaxpr(step)(batch).jaxpr)) - 1
+
+
+def iter_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from iter_eqns(inner)
+
+
+def test_a_batch_step_evaluates_f_once_when_every_stage_proposes():
+    batch = jnp.ones((3, N))
+    assert jdeq.Anderson().proposes and jdeq.FixedPoint().proposes
+    assert not (jdeq.Broyden().proposes or StepOnlyAnderson().proposes)
+    assert tanh_count(jdeq.Fallback(stages=(jdeq.Anderson(), jdeq.FixedPoint())), batch) == 1
+    assert tanh_count(jdeq.Fallback(stages=(jdeq.Anderson(), jdeq.Anderson(), jdeq.FixedPoint())), batch) == 1
+    assert tanh_count(jdeq.Fallback(stages=(StepOnlyAnderson(), jdeq.FixedPoint())), batch) == 2
+    assert tanh_count(jdeq.Fallback(stages=(jdeq.Broyden(), jdeq.FixedPoint())), batch) == 2
+
+
+def test_one_shared_evaluation_gives_the_solves_of_one_evaluation_per_stage():
+    """The same batch solve (values and stats), with samples in both stages, as the chain of non-proposing stages."""
+    a, b, _ = linear_problem(-1.5, 0.6)  # plain iteration diverges: the samples scaled up move to damped iteration
+    scales = jnp.array([0.0, 0.3, 0.7, 1.0])
+    ax = jnp.stack([a * s for s in scales])
+    kwargs = dict(patience=4, tol=1e-10, max_steps=300)
+    shared = jdeq.Fallback(stages=(jdeq.Anderson(m=2), jdeq.FixedPoint(damping=0.5)), **kwargs)
+    own = jdeq.Fallback(stages=(StepOnlyAnderson(m=2, cholesky=True), StepOnlyFixedPoint(damping=0.5)), **kwargs)
+    one, every = (
+        jdeq.fixed_point_batch(linear_map, jnp.zeros((4, N)), ax, b, in_axes=(0, None), solver=solver)
+        for solver in (shared, own)
+    )
+    stages = np.asarray(one.state.stage)
+    assert 0 in stages and 1 in stages, stages
+    assert bool(jnp.all(one.stats.converged))
+    np.testing.assert_array_equal(one.value, every.value)
+    for field in ("num_steps", "num_evals", "result", "residual"):
+        np.testing.assert_array_equal(getattr(one.stats, field), getattr(every.stats, field), err_msg=field)
 
 
 @pytest.mark.parametrize(

@@ -45,8 +45,9 @@ MDEQ_SOLVER = Fallback(stages=(Anderson(m=5), FixedPoint()), patience=8, tol=1e-
 """:class:`MDEQClassifier`'s default forward solver: Anderson (m = 5); once it has gone 8 steps without a new lowest
 residual, plain fixed-point iteration ``z ← f(z)`` from the lowest-residual iterate; to a relative residual of 1e-3
 within 100 steps in all. Anderson alone stalls on a few percent of digits (residuals up to 6e-2 after 40 or 100
-steps) where the map is a contraction that plain iteration solves (docs/zoo.md). Under a batch solve each step
-evaluates ``f`` once per stage (two evaluations)."""
+steps) where the map is a contraction that plain iteration solves (docs/zoo.md). Both stages propose their next
+iterate without evaluating ``f``, so a step evaluates ``f`` once, also in a batch whose samples sit in different
+stages."""
 
 
 JACOBIAN_WEIGHT = 1.0
@@ -182,9 +183,13 @@ class _PackedCell(linen.Module):
 
 
 class _PackedSkip(linen.Module):
-    """SkipDEQ's initial guess for MDEQ: ``z0_i = GN(conv(stop_gradient(u_i)))`` per branch, on packed injections
-    and states. The injection is held fixed for the guess: the consistency loss trains the guess only, not the
-    classifier's injection (which it would otherwise pull towards features that predict ``z*``)."""
+    """SkipDEQ's initial guess for MDEQ, an explicit network of the map's own kind (the shortcut of Pal, Edelman &
+    Rackauckas 2022, arXiv 2201.12240: a residual block like the DEQ's on the input): ``z0 = g(v, v)`` with
+    ``v = stop_gradient(u)`` and ``g`` a :class:`MultiscaleCell` with weights of its own (gain 1 at init), i.e. one
+    residual block per branch of the injection and the multiscale fusion, so each branch's guess sees every
+    branch. The injection is held fixed for the guess: the consistency loss trains the guess only, not the
+    classifier's injection (which it would otherwise pull towards features that predict ``z*``). A 3×3 conv and
+    GroupNorm per branch ended 0.74–0.81 of ``‖z*‖`` from ``z*`` (docs/zoo.md)."""
 
     shapes: tuple[tuple[int, int, int], ...]
     groups: int = 4
@@ -192,13 +197,8 @@ class _PackedSkip(linen.Module):
 
     @linen.compact
     def __call__(self, u: jax.Array) -> jax.Array:
-        dtype = self.param_dtype
-        return pack(
-            [
-                _norm(self.groups, c, dtype)(_Conv(c, normalized=False, param_dtype=dtype)(u_i))
-                for u_i, (_, _, c) in zip(unpack(jax.lax.stop_gradient(u), self.shapes), self.shapes)
-            ]
-        )
+        v = jax.lax.stop_gradient(u)
+        return _PackedCell(self.shapes, self.groups, 1.0, self.param_dtype, name="net")(v, v)
 
 
 class MultiscaleInjection(linen.Module):
@@ -270,8 +270,8 @@ class MDEQClassifier(linen.Module):
       scale: the gain of the map's convolutions at init (weight norm: each output channel's kernel has this norm).
       solver: the forward solver (default :data:`MDEQ_SOLVER`).
       grad: the gradient mode (default ``jdeq.Implicit()``).
-      skip: start each solve from a learned SkipDEQ guess (a 3×3 conv and GroupNorm per branch of the injection),
-        trained by the consistency loss with weight ``skip_weight`` (see :class:`jdeq.nn.DEQ`).
+      skip: start each solve from a learned SkipDEQ guess (a cell of the map's kind with its own weights, applied to
+        the injection), trained by the consistency loss with weight ``skip_weight`` (see :class:`jdeq.nn.DEQ`).
       jacobian_weight: the weight ``w`` of the Jacobian penalty ``w · ‖∂f/∂z (z*)‖_F² / d`` (see the module
         docstring), applied in the calls that carry a ``"dropout"`` rng (training under :func:`jdeq.train.fit`;
         evaluation passes none) and sown as ``"jacobian_penalty"`` in ``"intermediates"``; 0 switches it off.

@@ -85,8 +85,31 @@ class Solver:
         raise NotImplementedError
 
     def step(self, fn: FlatMap, x: Array, fx: Array, state: Any) -> tuple[Array, Array, Any, Array]:
-        """One iteration: returns ``(x_new, fn(x_new), state_new, evals_used)``."""
-        raise NotImplementedError
+        """One iteration: returns ``(x_new, fn(x_new), state_new, evals_used)``.
+
+        Default: :meth:`propose`, then one evaluation ``fn(x_new)``.
+        """
+        x_new, state = self.propose(x, fx, state)
+        return x_new, fn(x_new), state, jnp.ones((), jnp.int32)
+
+    def propose(self, x: Array, fx: Array, state: Any) -> tuple[Array, Any]:
+        """``(x_new, state_new)`` from ``(x, fn(x), state)`` without evaluating ``fn``.
+
+        For a solver whose step evaluates ``fn`` once, at ``x_new``, and whose new state does not depend on that
+        evaluation (fixed-point iteration, Anderson): implementing it gives the default :meth:`step`, and lets
+        :class:`jdeq.Fallback` evaluate ``f`` once per step for all its stages (see :attr:`proposes`).
+        """
+        raise NotImplementedError(f"{type(self).__name__} implements neither step nor propose")
+
+    @property
+    def proposes(self) -> bool:
+        """Whether :meth:`step` is :meth:`propose` followed by one evaluation of ``fn`` (the default ``step``)."""
+        cls = type(self)
+        return cls.step is Solver.step and cls.propose is not Solver.propose
+
+    def for_batch(self) -> Solver:
+        """The solver whose :meth:`step` a batch solve's default :meth:`batch_step` vmaps (default: ``self``)."""
+        return self
 
     @property
     def batch_axes(self) -> Any:
@@ -103,10 +126,10 @@ class Solver:
         Default: ``step`` vmapped over the rows (state axes ``axes``), ``f`` evaluated once on the
         batch per evaluation (:func:`per_row`). Override it only where vmapping ``step`` cannot work.
         """
-        row = per_row(fn, x)
+        row, solver = per_row(fn, x), self.for_batch()
 
         def step(x, fx, s):
-            return check_step_result(self, self.step(row, x, fx, s), x, fx, s)
+            return check_step_result(self, solver.step(row, x, fx, s), x, fx, s)
 
         vmapped = jax.vmap(step, in_axes=(0, 0, axes), out_axes=(0, 0, axes, 0))
         return vmapped(x, fx, state)

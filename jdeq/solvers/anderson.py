@@ -97,7 +97,7 @@ class Anderson(Solver):
         zeros = jnp.zeros((rows, n), x.dtype)
         return AndersonState(zeros, zeros, jnp.zeros((rows, rows), wide), jnp.zeros((), jnp.int32))
 
-    def step(self, fn, x, fx, state):
+    def propose(self, x, fx, state):
         slot = state.count % state.gs.shape[0]
         g = fx - x
         gs = state.gs.at[slot].set(g)
@@ -113,16 +113,16 @@ class Anderson(Solver):
         if self.beta != 1:
             x_acc = x_acc - (1 - self.beta) * (alpha @ gs)
         x_new = jnp.where(ok, x_acc, x + self.beta * g)
-        return x_new, fn(x_new), AndersonState(gs, fs, gram, count), jnp.ones((), jnp.int32)
+        return x_new, AndersonState(gs, fs, gram, count)
 
     def _small_solve(self, a, b):
         if self.cholesky is None:
             return lax.platform_dependent(a, b, cpu=jnp.linalg.solve, default=cholesky_solve)
         return cholesky_solve(a, b) if self.cholesky else jnp.linalg.solve(a, b)
 
-    def batch_step(self, fn, x, fx, state, axes):
-        solver = self if self.cholesky is not None else dataclasses.replace(self, cholesky=True)
-        return Solver.batch_step(solver, fn, x, fx, state, axes)
+    def for_batch(self):
+        """With ``cholesky=None``, the unrolled Cholesky solve (batched LAPACK calls are slower than its fused kernels)."""
+        return self if self.cholesky is not None else dataclasses.replace(self, cholesky=True)
 
     @property
     def batch_axes(self):

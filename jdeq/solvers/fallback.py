@@ -42,9 +42,11 @@ class Fallback(Solver):
     NaN away from the solution.
 
     The stages' own ``tol``, ``max_steps``, ``divergence``, ``return_best`` and ``trace`` are ignored:
-    the chain's fields govern the whole solve. Under ``jax.vmap`` with samples on different stages JAX
-    evaluates every stage's step (``lax.switch`` becomes a select), so a step then costs one
-    evaluation of f per stage; unbatched solves evaluate only the active stage.
+    the chain's fields govern the whole solve. When every stage :attr:`~jdeq.Solver.proposes` (fixed-point
+    iteration, Anderson), a step evaluates f once: the active stage proposes the next iterate, then f is
+    evaluated there, so in a batch whose samples sit in different stages each sample takes its own stage's
+    proposal and f runs once on the batch. With a stage that does not (Broyden, Newton) a batch step evaluates
+    every stage's step, one evaluation of f per stage; unbatched solves evaluate only the active stage.
 
     Attributes:
       stages: the solvers to try in order (default: ``Anderson(m=5)``, then damped iteration).
@@ -82,12 +84,21 @@ class Fallback(Solver):
         )
 
     def step(self, fn, x, fx, state):
+        if self._one_evaluation:  # the active stage's proposal, then f once
+            x_new, states = lax.switch(state.stage, self._branches(None), x, fx, state.states)
+            return self._chain(state, x_new, fn(x_new), states, jnp.ones((), jnp.int32))
         x_new, fx_new, states, used = lax.switch(state.stage, self._branches(fn), x, fx, state.states)
         return self._chain(state, x_new, fx_new, states, used)
 
+    def for_batch(self):
+        return dataclasses.replace(self, stages=tuple(stage.for_batch() for stage in self.stages))
+
     def batch_step(self, fn, x, fx, state, axes):
-        """Every stage's own batch step, each sample taking its active stage's (a batched ``lax.switch``
+        """With proposing stages, :meth:`step` vmapped (each sample's own stage's proposal, ``f`` once on the batch).
+        Otherwise every stage's own batch step, each sample taking its active stage's (a batched ``lax.switch``
         would do the same work, but cannot hold the batch-wide evaluation of ``f``)."""
+        if self._one_evaluation:
+            return Solver.batch_step(self, fn, x, fx, state, axes)
         steps = [stage.batch_step(fn, x, fx, state.states[i], 0) for i, stage in enumerate(self.stages)]
         active = [state.stage == i for i in range(len(self.stages))]
 
@@ -131,6 +142,10 @@ class Fallback(Solver):
         return jnp.where(give_up, best_x, x_new), jnp.where(give_up, best_fx, fx_new), new_state, used
 
     @property
+    def _one_evaluation(self) -> bool:
+        return all(stage.proposes for stage in self.stages)
+
+    @property
     def unrollable(self) -> bool:
         return all(stage.unrollable for stage in self.stages)
 
@@ -150,10 +165,13 @@ class Fallback(Solver):
         return lax.switch(state.stage, [branch(i) for i in range(len(self.stages))], v)
 
     def _branches(self, fn):
-        """One ``lax.switch`` branch per stage: that stage's step on its own state."""
+        """One ``lax.switch`` branch per stage: that stage's step on its own state, or (``fn`` None) its proposal."""
 
         def branch(i):
             def go(x, fx, states):
+                if fn is None:
+                    x_new, own = self.stages[i].propose(x, fx, states[i])
+                    return x_new, (*states[:i], own, *states[i + 1 :])
                 x_new, fx_new, own, used = self.stages[i].step(fn, x, fx, states[i])
                 return x_new, fx_new, (*states[:i], own, *states[i + 1 :]), jnp.asarray(used, jnp.int32)
 

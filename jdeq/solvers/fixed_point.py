@@ -47,9 +47,8 @@ class FixedPoint(Solver):
     def init(self, x, fx):
         return ()
 
-    def step(self, fn, x, fx, state):
-        x_new = fx if self.damping == 0 else self.damping * x + (1 - self.damping) * fx
-        return x_new, fn(x_new), state, jnp.ones((), jnp.int32)
+    def propose(self, x, fx, state):
+        return (fx if self.damping == 0 else self.damping * x + (1 - self.damping) * fx), state
 
     def solve_linear(self, matvec, b, x0: Optional[jnp.ndarray] = None):
         """``u = M u + b`` from ``x0`` (default ``b``): Anderson-accelerated (``linear_m > 0``) or plain iteration."""
