@@ -14,6 +14,7 @@ only the programs of the tests it happened to run last time.
 """
 
 import contextlib
+import gc
 import os
 from pathlib import Path
 
@@ -66,11 +67,23 @@ def xdist_workers(config) -> int:
     return workers if isinstance(workers, int) else 0
 
 
+# Tracing and lowering allocate millions of short-lived objects, and CPython's default collection thresholds
+# (700, 10, 10) then run a full collection every few thousand allocations, each traversing every live jaxpr, module
+# and executable. Measured on tests/test_grad_modes.py (-n 0, warm cache, two interleaved pairs): collections took
+# 6.5-6.7 s of the process's 72-74 s of CPU (22 of them full), with these settings 0.9 s of 67-68 s, for 13 MB more
+# peak memory. Test processes only; cycles are still collected.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
 def pytest_configure(config):
     """A process that runs tests (an xdist worker, or the only process) starts from the seed; the controlling
-    process of an xdist run compiles nothing and is not seeded."""
+    process of an xdist run compiles nothing and is not seeded. The modules imported so far (JAX, Flax, jdeq) are
+    moved out of the collector's sight (``gc.freeze``): they live as long as the process."""
     if "PYTEST_XDIST_WORKER" in os.environ or not xdist_workers(config):
         link_cache_entries(SEED_CACHE, PROCESS_CACHE)
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def pytest_sessionfinish(session):
