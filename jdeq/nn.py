@@ -204,24 +204,37 @@ def _reject_state(name: str, collections: list[str]) -> None:
         )
 
 
-def _check_per_sample(name: str, map_with: Callable, z: jax.Array, x: jax.Array, params: Any, state: Any = ()) -> None:
-    """ValueError naming ``per_sample=False`` when the map couples the samples of a batch: ``coupled(params, z, x)``
-    (the module on the batch; ``coupled = map_with(state)``, ``state`` the module's other variables) differs from
-    the module on each sample as a batch of one, vmapped over the samples, beyond ``√ε`` of the output's scale.
+def _check_per_sample(name: str, call: Callable, z: jax.Array, x: jax.Array, variables: Any) -> None:
+    """ValueError naming ``per_sample=False`` when the map couples the samples of a batch: ``call(variables, z, x)``
+    (the module on the batch) differs from the module on each sample as a batch of one, vmapped over the samples,
+    beyond ``√ε`` of the output's scale.
 
-    Runs eagerly, outside the solve: on the real values when they are concrete, else (under ``jit``) at trace time
-    on concrete stand-ins of their shapes (:func:`_stand_in`), so nothing enters the compiled program. A batch of
-    one has nothing to compare.
+    Runs outside the solve: on the real values when they are concrete, else (under ``jit``) at trace time on
+    concrete stand-ins of their shapes (:func:`_stand_in`), so nothing enters the compiled program. Both
+    evaluations run as one compiled program, reused for an equal (hashable) ``call`` and the same shapes; an
+    unhashable ``call`` runs op by op. A batch of one has nothing to compare.
     """
     if len(x) < 2:
         return
     with jax.ensure_compile_time_eval():
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((z, x, params, state))):
-            z, x, params, state = _stand_in((z, x, params, state))
-        coupled = map_with(state)
-        together = coupled(params, z, x)
-        alone = jax.vmap(_OneOfBatch(_StateFirst(coupled)), in_axes=(0, 0, None))(z, x, params)
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((z, x, variables))):
+            z, x, variables = _stand_in((z, x, variables))
+        try:
+            hash(call)
+        except TypeError:
+            together, alone = _on_batch_and_alone(call, variables, z, x)
+        else:
+            together, alone = _on_batch_and_alone_compiled(call, variables, z, x)
         _raise_if_coupled(name, together, alone)
+
+
+def _on_batch_and_alone(call: Callable, variables: Any, z: jax.Array, x: jax.Array) -> tuple[Any, Any]:
+    """``call(variables, z, x)`` on the batch, and on each sample as a batch of one (vmapped)."""
+    alone = jax.vmap(_OneOfBatch(_StateFirst(call)), in_axes=(0, 0, None))(z, x, variables)
+    return call(variables, z, x), alone
+
+
+_on_batch_and_alone_compiled = jax.jit(_on_batch_and_alone, static_argnums=0)
 
 
 def _raise_if_coupled(name: str, together: Any, alone: Any) -> None:
@@ -473,7 +486,7 @@ def _linen_module_solver(layer: DEQ, module: linen.Module, x: jax.Array, z0: Opt
     call = _LinenMap(pure)
     one = _OneOfBatch(_StateFirst(call))
     if layer.is_initializing() and layer.per_sample and keys is None:  # once, at init (masks differ with dropout)
-        _check_per_sample(name, lambda _: call, z0, x, variables.get("params", {}))
+        _check_per_sample(name, call, z0, x, variables.get("params", {}))
     return z0, lambda start: _solve_map(one, call, start, x, variables.get("params", {}), keys=keys, **options)
 
 
@@ -631,7 +644,7 @@ class NNXDEQ(nnx.Module):
         call = _NNXMap(name, graphdef)
         random = bool(jax.tree_util.tree_leaves(rngs))  # masks drawn on a batch and on one sample differ
         if self.per_sample and not self.checked_per_sample and not random:  # once per layer, or per trace
-            _check_per_sample(name, functools.partial(_NNXMap.bound, call, rngs), z0, x, params, rest)
+            _check_per_sample(name, call, z0, x, (params, rngs, rest))
             concrete = not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((x, params)))
             self.checked_per_sample = concrete  # set inside nnx.jit, it would change the graph and retrace
         variables = (params, rngs, rest)
@@ -655,22 +668,19 @@ class _NNXMap:
         _reject_updates(self.name, rest, nnx.split(module, nnx.Param, nnx.BatchStat, nnx.RngState, ...)[-1])
         return out
 
-    def bound(self, rngs: nnx.State, rest: nnx.State) -> Callable:
-        """``call(params, z, x)`` with the rng state and the other variables fixed."""
-        return lambda params, z, x: self((params, rngs, rest), z, x)
-
 
 def _stand_in(tree: Any) -> Any:
-    """Concrete values shaped like the leaves of ``tree`` (standard normal floats, zero integers): inputs for a
-    check made while tracing, where the real values are tracers."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(jax.random.PRNGKey(0), max(len(leaves), 1))
+    """Concrete values shaped like the leaves of ``tree`` (standard normal floats, zero integers; NumPy arrays, so
+    no JAX program runs to make them): inputs for a check made while tracing, where the real values are tracers."""
+    rng = np.random.default_rng(0)
 
-    def like(key, leaf):
+    def like(leaf):
         shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
-        return jax.random.normal(key, shape, dtype) if jnp.issubdtype(dtype, jnp.floating) else jnp.zeros(shape, dtype)
+        if jnp.issubdtype(dtype, jnp.floating):
+            return rng.standard_normal(shape).astype(dtype)
+        return np.zeros(shape, dtype)
 
-    return jax.tree_util.tree_unflatten(treedef, [like(key, leaf) for key, leaf in zip(keys, leaves)])
+    return jax.tree_util.tree_map(like, tree)
 
 
 def _advance_streams(module: nnx.Module) -> None:
