@@ -4,6 +4,7 @@
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -46,6 +47,27 @@ def test_a_linen_map_coupling_the_batch_is_refused_at_init():
     layer = DEQ(LinenCell(couple=True), per_sample=False)  # the batch as one problem: accepted
     z = layer.apply(layer.init(jax.random.PRNGKey(1), X, Z0), X, Z0)
     assert z.shape == (B, H) and bool(jnp.all(jnp.isfinite(z)))
+
+
+class UnhashableCell(linen.Module):
+    """A user's module holding a NumPy array as an attribute: the module, so the map, cannot be hashed."""
+
+    scale: np.ndarray
+
+    @linen.compact
+    def __call__(self, z, x):
+        h = linen.Dense(H, name="a")(z) * 0.3 + linen.Dense(H, name="b")(x) * jnp.asarray(self.scale)[None]
+        return jnp.tanh(batch_normalised(h))
+
+
+def test_an_unhashable_map_is_checked_too():
+    cell = UnhashableCell(np.ones(H, np.float32))
+    with pytest.raises(TypeError):
+        hash(cell)
+    with pytest.raises(ValueError, match="per_sample=False"):
+        DEQ(cell).init(jax.random.PRNGKey(1), X, Z0)
+    with pytest.raises(ValueError, match="per_sample=False"):
+        jax.jit(DEQ(cell).init)(jax.random.PRNGKey(1), X, Z0)
 
 
 @pytest.mark.parametrize("batch", [B, 1], ids=["batch", "batch_of_one"])
