@@ -194,7 +194,9 @@ def fit(
         manager = None if directory is None else checkpoint_manager(directory)
         allow = resume == "allow_changes"
         state, history, position = (
-            (state, [], Position()) if manager is None else resume_run(manager, state, run, budget, allow)
+            (state, [], Position())
+            if manager is None
+            else resume_run(manager, state, run, budget, allow, trainable.field_values())
         )
         train_step = make_train_step(trainable, optimizer, loss_fn, metrics_fn, on_nonfinite == "stop")
         eval_step = make_eval_step(trainable, loss_fn, metrics_fn)
