@@ -117,7 +117,8 @@ def fit(
         False in evaluation and at init. An NNX model is trained in ``train()`` mode and evaluated in ``eval()``
         mode (``nnx.Dropout`` off, ``nnx.BatchNorm`` on its running averages).
       resume: ``"strict"`` (default): a checkpoint of another run configuration is a ValueError naming each
-        changed field (old → new); ``"allow_changes"``: it is resumed with a warning naming them.
+        changed field (old → new); ``"allow_changes"``: it is resumed with a warning naming them. Fields added to
+        jdeq after the checkpoint was saved are no change where the model holds their defaults (logged at INFO).
       on_step: ``on_step(step, row)`` with every training step's metrics row (1-based step over the run), called
         when the rows reach the host (every ``log_every`` steps): a metric writer's hook.
       log_every: training metrics are fetched from the device every ``log_every`` steps (and at the end of each
