@@ -1,5 +1,7 @@
-"""Checkpoints: checksums and fallback past damage, the run config, the directory lock, unwritable directories, load."""
+"""Checkpoints: checksums and fallback past damage, the run config (and an older jdeq's), the directory lock,
+unwritable directories, load."""
 
+import json
 import logging
 import os
 import shutil
@@ -9,12 +11,15 @@ import sys
 
 import optax
 import pytest
+from flax import nnx
 from helpers import leaves_equal
 
+import jdeq
 import jdeq.train as train
 from jdeq.data import Dataset, load_digits
 from jdeq.models import MLPCell
-from jdeq.nn import DEQ, DEQClassifier
+from jdeq.nn import DEQ, NNXDEQ, DEQClassifier
+from jdeq.train._checkpoints import checksum, upgraded
 from jdeq.train._lock import LOCK_FILE, directory_lock
 
 
@@ -156,6 +161,118 @@ def test_resuming_with_another_configuration_names_each_field_and_leaves_the_che
     with pytest.raises(ValueError, match=rf"checkpoint 2 in .* was saved by another run configuration \(.*{named}"):
         fit(digits, 3, copy, **change)
     assert contents(copy) == before
+
+
+def chained(linear_m=5):
+    """A model whose saved config holds ``FixedPoint.linear_m`` (added to jdeq after some runs were saved) both as a
+    key of its own (the gradient's solver, flattened) and inside a repr (a stage of the forward ``Fallback``)."""
+    solver = jdeq.Fallback(stages=(jdeq.Anderson(), jdeq.FixedPoint(linear_m=linear_m)), patience=4)
+    grad = jdeq.Implicit(solver=jdeq.FixedPoint(linear_m=linear_m))
+    return DEQClassifier(DEQ(MLPCell(8), solver=solver, grad=grad), 10)
+
+
+def fit_chained(data, epochs, directory, linear_m=5):
+    return train.fit(
+        chained(linear_m), optax.adam(1e-2), data, epochs=epochs, checkpoint_dir=directory, progress=False, seed=0
+    )
+
+
+def edit_saved_config(checkpoint, edit):
+    """Rewrite checkpoint's stored run config with ``edit(config)`` and its checksum with it, as a run of another jdeq
+    version would have saved it (not as damage: the checkpoint stays intact)."""
+    path = next(p for p in (checkpoint / "run").rglob("*") if p.is_file() and b'"sha256"' in p.read_bytes())
+    run = json.loads(path.read_text())
+    edit(run["config"])
+    run["sha256"]["config"] = checksum(run["config"])
+    path.write_text(json.dumps(run))
+
+
+def as_before_linear_m(config):
+    """The config as a jdeq without ``FixedPoint.linear_m`` saved it."""
+    del config["model.deq.grad.solver.linear_m"]
+    stages = config["model.deq.solver.stages"]
+    assert stages.count(", linear_m=5") == 1
+    config["model.deq.solver.stages"] = stages.replace(", linear_m=5", "")
+
+
+@pytest.fixture(scope="module")
+def saved_chained(digits, tmp_path_factory):
+    """A 1-epoch run of :func:`chained` whose checkpoint reads as saved before ``FixedPoint.linear_m`` existed, that
+    run's result, and the 2-epoch run's (saved by this version)."""
+    old = tmp_path_factory.mktemp("old") / "run"
+    one = fit_chained(digits, 1, old)
+    edit_saved_config(old / "1", as_before_linear_m)
+    return old, one, fit_chained(digits, 2, tmp_path_factory.mktemp("new") / "run")
+
+
+def test_a_checkpoint_saved_before_a_defaulted_field_existed_loads_and_resumes(saved_chained, digits, tmp_path, caplog):
+    shutil.copytree(saved_chained[0], tmp_path / "run")
+    before = contents(tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="jdeq.train"):
+        assert leaves_equal(train.load(tmp_path / "run", chained()), saved_chained[1].state.params)
+    assert contents(tmp_path / "run") == before
+    notes = [r.getMessage() for r in caplog.records if "predates" in r.getMessage()]
+    assert len(notes) == 1
+    assert "model.deq.grad.solver.linear_m=5" in notes[0]
+    assert "model.deq.solver.stages: FixedPoint.linear_m=5" in notes[0]
+    trained = []
+    resumed = train.fit(
+        chained(),
+        optax.adam(1e-2),
+        digits,
+        epochs=2,
+        checkpoint_dir=tmp_path / "run",
+        progress=False,
+        seed=0,
+        on_epoch_end=lambda epoch, row: trained.append(epoch),
+    )
+    assert trained == [2]  # resumed after the old checkpoint's epoch, not started afresh
+    assert resumed.history == saved_chained[2].history
+    assert leaves_equal(resumed.state.params, saved_chained[2].state.params)
+
+
+def test_an_nnx_layers_solver_saved_before_a_defaulted_field_existed_is_the_same_run():
+    """NNX layers record their solver as one repr: a stage's field absent from it and at its default is no
+    difference, the same field with another value is one."""
+    solver = jdeq.Fallback(stages=(jdeq.Anderson(), jdeq.FixedPoint()))
+    trainable = train.as_trainable(NNXDEQ(MLPCell(6), (4,), solver=solver, rngs=nnx.Rngs(0)))
+    current = trainable.fields()
+    key = next(k for k in current if k.endswith(".solver"))
+    older = {**current, key: current[key].replace(", linear_m=5", "")}
+    assert older != current
+    assert upgraded(older, trainable.field_values()) == (current, [f"{key}: FixedPoint.linear_m=5"])
+    other = {**current, key: current[key].replace("linear_m=5", "linear_m=3")}
+    assert upgraded(other, trainable.field_values()) == (other, [])
+
+
+def with_linear_m_3_in_the_stages(config):
+    config["model.deq.solver.stages"] = config["model.deq.solver.stages"].replace(
+        "damping=0.0)", "damping=0.0, linear_m=3)"
+    )
+
+
+@pytest.mark.parametrize(
+    "edit, linear_m, named",
+    [  # the saved value differs from the model's: in a repr, in a key; a field the checkpoint predates, not at default
+        (with_linear_m_3_in_the_stages, 5, r"model\.deq\.solver\.stages: .*linear_m=3\)\)\" → .*linear_m=5\)\)\""),
+        (
+            lambda c: c.update({"model.deq.grad.solver.linear_m": "3"}),
+            5,
+            r"model\.deq\.grad\.solver\.linear_m: \"3\" → \"5\"",
+        ),
+        (None, 3, r"model\.deq\.grad\.solver\.linear_m: \(absent\) → \"3\"; model\.deq\.solver\.stages: "),
+    ],
+)
+def test_a_changed_value_of_a_solver_field_is_still_refused(saved_chained, digits, tmp_path, edit, linear_m, named):
+    shutil.copytree(saved_chained[0], tmp_path / "run")
+    if edit is not None:
+        edit_saved_config(tmp_path / "run" / "1", edit)
+    before = contents(tmp_path / "run")
+    with pytest.raises(ValueError, match=rf"checkpoint 1 in .* was saved by another run configuration \(.*{named}"):
+        train.load(tmp_path / "run", chained(linear_m))
+    with pytest.raises(ValueError, match=rf"was saved by another run configuration \(.*{named}"):
+        fit_chained(digits, 2, tmp_path / "run", linear_m)
+    assert contents(tmp_path / "run") == before
 
 
 def test_fewer_epochs_than_saved_is_a_clear_error(digits, copy):

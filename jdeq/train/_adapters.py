@@ -2,7 +2,8 @@
 
 Each adapter gives ``init(seed, x) -> params``, ``apply(params, probes, x, cache=None, index=None,
 model_state=None, rng=None, train=False) -> (outputs, forward stats, new cache, new model_state)``, ``probes(x)``,
-``fields()`` (what identifies the model in a run config), ``model_state`` (state besides parameters: batch
+``fields()`` (what identifies the model in a run config; ``field_values()``: the values behind them, to read the
+config of an older jdeq), ``model_state`` (state besides parameters: batch
 statistics, NNX rng counters), ``layer_solvers`` (each DEQ layer's forward and backward solvers, for the
 convergence report) and ``finish(params, model_state)``. The backward probes and the cache index reach the DEQ layers as Flax state (linen
 collections whose layout ``init`` records; NNX variables), never as arguments of the user's ``__call__``.
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as linen
 import jax
@@ -98,6 +100,9 @@ class LinenModel:
     def fields(self) -> dict:
         return model_fields(self.model)
 
+    def field_values(self) -> dict:
+        return field_values(self.model)
+
     def finish(self, params: Any, model_state: Any = None) -> None:
         """Nothing to do: a linen model holds no parameters."""
 
@@ -158,18 +163,22 @@ class NNXModel:
             "model": type(self.model).__name__,
             "model.params": str(shapes),
             **cache,
-            **nnx_layer_fields(self.model),
+            **{key: describe(field.value) for key, field in self.field_values().items()},
         }
+
+    def field_values(self) -> dict:
+        """The solver, gradient mode and ``per_sample`` of each DEQ layer (see :func:`nnx_layer_fields`)."""
+        return nnx_layer_fields(self.model)
 
     def finish(self, params: Any, model_state: Any = None) -> None:
         nnx.update(self.model, params, *(() if model_state is None else (model_state,)))
 
 
 def nnx_layer_fields(model: nnx.Module) -> dict:
-    """``{"model.<path>.<option>": repr}`` of the solver, gradient mode and ``per_sample`` of each DEQ layer of an
-    NNX ``model`` (a linen model's fields hold them already)."""
+    """``{"model.<path>.<option>": FieldValue}`` of the solver, gradient mode and ``per_sample`` of each DEQ layer of
+    an NNX ``model`` (a linen model's fields hold them already)."""
     return {
-        f"model.{'.'.join(map(str, path))}.{option}": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(getattr(node, option)))
+        f"model.{'.'.join(map(str, path))}.{option}": FieldValue(getattr(node, option), False)
         for path, node in nnx.iter_graph(model)
         if isinstance(node, NNXDEQ)
         for option in ("solver", "grad", "per_sample")
@@ -222,13 +231,66 @@ def as_trainable(model: Any, rng_streams: tuple = ("dropout",), train_flag: str 
     raise TypeError(f"fit trains a flax linen Module or an nnx.Module, got {type(model).__name__}")
 
 
-def model_fields(value: Any, prefix: str = "model") -> dict:
-    """``{"model.<field path>": repr}`` of a (linen) dataclass's fields, nested ones flattened, addresses dropped."""
+class FieldValue(NamedTuple):
+    """The value behind one ``model.<path>`` field of a run config, and whether it sits at a dataclass default (its
+    own field's, or that of a field it is nested in)."""
+
+    value: Any
+    default: bool
+
+
+def field_values(value: Any, prefix: str = "model", default: bool = False) -> dict:
+    """``{"model.<field path>": FieldValue}`` of a (linen) dataclass's fields, nested ones flattened."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
-            key: text
-            for field in dataclasses.fields(value)
-            if field.name != "parent"
-            for key, text in model_fields(getattr(value, field.name), f"{prefix}.{field.name}").items()
+            key: field
+            for f in dataclasses.fields(value)
+            if f.name != "parent"
+            for key, field in field_values(
+                getattr(value, f.name), f"{prefix}.{f.name}", default or at_default(value, f)
+            ).items()
         }
-    return {prefix: re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))}
+    return {prefix: FieldValue(value, default)}
+
+
+def model_fields(value: Any, prefix: str = "model") -> dict:
+    """``{"model.<field path>": repr}`` of a (linen) dataclass's fields, nested ones flattened, addresses dropped."""
+    return {key: describe(field.value) for key, field in field_values(value, prefix).items()}
+
+
+def at_default(value: Any, field: dataclasses.Field) -> bool:
+    """Whether dataclass ``value``'s ``field`` holds its default (compared as :func:`describe` texts)."""
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        return False
+    return describe(getattr(value, field.name)) == describe(default)
+
+
+def describe(value: Any, keep: Callable[[str], bool] | None = None, omitted: list | None = None) -> str:
+    """``repr(value)`` without memory addresses; with ``keep``, the dataclass fields (at any depth, in tuples, lists
+    and dicts too) that hold their default and whose name ``keep`` rejects are left out, as a version of jdeq that
+    predates them wrote the text, each appended to ``omitted`` as ``"Class.field=repr"``. A dataclass with a repr of
+    its own is described by that repr, whole."""
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+    if type(value) in (tuple, list):
+        parts = ", ".join(describe(item, keep, omitted) for item in value)
+        return f"[{parts}]" if type(value) is list else f"({parts}{',' if len(value) == 1 else ''})"
+    if type(value) is dict:
+        return "{" + ", ".join(f"{describe(k)}: {describe(v, keep, omitted)}" for k, v in value.items()) + "}"
+    if not (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+        return text
+    name = type(value).__qualname__
+
+    def spelled(fields: list, keep: Callable[[str], bool] | None = None) -> str:  # as the dataclass's own repr
+        return f"{name}({', '.join(f'{f.name}={describe(getattr(value, f.name), keep, omitted)}' for f in fields)})"
+
+    shown = [f for f in dataclasses.fields(value) if f.repr]
+    if keep is None or text != spelled(shown):  # nothing to leave out, or a repr of its own
+        return text
+    left_out = {f.name for f in shown if not keep(f.name) and at_default(value, f)}
+    if omitted is not None:
+        omitted.extend(f"{name}.{field}={describe(getattr(value, field))}" for field in sorted(left_out))
+    return spelled([f for f in shown if f.name not in left_out], keep)

@@ -2,16 +2,20 @@
 
 Checkpoints are written at the end of each epoch, with the sha256 of every item and the run's configuration,
 so a run resumed from its last intact checkpoint replays exactly the steps an uninterrupted run takes; damaged
-ones are set aside (renamed), never deleted.
+ones are set aside (renamed), never deleted. A checkpoint saved by an older jdeq, before a field with a default was
+added to a model, solver or gradient mode, is read as if it had recorded that field at its default
+(:func:`upgraded`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
 import logging
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,11 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ._adapters import as_trainable
+from ._adapters import FieldValue, as_trainable, describe
 from ._loop import TrainState
 from ._sources import Budget, Position
 
 CHECKPOINTS_KEPT = 3
+logger = logging.getLogger("jdeq.train")
 
 
 class CheckpointError(RuntimeError):
@@ -87,22 +92,62 @@ def run_config(model: dict, opt_state: Any, data: dict, seed: int, batch_size: A
 
 def config_changes(saved: dict, new: dict) -> list[str]:
     """``key: old → new`` for each field in which ``new`` differs from ``saved`` (JSON texts compared, so a NaN
-    equals a NaN), long values shortened."""
+    equals a NaN), long values shortened to a window that starts shortly before their first difference."""
 
-    def show(config, key):
-        text = json.dumps(config[key]) if key in config else "(absent)"
-        return text if len(text) <= 60 else text[:57] + "..."
+    def text(config, key):
+        return json.dumps(config[key]) if key in config else "(absent)"
 
-    return [
-        f"{k}: {show(saved, k)} → {show(new, k)}"
-        for k in sorted(saved.keys() | new.keys())
-        if json.dumps(saved.get(k), sort_keys=True) != json.dumps(new.get(k), sort_keys=True)
-    ]
+    def shown(value: str, start: int) -> str:
+        window = ("..." if start else "") + value[start : start + 57]
+        return value if len(value) <= 60 else window + ("..." if start + 57 < len(value) else "")
+
+    changes = []
+    for k in sorted(saved.keys() | new.keys()):
+        if json.dumps(saved.get(k), sort_keys=True) != json.dumps(new.get(k), sort_keys=True):
+            old, now = text(saved, k), text(new, k)
+            first = next((i for i, (a, b) in enumerate(zip(old, now)) if a != b), min(len(old), len(now)))
+            start = max(0, first - 20)
+            changes.append(f"{k}: {shown(old, start)} → {shown(now, start)}")
+    return changes
 
 
-def check_config(directory: Path, epoch: int, saved: dict, new: dict, allow_changes: bool = False) -> None:
+def upgraded(saved: dict, values: dict[str, FieldValue]) -> tuple[dict, list[str]]:
+    """``(saved, added)``: the ``saved`` run config as this version of jdeq writes it, where it differs only by
+    fields that the version which saved it did not have and that hold their default here (``values``: the model's
+    fields, see :func:`jdeq.train._adapters.field_values`), and those fields as ``"key: Class.field=repr"``. Such a
+    field is a ``model.<path>`` key the saved config lacks, or a dataclass field in a saved repr (e.g. a solver in
+    a tuple of stages) whose name that repr does not mention. A field whose value differs from its default, or a
+    saved repr that differs otherwise, is left as it was saved, for :func:`config_changes` to name."""
+    saved, added = dict(saved), []
+    for key, field in values.items():
+        text = describe(field.value)
+        if key not in saved and field.default:
+            saved[key] = text
+            added.append(f"{key}={text}")
+        elif isinstance(saved.get(key), str) and saved[key] != text:
+            old, omitted = saved[key], []
+            if describe(field.value, functools.partial(mentions, old), omitted) == old:
+                saved[key] = text
+                added.extend(f"{key}: {name}" for name in omitted)
+    return saved, added
+
+
+def mentions(text: str, name: str) -> bool:
+    """Whether the repr ``text`` holds a field ``name=`` (not the end of a longer name)."""
+    return re.search(rf"(?<![\w.]){re.escape(name)}=", text) is not None
+
+
+def check_config(
+    directory: Path, epoch: int, saved: dict, new: dict, allow_changes: bool = False, values: dict | None = None
+) -> None:
     """ValueError naming each field (old → new) in which ``new`` differs from ``saved``, the run config of
-    checkpoint ``epoch``; with ``allow_changes`` a warning instead."""
+    checkpoint ``epoch``; with ``allow_changes`` a warning instead. With the model's field ``values``, fields that
+    ``saved`` predates and that hold their defaults are no difference (:func:`upgraded`; logged at INFO)."""
+    saved, added = upgraded(saved, values or {})
+    if added:
+        logger.info(
+            "checkpoint %d in %s predates the fields %s: read at these defaults", epoch, directory, "; ".join(added)
+        )
     changes = config_changes(saved, new)
     if changes and allow_changes:
         warnings.warn(f"resuming checkpoint {epoch} of {directory} with changes: {'; '.join(changes)}", stacklevel=4)
@@ -190,16 +235,22 @@ def set_aside(manager: ocp.CheckpointManager, epochs: list[int]) -> None:
 
 
 def resume(
-    manager: ocp.CheckpointManager, state: TrainState, config: dict, budget: Budget, allow_changes: bool = False
+    manager: ocp.CheckpointManager,
+    state: TrainState,
+    config: dict,
+    budget: Budget,
+    allow_changes: bool = False,
+    values: dict | None = None,
 ) -> tuple[TrainState, list, Position]:
     """``(state, history, position)`` to continue from: the newest intact checkpoint's, newer damaged ones set
     aside; ``(state, [], Position())`` if there is none. ValueError, leaving the checkpoints as they are, if it was
-    saved by a run of another ``config`` (unless ``allow_changes``: a warning) or trained beyond ``budget``."""
+    saved by a run of another ``config`` (unless ``allow_changes``: a warning; fields it predates, at their
+    defaults in the model's field ``values``, are no difference) or trained beyond ``budget``."""
     if not manager.all_steps():
         return state, [], Position()
 
     def templates(number: int, saved: dict) -> dict:
-        check_config(Path(manager.directory), number, saved, config, allow_changes)
+        check_config(Path(manager.directory), number, saved, config, allow_changes, values)
         cache = {} if state.cache is None else {"cache": state.cache}
         model_state = {} if state.model_state is None else {"model_state": state.model_state}
         return {"params": state.params, "opt_state": state.opt_state, **cache, **model_state, "history": None}
@@ -220,7 +271,8 @@ def load(checkpoint_dir: str | Path, model: Any) -> Any:
     """The ``params`` of ``model`` in the newest intact checkpoint of a :func:`fit` run in ``checkpoint_dir``; an NNX
     ``model`` is updated in place with them (and its batch statistics and rng state), ready for inference. The template comes from ``model.init`` with the
     saved seed and input shape (linen) or the model's own parameters (NNX). Newer damaged checkpoints are skipped
-    with a warning; nothing on disk is modified. ValueError if ``model``'s fields differ from the saved model's."""
+    with a warning; nothing on disk is modified. ValueError if ``model``'s fields differ from the saved model's
+    (fields added to jdeq after it was saved, at their defaults in ``model``, are no difference)."""
     directory = Path(checkpoint_dir).absolute()
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint directory {directory}")
@@ -228,7 +280,7 @@ def load(checkpoint_dir: str | Path, model: Any) -> Any:
 
     def templates(epoch: int, saved: dict) -> dict:
         model_saved = {k: v for k, v in saved.items() if k == "model" or k.startswith("model.")}
-        check_config(directory, epoch, model_saved, trainable.fields())
+        check_config(directory, epoch, model_saved, trainable.fields(), values=trainable.field_values())
         x = jnp.zeros((1, *saved["data.x_train"][1:]), saved["data.dtype"])
         params = trainable.init(saved["seed"], x)
         return {"params": params, **({} if trainable.model_state is None else {"model_state": trainable.model_state})}

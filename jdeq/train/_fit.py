@@ -117,7 +117,8 @@ def fit(
         False in evaluation and at init. An NNX model is trained in ``train()`` mode and evaluated in ``eval()``
         mode (``nnx.Dropout`` off, ``nnx.BatchNorm`` on its running averages).
       resume: ``"strict"`` (default): a checkpoint of another run configuration is a ValueError naming each
-        changed field (old → new); ``"allow_changes"``: it is resumed with a warning naming them.
+        changed field (old → new); ``"allow_changes"``: it is resumed with a warning naming them. Fields added to
+        jdeq after the checkpoint was saved are no change where the model holds their defaults (logged at INFO).
       on_step: ``on_step(step, row)`` with every training step's metrics row (1-based step over the run), called
         when the rows reach the host (every ``log_every`` steps): a metric writer's hook.
       log_every: training metrics are fetched from the device every ``log_every`` steps (and at the end of each
@@ -194,7 +195,9 @@ def fit(
         manager = None if directory is None else checkpoint_manager(directory)
         allow = resume == "allow_changes"
         state, history, position = (
-            (state, [], Position()) if manager is None else resume_run(manager, state, run, budget, allow)
+            (state, [], Position())
+            if manager is None
+            else resume_run(manager, state, run, budget, allow, trainable.field_values())
         )
         train_step = make_train_step(trainable, optimizer, loss_fn, metrics_fn, on_nonfinite == "stop")
         eval_step = make_eval_step(trainable, loss_fn, metrics_fn)
