@@ -140,21 +140,31 @@ def small_mdeq(solver, grad=None):
 
 
 def directional_check(loss, params, seed=0, eps=1e-6):
-    """The gradient of ``loss`` at ``params`` along a random direction against a central finite difference."""
-    loss = jax.jit(loss)
+    """The gradient of ``loss`` at ``params`` along a random direction against a central finite difference.
+
+    ``loss(params) -> (value, aux)``; one compiled value-and-gradient serves the gradient and both finite-difference
+    points. Returns ``(analytic, numeric, grads, aux)``, ``grads`` and ``aux`` at ``params``.
+    """
+    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
     direction = tree.unflatten([jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)])
-    grads = jax.jit(jax.grad(loss))(params)
+    (_, aux), grads = value_and_grad(params)
     analytic = sum(
         jnp.vdot(g, d) for g, d in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction))
     )
 
     def shifted(t):
-        return loss(jax.tree_util.tree_map(lambda p, d: p + t * d, params, direction))
+        return value_and_grad(jax.tree_util.tree_map(lambda p, d: p + t * d, params, direction))[0][0]
 
     numeric = (shifted(eps) - shifted(-eps)) / (2 * eps)
-    return float(analytic), float(numeric), grads
+    return float(analytic), float(numeric), grads, aux
+
+
+def assert_near_unrolled(grads, unrolled):
+    for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(unrolled), strict=True):
+        # the unrolled derivative through a solve stopped at 1e-11 lags its iterate: 1e-5 of each leaf's scale
+        assert float(jnp.max(jnp.abs(g - u))) <= 1e-5 * float(jnp.max(jnp.abs(u))) + 1e-12  # + zero leaves
 
 
 def test_mdeq_implicit_gradient_matches_finite_differences_and_unrolled_in_float64(standard_promotion):
@@ -162,21 +172,20 @@ def test_mdeq_implicit_gradient_matches_finite_differences_and_unrolled_in_float
     labels = jnp.array([0, 2])
     model = small_mdeq(TIGHT)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), images)["params"]
-    _, sown = jax.jit(lambda p: model.apply({"params": p}, images, mutable=["intermediates"]))(params)
-    assert converged(sown).all()  # to 1e-11: the gradients below are those of the equilibrium
-    assert np.max(jdeq.nn.forward_stats(sown)[0].num_steps) < UNROLLED_BUDGET.max_steps
 
     def loss_with(m):
-        return lambda p: jnp.mean(
-            optax.softmax_cross_entropy_with_integer_labels(m.apply({"params": p}, images), labels)
-        )
+        def loss(p):
+            logits, sown = m.apply({"params": p}, images, mutable=["intermediates"])
+            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), sown
 
-    analytic, numeric, grads = directional_check(loss_with(model), params)
+        return loss
+
+    analytic, numeric, grads, sown = directional_check(loss_with(model), params)
+    assert converged(sown).all()  # to 1e-11: the gradients are those of the equilibrium
+    assert np.max(jdeq.nn.forward_stats(sown)[0].num_steps) < UNROLLED_BUDGET.max_steps
     assert abs(analytic - numeric) <= FD_RTOL * max(1.0, abs(numeric))
-    unrolled = jax.jit(jax.grad(loss_with(small_mdeq(UNROLLED_BUDGET, jdeq.Unrolled()))))(params)
-    for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(unrolled)):
-        # the unrolled derivative through a solve stopped at 1e-11 lags its iterate: 1e-5 of each leaf's scale
-        assert float(jnp.max(jnp.abs(g - u))) <= 1e-5 * float(jnp.max(jnp.abs(u))) + 1e-12  # + zero leaves
+    unrolled = jax.jit(jax.grad(loss_with(small_mdeq(UNROLLED_BUDGET, jdeq.Unrolled())), has_aux=True))(params)[0]
+    assert_near_unrolled(grads, unrolled)
     assert all(bool(jnp.any(g != 0)) for g in jax.tree_util.tree_leaves(grads["f"]))
 
 
@@ -293,20 +302,21 @@ def test_deq_lm_implicit_gradient_matches_finite_differences_and_unrolled_in_flo
     options = dict(dim=8, heads=2, max_len=8, param_dtype=jnp.float64)
     model = TeacherForced(DEQTransformerLM(7, solver=TIGHT, **options))
     params = jax.jit(model.init)(jax.random.PRNGKey(0), windows)["params"]
-    _, sown = jax.jit(lambda p: model.apply({"params": p}, windows, mutable=["intermediates"]))(params)
-    assert converged(sown).all()  # to 1e-11, within the unrolled reference's budget too
-    assert np.max(jdeq.nn.forward_stats(sown)[0].num_steps) < UNROLLED_BUDGET.max_steps
 
     def loss_with(m):
-        return lambda p: teacher_forced_loss(m.apply({"params": p}, windows), None)
+        def loss(p):
+            logits, sown = m.apply({"params": p}, windows, mutable=["intermediates"])
+            return teacher_forced_loss(logits, None), sown
 
-    analytic, numeric, grads = directional_check(loss_with(model), params)
+        return loss
+
+    analytic, numeric, grads, sown = directional_check(loss_with(model), params)
+    assert converged(sown).all()  # to 1e-11, within the unrolled reference's budget too
+    assert np.max(jdeq.nn.forward_stats(sown)[0].num_steps) < UNROLLED_BUDGET.max_steps
     assert abs(analytic - numeric) <= FD_RTOL * max(1.0, abs(numeric))
     unrolled_lm = DEQTransformerLM(7, solver=UNROLLED_BUDGET, grad=jdeq.Unrolled(), **options)
-    unrolled = jax.jit(jax.grad(loss_with(TeacherForced(unrolled_lm))))(params)
-    for g, u in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(unrolled)):
-        # the unrolled derivative through a solve stopped at 1e-11 lags its iterate: 1e-5 of each leaf's scale
-        assert float(jnp.max(jnp.abs(g - u))) <= 1e-5 * float(jnp.max(jnp.abs(u))) + 1e-12  # + zero leaves
+    unrolled = jax.jit(jax.grad(loss_with(TeacherForced(unrolled_lm)), has_aux=True))(params)[0]
+    assert_near_unrolled(grads, unrolled)
 
 
 def test_teacher_forced_metrics():
