@@ -122,3 +122,14 @@ def user_nnx_map(rngs):
             return jnp.tanh(0.3 * self.a(z) + self.b(x))
 
     return UserMap(rngs)
+
+
+def iter_eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from iter_eqns(inner)

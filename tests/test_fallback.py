@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import linear_map
+from helpers import iter_eqns, linear_map
 
 import jdeq
 from jdeq import Result
@@ -133,16 +133,6 @@ def tanh_count(solver, batch):
         return solver.batch_step(fn, xs, fx, jax.vmap(solver.init)(xs, fx), 0)
 
     return sum(eqn.primitive.name == "tanh" for eqn in iter_eqns(jax.make_jaxpr(step)(batch).jaxpr)) - 1
-
-
-def iter_eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from iter_eqns(inner)
 
 
 def test_a_batch_step_evaluates_f_once_when_every_stage_proposes():

@@ -5,7 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import random_matrix, rel_err, tanh_map
+from helpers import iter_eqns, random_matrix, rel_err, tanh_map
 
 import jdeq
 
@@ -111,17 +111,6 @@ def test_matmul_precision_reaches_the_products_of_both_passes():
     assert len(default) == len(highest) >= 3  # f in the loop, its VJP in the adjoint loop and for ∂f/∂W
     assert not any("HIGHEST" in p for p in default), default
     assert all("HIGHEST" in p for p in highest), highest
-
-
-def iter_eqns(jaxpr):
-    """Every equation of ``jaxpr`` and of the jaxprs nested in its equations' parameters."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from iter_eqns(inner)
 
 
 def test_bad_policies_are_rejected():
