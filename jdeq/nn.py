@@ -642,12 +642,12 @@ class NNXDEQ(nnx.Module):
         _reject_state(name, ["batch_stats"] if jax.tree_util.tree_leaves(batch_stats) else [])
         _advance_streams(self.f)  # the next call's solve sees new masks
         call = _NNXMap(name, graphdef)
+        variables = (params, rngs, rest)
         random = bool(jax.tree_util.tree_leaves(rngs))  # masks drawn on a batch and on one sample differ
         if self.per_sample and not self.checked_per_sample and not random:  # once per layer, or per trace
-            _check_per_sample(name, call, z0, x, (params, rngs, rest))
+            _check_per_sample(name, call, z0, x, variables)
             concrete = not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves((x, params)))
             self.checked_per_sample = concrete  # set inside nnx.jit, it would change the graph and retrace
-        variables = (params, rngs, rest)
         return z0, lambda start: _solve_map(_OneOfBatch(_StateFirst(call)), call, start, x, variables, **options)
 
 
