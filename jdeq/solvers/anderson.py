@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from typing import NamedTuple, Optional
 
 import jax
@@ -50,6 +52,15 @@ def cholesky_solve(a: jax.Array, b: jax.Array) -> jax.Array:
     for i in reversed(range(k)):
         x[i] = (y[i] - sum(low[p][i] * x[p] for p in range(i + 1, k))) / low[i][i]
     return jnp.stack(x)
+
+
+def _total(terms):
+    """``Σ_i terms[i]`` over the leading axis (length m) as a chain of ``m − 1`` additions.
+
+    Batched (``jax.vmap``) this is elementwise arithmetic that XLA fuses with its producers and consumers,
+    where ``jnp.sum`` over a short axis is a reduction kernel of its own.
+    """
+    return functools.reduce(operator.add, [terms[i] for i in range(len(terms))])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +118,12 @@ class Anderson(Solver):
         gram = state.gram.at[slot, :].set(row).at[:, slot].set(row)
         count = state.count + 1
         alpha = self.coefficients(gram, count)
-        ok = jnp.all(jnp.isfinite(alpha)) & (jnp.sum(jnp.abs(alpha)) <= self.max_coef)
+        ok = _total(jnp.abs(alpha)) <= self.max_coef  # False where a coefficient is NaN or infinite
         alpha = jnp.where(ok, alpha, 0.0).astype(x.dtype)
-        x_acc = alpha @ fs
-        if self.beta != 1:
-            x_acc = x_acc - (1 - self.beta) * (alpha @ gs)
+        # Σ α_i (f_i − (1 − β) g_i) slot by slot: elementwise work that fuses with the select below into one kernel
+        # (as ``alpha @ fs``, a batch solve runs one small matrix product per sample)
+        terms = fs if self.beta == 1 else fs - (1 - self.beta) * gs
+        x_acc = _total([alpha[i] * terms[i] for i in range(terms.shape[0])])
         x_new = jnp.where(ok, x_acc, x + self.beta * g)
         return x_new, AndersonState(gs, fs, gram, count)
 
@@ -160,4 +172,4 @@ class Anderson(Solver):
         lam = self.ridge * gram[newest, newest] + jnp.finfo(gram.dtype).tiny  # scaled by ‖g_k‖², not old residuals
         system = jnp.where(both, gram, 0.0) + jnp.diag(jnp.where(valid, lam, 1.0))
         weights = self._small_solve(system, valid.astype(gram.dtype))
-        return weights / jnp.sum(weights)
+        return weights / _total(weights)
