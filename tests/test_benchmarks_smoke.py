@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jdeq
 from benchmarks import run
 from benchmarks.report import table, targets, targets_table
-from benchmarks.step_cost import plain_fixed_point, step_cost_rows
+from benchmarks.step_cost import ANDERSON_PARTS, per_sample_anderson_floor, plain_fixed_point, step_cost_rows
 from benchmarks.timing import interleaved_ms
 from benchmarks.workloads import Workload, conv_cell_params, conv_workload, mlp_workload, spectral_norm, spectral_radius
 from jdeq.models import ConvCell
@@ -143,6 +144,21 @@ def test_step_cost_counts_the_steps_it_times():
         (m, mode) for m in ("fixedpoint", "anderson", "broyden") for mode in ("per-sample", "whole-batch")
     } | {("f", "chained"), ("floor", "per-sample")}
     assert all(r["steps"] == 5 and 0 < r["us_per_step_min"] <= r["us_per_step"] for r in rows)
+
+
+def test_the_hand_written_anderson_floor_iterates_as_jdeq_anderson():
+    w = mlp_workload("mlp_moderate", 3, 8)
+    f = lambda z: w.jax_map(z, w.params, jnp.asarray(w.data["x"]))  # noqa: E731
+    z0, steps = jnp.zeros((3, 8), jnp.float32), 7
+    fz, taken, _ = jax.jit(per_sample_anderson_floor(f, 1e-30, steps))(z0)
+    solver = jdeq.Anderson(tol=1e-30, max_steps=steps, divergence=float("inf"))
+    z = jdeq.fixed_point_batch(
+        w.one_sample_map(), z0, w.params, jnp.asarray(w.data["x"]), in_axes=(None, 0), solver=solver
+    )
+    assert np.all(taken == steps)
+    np.testing.assert_allclose(fz, f(z.value), rtol=1e-5, atol=1e-6)
+    plain, _, _ = jax.jit(per_sample_anderson_floor(f, 1e-30, steps, parts=len(ANDERSON_PARTS) - 1))(z0)
+    assert not np.allclose(plain, fz, atol=1e-3)  # without the mixing it is plain iteration
 
 
 def test_plain_fixed_point_stops_on_the_relative_residual():
