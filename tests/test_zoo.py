@@ -430,6 +430,25 @@ def test_mdeq_skipdeq_guess_trains_on_the_consistency_loss_and_leaves_the_inject
     assert all(bool(jnp.all(g == 0)) for g in jax.tree_util.tree_leaves(grads["injection"]))
 
 
+@pytest.mark.slow  # a compiled init and gradient of a small LM (about 30 s of one core)
+def test_lm_skipdeq_guess_is_a_block_of_the_maps_kind_trained_by_the_consistency_loss_only():
+    windows = jnp.asarray(np.random.default_rng(5).integers(0, 11, (3, 7)), jnp.int32)
+    lm = TeacherForced(DEQTransformerLM(11, dim=8, heads=2, max_len=8, solver=jdeq.Anderson(tol=1e-5), skip=True))
+    params = jax.jit(lm.init)(jax.random.PRNGKey(0), windows)["params"]
+    shapes = jax.tree_util.tree_map(jnp.shape, params["lm"])
+    assert shapes["skip"] == {"net": shapes["block"]}  # the map's kind, weights of its own
+
+    gradient = jax.jit(jax.grad(lambda p, w: w * teacher_forced_loss(lm.apply({"params": p}, windows), None)))
+    trained, consistency_only = gradient(params, 1.0)["lm"], gradient(params, 0.0)["lm"]
+    # the guess learns from the consistency loss alone: the task loss adds nothing to its gradient (Implicit)
+    assert any(bool(jnp.any(g != 0)) for g in jax.tree_util.tree_leaves(consistency_only["skip"]))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, trained["skip"], consistency_only["skip"])
+    # and the consistency loss reaches nothing else: the injection (embedding, positions) and the map are left alone
+    rest = {k: v for k, v in consistency_only.items() if k != "skip"}
+    assert all(bool(jnp.all(g == 0)) for g in jax.tree_util.tree_leaves(rest))
+    assert all(bool(jnp.any(trained[k]["embedding" if k == "embed" else "kernel"] != 0)) for k in ("embed", "head"))
+
+
 # --- jdeq train ---------------------------------------------------------------------------------------------------
 
 

@@ -182,23 +182,25 @@ class _PackedCell(linen.Module):
         return pack(cell(unpack(z, self.shapes), unpack(u, self.shapes)))
 
 
-class _PackedSkip(linen.Module):
-    """SkipDEQ's initial guess for MDEQ, an explicit network of the map's own kind (the shortcut of Pal, Edelman &
-    Rackauckas 2022, arXiv 2201.12240: a residual block like the DEQ's on the input): ``z0 = g(v, v)`` with
-    ``v = stop_gradient(u)`` and ``g`` a :class:`MultiscaleCell` with weights of its own (gain 1 at init), i.e. one
-    residual block per branch of the injection and the multiscale fusion, so each branch's guess sees every
-    branch. The injection is held fixed for the guess: the consistency loss trains the guess only, not the
-    classifier's injection (which it would otherwise pull towards features that predict ``z*``). A 3×3 conv and
-    GroupNorm per branch ended 0.74–0.81 of ``‖z*‖`` from ``z*`` (docs/zoo.md)."""
+class OwnKindGuess(linen.Module):
+    """SkipDEQ's initial guess of the map's own kind (the shortcut of Pal, Edelman & Rackauckas 2022, arXiv
+    2201.12240: a block like the DEQ's on the input): ``z0 = net(v, v)`` with ``v = stop_gradient(x)``, the layer's
+    injection, and ``net`` a map ``(z, x) -> z`` of the DEQ's kind with weights of its own (MDEQ: a
+    :class:`MultiscaleCell` on the packed branches, so each branch's guess sees every branch; the DEQ-Transformer:
+    a :class:`~jdeq.models.TransformerBlock`). The injection is held fixed for the guess: the consistency loss trains
+    the guess only, not the model's injection (which it would otherwise pull towards features that predict ``z*``).
+    On MDEQ a 3×3 conv and GroupNorm per branch ended 0.74–0.81 of ``‖z*‖`` from ``z*``, a cell of the map's kind
+    0.33–0.41 (docs/zoo.md).
 
-    shapes: tuple[tuple[int, int, int], ...]
-    groups: int = 4
-    param_dtype: Any = jnp.float32
+    ``net`` is passed unbound (built with ``parent=None``) so its weights sit under this module, as ``net``.
+    """
+
+    net: linen.Module
 
     @linen.compact
-    def __call__(self, u: jax.Array) -> jax.Array:
-        v = jax.lax.stop_gradient(u)
-        return _PackedCell(self.shapes, self.groups, 1.0, self.param_dtype, name="net")(v, v)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        v = jax.lax.stop_gradient(x)
+        return self.net(v, v)
 
 
 class MultiscaleInjection(linen.Module):
@@ -270,8 +272,9 @@ class MDEQClassifier(linen.Module):
       scale: the gain of the map's convolutions at init (weight norm: each output channel's kernel has this norm).
       solver: the forward solver (default :data:`MDEQ_SOLVER`).
       grad: the gradient mode (default ``jdeq.Implicit()``).
-      skip: start each solve from a learned SkipDEQ guess (a cell of the map's kind with its own weights, applied to
-        the injection), trained by the consistency loss with weight ``skip_weight`` (see :class:`jdeq.nn.DEQ`).
+      skip: start each solve from a learned SkipDEQ guess of the map's kind (:class:`OwnKindGuess`: a cell with
+        weights of its own, gain 1 at init, on ``stop_gradient(u)``), trained by the consistency loss only, with weight
+        ``skip_weight`` (see :class:`jdeq.nn.DEQ`).
       jacobian_weight: the weight ``w`` of the Jacobian penalty ``w · ‖∂f/∂z (z*)‖_F² / d`` (see the module
         docstring), applied in the calls that carry a ``"dropout"`` rng (training under :func:`jdeq.train.fit`;
         evaluation passes none) and sown as ``"jacobian_penalty"`` in ``"intermediates"``; 0 switches it off.
@@ -303,7 +306,8 @@ class MDEQClassifier(linen.Module):
         f = _PackedCell(shapes, self.groups, self.scale, dtype, name="f")
         options = {}
         if self.skip:
-            options = dict(skip=_PackedSkip(shapes, self.groups, dtype, name="skip"), skip_weight=self.skip_weight)
+            guess = OwnKindGuess(_PackedCell(shapes, self.groups, 1.0, dtype, parent=None), name="skip")
+            options = dict(skip=guess, skip_weight=self.skip_weight)
         z = DEQ(f, solver=self.solver, grad=self.grad, name="deq", **options)(u, jnp.zeros_like(u))
         branches = unpack(z, shapes)
         pooled = jnp.concatenate([jnp.mean(b, axis=(1, 2)) for b in branches], axis=1)

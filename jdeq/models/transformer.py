@@ -28,7 +28,7 @@ import optax
 from ..gradients import GradientMode
 from ..nn import DEQ
 from ..solvers import Solver
-from .mdeq import ZOO_SOLVER
+from .mdeq import ZOO_SOLVER, OwnKindGuess
 
 
 class TransformerBlock(linen.Module):
@@ -59,19 +59,6 @@ class TransformerBlock(linen.Module):
         m = linen.Dense(self.mlp_ratio * self.dim, dtype=dtype, param_dtype=dtype, name="mlp_in")(h)
         m = linen.Dense(self.dim, dtype=dtype, param_dtype=dtype, kernel_init=small, name="mlp_out")(jax.nn.gelu(m))
         return linen.LayerNorm(dtype=dtype, param_dtype=dtype, name="norm_mlp")(h + m + x)
-
-
-class SkipGuess(linen.Module):
-    """SkipDEQ's initial guess for the LM: ``z0 = LN(Dense(gelu(Dense(x))))`` per position."""
-
-    dim: int
-    param_dtype: Any = jnp.float32
-
-    @linen.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.param_dtype
-        h = jax.nn.gelu(linen.Dense(self.dim, dtype=dtype, param_dtype=dtype)(x))
-        return linen.LayerNorm(dtype=dtype, param_dtype=dtype)(linen.Dense(self.dim, dtype=dtype, param_dtype=dtype)(h))
 
 
 def check_tokens(tokens: jax.Array, vocab_size: int, max_len: int) -> None:
@@ -136,8 +123,9 @@ class DEQTransformerLM(_LM):
       param_dtype: the parameters' and the computation's dtype.
       solver: the forward solver (default :data:`jdeq.models.ZOO_SOLVER`).
       grad: the gradient mode (default ``jdeq.Implicit()``).
-      skip: start each solve from a learned SkipDEQ guess (:class:`SkipGuess`), trained by the consistency loss
-        with weight ``skip_weight`` (see :class:`jdeq.nn.DEQ`).
+      skip: start each solve from a learned SkipDEQ guess of the map's kind (:class:`~jdeq.models.mdeq.OwnKindGuess`:
+        a :class:`TransformerBlock` with weights of its own, gain 1 at init, on ``stop_gradient(x)``), trained by the
+        consistency loss only, with weight ``skip_weight`` (see :class:`jdeq.nn.DEQ`).
 
     Call as ``model.apply(variables, tokens)`` with integer ``(B, T)`` tokens; returns ``(B, T, vocab_size)``
     logits, position ``t`` predicting token ``t + 1``. Forward statistics are sown like :class:`jdeq.nn.DEQ`'s.
@@ -151,7 +139,8 @@ class DEQTransformerLM(_LM):
     def hidden(self, x: jax.Array) -> jax.Array:
         options = {}
         if self.skip:
-            options = dict(skip=SkipGuess(self.dim, self.param_dtype, name="skip"), skip_weight=self.skip_weight)
+            block = TransformerBlock(self.dim, self.heads, self.mlp_ratio, 1.0, self.param_dtype, parent=None)
+            options = dict(skip=OwnKindGuess(block, name="skip"), skip_weight=self.skip_weight)
         return DEQ(self.make_block(), solver=self.solver, grad=self.grad, name="deq", **options)(x, jnp.zeros_like(x))
 
 
