@@ -20,9 +20,13 @@ from pathlib import Path
 
 # XLA's CPU compiler, not the programs, is most of the suite's time: a solver's gradient compiles in ~3 s and runs in
 # ~3 ms. The elemental emitters and no LLVM optimisation compile the same optimised HLO about 4x faster (measured on
-# the Anderson + GMRES tanh gradient: 3.1 s -> 0.8 s of CPU). Test processes only: benchmarks and users keep XLA's
-# defaults. Set before the CPU backend starts; subprocesses (CLI and notebook tests) inherit it.
-TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
+# the Anderson + GMRES tanh gradient: 3.1 s -> 0.8 s of CPU). One LLVM module per program instead of XLA's split into
+# parts compiled on parallel threads: the parts cost CPU time and the two test processes already use both cores (nine
+# solver gradients, three interleaved pairs: 8.2-8.5 s -> 5.3-5.5 s of CPU). Test processes only: benchmarks and users
+# keep XLA's defaults. Set before the CPU backend starts; subprocesses (CLI and notebook tests) inherit it.
+TEST_XLA_FLAGS = (
+    "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0 --xla_cpu_parallel_codegen_split_count=1"
+)
 if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # xdist's workers inherit them from the controlling process
     os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
 

@@ -14,11 +14,9 @@ import json
 import os
 import sys
 
-if __name__ == "__main__":  # a child process: 8 CPU devices, before jax starts (the test imports only the names)
-    os.environ["XLA_FLAGS"] = (
-        "--xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false "
-        "--xla_backend_optimization_level=0"
-    )
+if __name__ == "__main__":  # a child process: 8 CPU devices, before jax starts (the test imports only the names);
+    # the test process's compiler flags (tests/conftest.py) are inherited
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=8 {os.environ.get('XLA_FLAGS', '')}".strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
