@@ -294,11 +294,18 @@ def zoo_data(args) -> Any:
     from .data import load_cifar10, load_digits, load_text
 
     if args.task == "mdeq":
-        return load_cifar10(args.cifar10) if args.cifar10 else load_digits(seed=args.seed, flatten=False)
+        return load_cifar10(args.cifar10) if args.cifar10 else load_digits(seed=split_seed(args), flatten=False)
     text = load_text(args.text)
     if args.train_chars:
         text = text._replace(train=text.train[: args.train_chars])
     return text.windows(args.length)
+
+
+def split_seed(args) -> int | None:
+    """The digits split's seed: ``--split-seed``, or ``--seed`` without it (``None`` for CIFAR-10 and text)."""
+    if args.task != "mdeq" or args.cifar10:
+        return None
+    return args.seed if args.split_seed is None else args.split_seed
 
 
 def zoo_model(args, data) -> Any:
@@ -395,7 +402,11 @@ def _train_command(args) -> None:
         loss_fn=loss_fn,
         metrics_fn=metrics_fn,
         checkpoint_dir=out / "checkpoints",
-        config={"task": args.task},
+        # the split's seed only where it is not ``seed``'s, so that earlier runs' checkpoints still resume
+        config={
+            "task": args.task,
+            **({} if split_seed(args) in (None, args.seed) else {"split_seed": split_seed(args)}),
+        },
         log_every=5,
     )
     metric = "bpc" if lm else "accuracy"
@@ -436,10 +447,21 @@ def _zoo_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--max-steps", type=_positive_int, default=100 if mdeq else 40, help="forward solver step budget")
     p.add_argument("--skipdeq", action="store_true", help="learn the solver's start (SkipDEQ)")
     p.add_argument("--skip-weight", type=float, default=1.0, help="the SkipDEQ consistency loss's weight")
-    p.add_argument("--seed", type=int, default=0, help="initialisation and batch order (digits: also the split)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="initialisation and batch order" + (" (digits: also the split unless --split-seed)" if mdeq else ""),
+    )
     p.add_argument("--out", default=f"runs/{task}", help="output directory (checkpoints resume from it)")
     if mdeq:
         p.add_argument("--cifar10", default=None, help="train on CIFAR-10's python batches in this directory")
+        p.add_argument(
+            "--split-seed",
+            type=_nonnegative_int,
+            default=None,
+            help="seed of the digits train/test split (None: --seed's value)",
+        )
         p.add_argument(
             "--solver",
             choices=["fallback", "anderson"],
