@@ -476,6 +476,35 @@ def test_train_mdeq_command_builds_its_model_from_the_options(monkeypatch, tmp_p
         cli.main(["train", "mdeq", "--jacobian-weight", "-1", "--out", str(tmp_path)])
 
 
+def test_train_mdeq_split_follows_split_seed_and_initialisation_follows_seed(monkeypatch, tmp_path):
+    from jdeq import cli, train
+
+    class Reached(Exception):
+        pass
+
+    def fit(model, optimizer, data, **kwargs):
+        raise Reached(data, kwargs)
+
+    monkeypatch.setattr(train, "fit", fit)
+
+    def reached(*options):
+        with pytest.raises(Reached) as caught:
+            cli.main(["train", "mdeq", *options, "--out", str(tmp_path)])
+        return caught.value.args
+
+    def split(seed):
+        digits = data.load_digits(seed=seed, flatten=False)
+        return digits.x_train, digits.x_test
+
+    run, same = reached("--seed", "3", "--split-seed", "5"), reached("--seed", "5")
+    assert run[1]["seed"] == 3 and same[1]["seed"] == 5  # initialisation and batch order: --seed
+    for loaded, seed in ((run[0], 5), (same[0], 5), (reached("--seed", "3")[0], 3)):  # the split: --split-seed
+        assert all(np.array_equal(a, b) for a, b in zip((loaded.x_train, loaded.x_test), split(seed)))
+    assert not np.array_equal(split(3)[1], split(5)[1])
+    # a resume refuses a changed split: it is in the run config wherever it is not --seed's
+    assert run[1]["config"] == {"task": "mdeq", "split_seed": 5} and same[1]["config"] == {"task": "mdeq"}
+
+
 @pytest.mark.slow  # a CLI training run each (50-70 s of one core)
 @pytest.mark.parametrize("variant", [["--skipdeq"], ["--depth", "2"]], ids=["deq_skipdeq", "explicit"])
 def test_train_lm_command_writes_the_results_row_and_figure(tmp_path, variant, standard_promotion):
