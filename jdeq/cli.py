@@ -386,6 +386,7 @@ def _train_command(args) -> None:
     lm = args.task == "lm"
     loss_fn, metrics_fn = (teacher_forced_loss, bits_per_character) if lm else (None, classification_metrics)
     name = "explicit_lm" if lm and args.depth else ZOO_MODELS[args.task]
+    split = split_seed(args)
     print(
         f"jdeq train {args.task}: {name}{' + SkipDEQ' if args.skipdeq and name != 'explicit_lm' else ''} on {data.name} "
         f"({len(data.x_train)} train / {len(data.x_test)} test), {args.epochs} epochs of {steps // args.epochs} "
@@ -405,7 +406,7 @@ def _train_command(args) -> None:
         # the split's seed only where it is not ``seed``'s, so that earlier runs' checkpoints still resume
         config={
             "task": args.task,
-            **({} if split_seed(args) in (None, args.seed) else {"split_seed": split_seed(args)}),
+            **({} if split in (None, args.seed) else {"split_seed": split}),
         },
         log_every=5,
     )
