@@ -104,6 +104,43 @@ def verdicts(jdeq_row: dict, torch_row: dict, z_jdeq: np.ndarray, z_torch: np.nd
     }
 
 
+def contraction(f_one, params, z: np.ndarray, u, differences: dict, num_iters: int = 200, seed: int = 11) -> dict:
+    """How fast the map contracts at ``z`` (e.g. jdeq's equilibrium), per sample, with ``J = ∂f/∂z`` there:
+
+    - ``spectral_radius`` ``ρ(J)``: power iteration on Jacobian–vector products, ``num_iters`` steps, and
+      ``spectral_radius_half`` after ``num_iters / 2`` (apart: not settled, e.g. a complex dominant pair);
+    - ``spectral_norm`` ``‖J‖₂``: power iteration on ``JᵀJ``, ``num_iters`` steps;
+    - ``amplification[name]``: ``‖Δz‖ / ‖(I − J)Δz‖`` for each ``Δz`` of ``differences`` (a lower bound on
+      ``‖(I − J)⁻¹‖₂``, which turns two residuals of norm ≤ tol·‖f‖ into ``‖Δz‖ ≤ 2·tol·‖f‖·‖(I − J)⁻¹‖₂``).
+    """
+    names = sorted(differences)
+
+    def one(z, x, key, *deltas):
+        jvp = jax.linearize(lambda z: f_one(z, params, x), z)[1]
+        vjp = jax.linear_transpose(jvp, z)
+        start = jax.random.normal(key, z.shape, z.dtype)
+        radius_half, v = jdeq.power_iteration(jvp, start, num_iters // 2)
+        radius = jdeq.power_iteration(jvp, v, num_iters - num_iters // 2)[0]
+        norm_squared = jdeq.power_iteration(lambda v: vjp(jvp(v))[0], start, num_iters)[0]
+        amplification = [jnp.linalg.norm(d) / jnp.linalg.norm(d - jvp(d)) for d in deltas]
+        return radius_half, radius, jnp.sqrt(norm_squared), amplification
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(z))
+    deltas = [jnp.asarray(differences[n], jnp.float32) for n in names]
+    half, radius, spectral, amplification = jax.jit(jax.vmap(one))(jnp.asarray(z), u, keys, *deltas)
+    half, radius, spectral, *amplification = (
+        np.asarray(a, np.float64).tolist() for a in (half, radius, spectral, *amplification)
+    )
+    return {
+        "samples": len(z),
+        "num_iters": num_iters,
+        "spectral_radius_half": half,
+        "spectral_radius": radius,
+        "spectral_norm": spectral,
+        "amplification": dict(zip(names, amplification)),
+    }
+
+
 # ---------------------------------------------------------------- the zoo's maps in PyTorch
 
 
@@ -319,8 +356,11 @@ def f_agreement(w: Workload, torch_device, seed: int = 3) -> dict:
     return {"max_abs": difference, "relative": difference / float(np.max(np.abs(fz_jax)))}
 
 
-def run_workload(w: Workload, torch_device, repeats: int, clock, budget_s: float, progress, lam: float = 1e-4) -> dict:
-    """Build, check and time every variant of one workload; the rows, the parity verdicts and the times."""
+def run_workload(
+    w: Workload, torch_device, repeats: int, clock, budget_s: float, progress, lam: float = 1e-4, contracted: int = 0
+) -> dict:
+    """Build, check and time every variant of one workload; the rows, the parity verdicts and the times; with
+    ``contracted > 0``, :func:`contraction` at jdeq's Anderson equilibrium on that many samples."""
     from . import torch_methods
 
     params = jax.device_put({k: jnp.asarray(v) for k, v in w.params.items()})
@@ -357,6 +397,13 @@ def run_workload(w: Workload, torch_device, repeats: int, clock, budget_s: float
         )
         for name in SOLVERS
     }
+    extra = {}
+    if contracted > 0:
+        progress(f"{w.name}: contraction at jdeq's Anderson equilibrium, {contracted} samples")
+        differences = {n: (states[f"jdeq/{n}"] - states[f"torchdeq/{n}"])[:contracted] for n in SOLVERS}
+        extra["contraction"] = contraction(
+            w.one_sample_map(), params, states["jdeq/anderson"][:contracted], u[:contracted], differences
+        )
     if repeats > 0:  # --repeats 0: the parity checks alone
         progress(f"{w.name}: timing {len(calls)} calls interleaved, {repeats} repeats")
         times = interleaved_ms(calls, repeats, clock, budget_s)
@@ -372,11 +419,16 @@ def run_workload(w: Workload, torch_device, repeats: int, clock, budget_s: float
         "f_agreement": {**agreement, "bound": F_AGREEMENT, "holds": agreement["relative"] <= F_AGREEMENT},
         "rows": list(rows.values()),
         "parity": pairs,
+        **extra,
     }
 
 
 def _ms(spread: dict | None) -> str:
     return "—" if spread is None else f"{spread['median']:.1f} ({spread['min']:.1f}–{spread['max']:.1f})"
+
+
+def _spread(values) -> str:
+    return f"{min(values):.3g}–{max(values):.3g}"
 
 
 def _verdict(value) -> str:
@@ -410,6 +462,14 @@ def report(result: dict) -> str:
                 f"{p['max_relative_difference']:.1e} | {_verdict(p['same_equilibrium'])} | "
                 f"{p['steps_jdeq']} / {p['steps_torchdeq']} | {_verdict(p['steps_comparable'])} |"
             )
+    for block in result["workloads"]:
+        if "contraction" in block:
+            c = block["contraction"]
+            out.append(
+                f"\n{block['workload']}, {c['samples']} samples at jdeq's Anderson z*: ρ(J) {_spread(c['spectral_radius'])}"
+                f" ({_spread(c['spectral_radius_half'])} after {c['num_iters'] // 2} steps), ‖J‖₂ {_spread(c['spectral_norm'])}, "
+                + ", ".join(f"‖Δz‖/‖(I − J)Δz‖ {n} {_spread(a)}" for n, a in c["amplification"].items())
+            )
     return "\n".join(out)
 
 
@@ -427,6 +487,7 @@ def main(argv=None) -> Path:
     p.add_argument("--budget", type=float, default=120.0, help="seconds of timed calls per variant, at most")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--torchdeq-lam", type=float, default=1e-4, help="TorchDEQ anderson's ridge λ (its default 1e-4)")
+    p.add_argument("--contraction", type=int, default=0, help="samples on which to measure ρ(∂f/∂z), ‖∂f/∂z‖₂")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--tag", default="", help="suffix of the results file (e.g. the tolerance tried)")
     args = p.parse_args(argv)
@@ -472,7 +533,14 @@ def main(argv=None) -> Path:
         for w in workloads:
             result["workloads"].append(
                 run_workload(
-                    w, torch_device, args.repeats, clock_for(args.device), args.budget, progress, args.torchdeq_lam
+                    w,
+                    torch_device,
+                    args.repeats,
+                    clock_for(args.device),
+                    args.budget,
+                    progress,
+                    args.torchdeq_lam,
+                    args.contraction,
                 )
             )
     result["load_average_at_end"] = os.getloadavg()

@@ -6,6 +6,7 @@ import pytest
 
 from benchmarks.zoo_parity import (
     F_AGREEMENT,
+    contraction,
     lm_workload,
     mdeq_workload,
     relative_differences,
@@ -49,6 +50,22 @@ def test_verdicts_compare_only_converged_rows():
     unconverged = verdicts(good, {"converged": False, "steps": 40}, z_jdeq, z_torch, 1e-3)
     assert unconverged["same_equilibrium"] is None and unconverged["steps_comparable"] is None
     assert unconverged["why_no_verdict"]
+
+
+def test_contraction_of_a_known_linear_map():
+    """f(z) = A z + x with A = [[0.5, 1], [0, 0.3]] (non-normal): ρ(A) = 0.5, ‖A‖₂ = 1.1897 (largest singular
+    value), and Δz = e₁, A's eigenvector of 0.5, has ‖Δz‖ / ‖(I − A)Δz‖ = 2; Δz = e₂ has 1 / ‖(−1, 0.7)‖."""
+    a = np.array([[0.5, 1.0], [0.0, 0.3]], np.float32)
+    z = np.zeros((3, 2), np.float32)
+    e1, e2 = np.tile([1.0, 0.0], (3, 1)), np.tile([0.0, 1.0], (3, 1))
+    measured = contraction(
+        lambda z, p, x: p["A"] @ z + x, {"A": a}, z, np.ones((3, 2), np.float32), {"e1": e1, "e2": e2}
+    )
+    assert measured["samples"] == 3
+    np.testing.assert_allclose(measured["spectral_radius"], 0.5, rtol=1e-5)
+    np.testing.assert_allclose(measured["spectral_norm"], np.linalg.norm(a, 2), rtol=1e-5)
+    np.testing.assert_allclose(measured["amplification"]["e1"], 2.0, rtol=1e-5)
+    np.testing.assert_allclose(measured["amplification"]["e2"], 1 / np.hypot(1.0, 0.7), rtol=1e-5)
 
 
 @pytest.mark.parametrize(
