@@ -322,7 +322,8 @@ def zoo_model(args, data) -> Any:
     options = dict(dim=args.dim, heads=args.heads, max_len=args.length)
     if args.depth:
         return TeacherForced(WeightTiedTransformerLM(data.num_classes, depth=args.depth, **options))
-    return TeacherForced(DEQTransformerLM(data.num_classes, solver=solver, **options, **skip))
+    lm = DEQTransformerLM(data.num_classes, solver=solver, skip_depth=args.skipdeq_depth, **options, **skip)
+    return TeacherForced(lm)
 
 
 def classification_metrics(outputs: jax.Array, y: jax.Array) -> dict:
@@ -379,6 +380,8 @@ def _train_command(args) -> None:
         out = writable_directory(args.out)
     except ValueError as err:
         raise SystemExit(f"jdeq train: --out {err}") from None
+    if args.task == "lm" and args.skipdeq_depth != 1 and (args.depth or not args.skipdeq):
+        raise SystemExit("jdeq train lm: --skipdeq-depth sets the DEQ's SkipDEQ guess: it needs --skipdeq, not --depth")
     data = zoo_data(args)
     model = zoo_model(args, data)
     steps = args.epochs * (len(data.x_train) // args.batch_size)
@@ -448,6 +451,8 @@ def _zoo_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--max-steps", type=_positive_int, default=100 if mdeq else 40, help="forward solver step budget")
     p.add_argument("--skipdeq", action="store_true", help="learn the solver's start (SkipDEQ)")
     p.add_argument("--skip-weight", type=float, default=1.0, help="the SkipDEQ consistency loss's weight")
+    if not mdeq:
+        p.add_argument("--skipdeq-depth", type=_positive_int, default=1, help="transformer blocks in the SkipDEQ guess")
     p.add_argument(
         "--seed",
         type=int,

@@ -430,18 +430,24 @@ def test_mdeq_skipdeq_guess_trains_on_the_consistency_loss_and_leaves_the_inject
     assert all(bool(jnp.all(g == 0)) for g in jax.tree_util.tree_leaves(grads["injection"]))
 
 
-@pytest.mark.slow  # a compiled init and gradient of a small LM (about 30 s of one core)
-def test_lm_skipdeq_guess_is_a_block_of_the_maps_kind_trained_by_the_consistency_loss_only():
+@pytest.mark.slow  # a compiled init and gradient of a small LM (about 30 s of one core per depth)
+@pytest.mark.parametrize("depth", [1, 2])
+def test_lm_skipdeq_guess_is_a_block_of_the_maps_kind_trained_by_the_consistency_loss_only(depth):
     windows = jnp.asarray(np.random.default_rng(5).integers(0, 11, (3, 7)), jnp.int32)
-    lm = TeacherForced(DEQTransformerLM(11, dim=8, heads=2, max_len=8, solver=jdeq.Anderson(tol=1e-5), skip=True))
+    solver = jdeq.Anderson(tol=1e-5)
+    lm = TeacherForced(DEQTransformerLM(11, dim=8, heads=2, max_len=8, solver=solver, skip=True, skip_depth=depth))
     params = jax.jit(lm.init)(jax.random.PRNGKey(0), windows)["params"]
     shapes = jax.tree_util.tree_map(jnp.shape, params["lm"])
-    assert shapes["skip"] == {"net": shapes["block"]}  # the map's kind, weights of its own
+    nets = ["net"] + [f"net_{i}" for i in range(1, depth)]  # depth 1: the tree of the guess before depth existed
+    assert shapes["skip"] == dict.fromkeys(nets, shapes["block"])  # the map's kind, `depth` blocks of their own
+    kernels = [params["lm"]["skip"][net]["mlp_in"]["kernel"] for net in nets]
+    assert depth == 1 or not np.array_equal(*kernels)  # initialised apart
 
     gradient = jax.jit(jax.grad(lambda p, w: w * teacher_forced_loss(lm.apply({"params": p}, windows), None)))
     trained, consistency_only = gradient(params, 1.0)["lm"], gradient(params, 0.0)["lm"]
-    # the guess learns from the consistency loss alone: the task loss adds nothing to its gradient (Implicit)
-    assert any(bool(jnp.any(g != 0)) for g in jax.tree_util.tree_leaves(consistency_only["skip"]))
+    # each block of the guess learns from the consistency loss alone: the task loss adds nothing to its gradient
+    for net in nets:
+        assert any(bool(jnp.any(g != 0)) for g in jax.tree_util.tree_leaves(consistency_only["skip"][net]))
     jax.tree_util.tree_map(np.testing.assert_array_equal, trained["skip"], consistency_only["skip"])
     # and the consistency loss reaches nothing else: the injection (embedding, positions) and the map are left alone
     rest = {k: v for k, v in consistency_only.items() if k != "skip"}
@@ -474,6 +480,32 @@ def test_train_mdeq_command_builds_its_model_from_the_options(monkeypatch, tmp_p
     assert reached.value.args[0].solver == jdeq.Anderson(m=5, tol=1e-4, max_steps=40, return_best=True)
     with pytest.raises(SystemExit):
         cli.main(["train", "mdeq", "--jacobian-weight", "-1", "--out", str(tmp_path)])
+
+
+def test_train_lm_skipdeq_depth_reaches_the_model_and_its_run_config(monkeypatch, tmp_path):
+    from jdeq import cli, train
+
+    class Reached(Exception):
+        pass
+
+    def fit(model, *args, **kwargs):
+        raise Reached(model)
+
+    monkeypatch.setattr(train, "fit", fit)
+
+    def model(*options):
+        with pytest.raises(Reached) as reached:
+            cli.main(["train", "lm", *options, "--out", str(tmp_path)])
+        return reached.value.args[0]
+
+    deeper, default = model("--skipdeq", "--skipdeq-depth", "2"), model("--skipdeq")
+    assert deeper.lm.skip and deeper.lm.skip_depth == 2 and default.lm.skip_depth == 1
+    # a resume checks the model's fields: the depth is one of them, so another depth is refused
+    fields = [train.as_trainable(m).fields() for m in (deeper, default)]
+    assert (fields[0]["model.lm.skip_depth"], fields[1]["model.lm.skip_depth"]) == ("2", "1")
+    for options in (["--skipdeq-depth", "2"], ["--skipdeq", "--skipdeq-depth", "2", "--depth", "3"]):
+        with pytest.raises(SystemExit, match="needs --skipdeq"):  # a depth of no guess is refused, not ignored
+            model(*options)
 
 
 def test_train_mdeq_split_follows_split_seed_and_initialisation_follows_seed(monkeypatch, tmp_path):

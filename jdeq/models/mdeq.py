@@ -192,15 +192,25 @@ class OwnKindGuess(linen.Module):
     On MDEQ a 3×3 conv and GroupNorm per branch ended 0.74–0.81 of ``‖z*‖`` from ``z*``, a cell of the map's kind
     0.33–0.41 (docs/zoo.md).
 
-    ``net`` is passed unbound (built with ``parent=None``) so its weights sit under this module, as ``net``.
+    With ``depth`` ``k > 1``, ``k`` such maps with weights of their own in a chain,
+    ``z0 = net_{k-1}(... net_1(net(v, v), v) ..., v)``: a deeper guess, ``k`` evaluations of the map's kind.
+
+    ``net`` is passed unbound (built with ``parent=None``) so its weights sit under this module, as ``net`` (the
+    further maps' as ``net_1``, ..., ``net_{k-1}``).
     """
 
     net: linen.Module
+    depth: int = 1
 
     @linen.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if not (isinstance(self.depth, int) and self.depth >= 1):
+            raise ValueError(f"OwnKindGuess(depth=...) must be an int >= 1, got {self.depth!r}")
         v = jax.lax.stop_gradient(x)
-        return self.net(v, v)
+        z = self.net(v, v)
+        for i in range(1, self.depth):
+            z = self.net.clone(parent=self, name=f"net_{i}")(z, v)
+        return z
 
 
 class MultiscaleInjection(linen.Module):

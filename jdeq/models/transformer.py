@@ -124,8 +124,9 @@ class DEQTransformerLM(_LM):
       solver: the forward solver (default :data:`jdeq.models.ZOO_SOLVER`).
       grad: the gradient mode (default ``jdeq.Implicit()``).
       skip: start each solve from a learned SkipDEQ guess of the map's kind (:class:`~jdeq.models.mdeq.OwnKindGuess`:
-        a :class:`TransformerBlock` with weights of its own, gain 1 at init, on ``stop_gradient(x)``), trained by the
-        consistency loss only, with weight ``skip_weight`` (see :class:`jdeq.nn.DEQ`).
+        a :class:`TransformerBlock` with weights of its own, gain 1 at init, on ``stop_gradient(x)``; ``skip_depth``
+        such blocks in a chain), trained by the consistency loss only, with weight ``skip_weight`` (see
+        :class:`jdeq.nn.DEQ`).
 
     Call as ``model.apply(variables, tokens)`` with integer ``(B, T)`` tokens; returns ``(B, T, vocab_size)``
     logits, position ``t`` predicting token ``t + 1``. Forward statistics are sown like :class:`jdeq.nn.DEQ`'s.
@@ -135,12 +136,13 @@ class DEQTransformerLM(_LM):
     grad: Optional[GradientMode] = None
     skip: bool = False
     skip_weight: float = 1.0
+    skip_depth: int = 1
 
     def hidden(self, x: jax.Array) -> jax.Array:
         options = {}
         if self.skip:
             block = TransformerBlock(self.dim, self.heads, self.mlp_ratio, 1.0, self.param_dtype, parent=None)
-            options = dict(skip=OwnKindGuess(block, name="skip"), skip_weight=self.skip_weight)
+            options = dict(skip=OwnKindGuess(block, self.skip_depth, name="skip"), skip_weight=self.skip_weight)
         return DEQ(self.make_block(), solver=self.solver, grad=self.grad, name="deq", **options)(x, jnp.zeros_like(x))
 
 
