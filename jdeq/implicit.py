@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import jax
 
+from ._canonical_conv import carry_layout
 from ._contract import check_mode_result
 from ._errors import raise_on_backward_failure, raise_unless_converged, warn_unless_converged
 from ._numerics import lineax_hint, subclass_names
@@ -104,13 +105,29 @@ def _solve(f, z0, args, axes, solver, grad, throw, backward_stats, precision) ->
     def f_args(z, args, consts):
         return closed(z, *args, *consts)
 
+    layout = carry_layout(f_args, z0, args, tuple(consts), batch=axes is not None)
+    if layout is not None:  # CPU: the loop carries z in the layout the convolutions leave it in (no transposes)
+        store, load = layout
+        f_args = _stored(f_args, store, load)
+        z0 = store(z0)
     x0, unravel, fn = flat_map(f_args, z0) if axes is None else flat_rows(f_args, z0)
+    if layout is not None:
+        unravel = _loaded(unravel, load)
     probe = stats_probe() if backward_stats is None else backward_stats
     problem_args = (args, tuple(consts))
     if throw:
         problem_args, probe = raise_on_backward_failure(problem_args, probe)
     sol = check_mode_result(grad, grad.solve(solver, fn, x0, problem_args, probe), x0, Solution)
     return sol._replace(value=unravel(sol.value))
+
+
+def _stored(f: Callable, store: Callable, load: Callable) -> Callable:
+    """``store ∘ f ∘ load``: the map on the stored carry (:func:`jdeq._canonical_conv.carry_layout`)."""
+    return lambda z, *args: store(f(load(z), *args))
+
+
+def _loaded(unravel: Callable, load: Callable) -> Callable:
+    return lambda x: load(unravel(x))
 
 
 SOLVE_CACHE_SIZE = 32
