@@ -23,7 +23,7 @@ per-process CPU time, one XLA / PyTorch thread):
 - ``f``: 50 chained evaluations of the cell in JAX (convolutions made canonical, as in jdeq's loops) and in
   PyTorch; with ``--f-only`` also the cell with a flat ``(B, n)`` carry, with the two-pass group norm, written
   ``NCHW``, and its parts (the two convolutions alone, the three group norms alone, the ``NCHW`` group norms
-  and the rewrite's transposes alone): the cost of one cell evaluation.
+  and four materialised transposes alone): the cost of one cell evaluation.
 
 Every solve row carries its NFE and the worst sample's relative residual ``‖f(z) − z‖ / ‖f(z)‖`` that
 the harness measures on the returned ``z`` (float64 norms); a row above ``tol`` is flagged.
@@ -383,8 +383,9 @@ def breakdown_report(batch: int, rows: list[dict]) -> str:
 
 
 def nchw_parts() -> dict:
-    """The ``NCHW`` cell's three group norms alone, and the four layout changes the canonical-convolution rewrite
-    adds to it (``NCHW → NHWC`` before and back after each of two convolutions, each materialised)."""
+    """The ``NCHW`` cell's three group norms alone, and four materialised layout changes (``NCHW → NHWC`` and back,
+    twice: what the canonical-convolution rewrite added around the two convolutions until it kept each value in the
+    convolutions' layout, docs/benchmarks.md follow-up 6)."""
 
     def norms(z, params, u):
         for i in (1, 2, 3):
@@ -397,7 +398,7 @@ def nchw_parts() -> dict:
             z = lax.optimization_barrier(jnp.transpose(z, (0, 3, 1, 2)))
         return z + u
 
-    return {"NCHW, 3 group norms only": norms, "NCHW, the rewrite's 4 transposes only": transposes}
+    return {"NCHW, 3 group norms only": norms, "NCHW, 4 materialised transposes only": transposes}
 
 
 def sample_residuals(z, fz) -> np.ndarray:
