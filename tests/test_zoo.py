@@ -458,45 +458,44 @@ def test_lm_skipdeq_guess_is_a_block_of_the_maps_kind_trained_by_the_consistency
 # --- jdeq train ---------------------------------------------------------------------------------------------------
 
 
-def test_train_mdeq_command_builds_its_model_from_the_options(monkeypatch, tmp_path):
+class _ReachedFit(Exception):
+    """Raised in place of ``jdeq.train.fit`` by :func:`until_fit`, with the arguments the command passed to it."""
+
+
+@pytest.fixture
+def until_fit(monkeypatch, tmp_path):
+    """``until_fit(task, *options)`` runs ``jdeq train <task> <options>`` up to training (data, model, optimizer,
+    header) and returns the arguments it calls ``fit`` with, ``(model, optimizer, data, kwargs)``."""
     from jdeq import cli, train
 
-    class Reached(Exception):
-        pass
-
-    def fit(model, *args, **kwargs):
-        raise Reached(model)
-
-    monkeypatch.setattr(train, "fit", fit)  # the command up to training: data, model, optimizer, header
-    with pytest.raises(Reached) as reached:
-        cli.main(["train", "mdeq", "--skipdeq", "--jacobian-weight", "0.5", "--out", str(tmp_path)])
-    model = reached.value.args[0]
-    assert isinstance(model, MDEQClassifier) and model.skip and model.jacobian_weight == 0.5
-    assert model.solver == MDEQ_SOLVER  # the command's defaults are the model's
-    with pytest.raises(Reached) as reached:
-        cli.main(
-            ["train", "mdeq", "--solver", "anderson", "--max-steps", "40", "--tol", "1e-4", "--out", str(tmp_path)]
-        )
-    assert reached.value.args[0].solver == jdeq.Anderson(m=5, tol=1e-4, max_steps=40, return_best=True)
-    with pytest.raises(SystemExit):
-        cli.main(["train", "mdeq", "--jacobian-weight", "-1", "--out", str(tmp_path)])
-
-
-def test_train_lm_skipdeq_depth_reaches_the_model_and_its_run_config(monkeypatch, tmp_path):
-    from jdeq import cli, train
-
-    class Reached(Exception):
-        pass
-
-    def fit(model, *args, **kwargs):
-        raise Reached(model)
+    def fit(model, optimizer, data, **kwargs):
+        raise _ReachedFit(model, optimizer, data, kwargs)
 
     monkeypatch.setattr(train, "fit", fit)
 
+    def run(task, *options):
+        with pytest.raises(_ReachedFit) as reached:
+            cli.main(["train", task, *options, "--out", str(tmp_path)])
+        return reached.value.args
+
+    return run
+
+
+def test_train_mdeq_command_builds_its_model_from_the_options(until_fit):
+    model = until_fit("mdeq", "--skipdeq", "--jacobian-weight", "0.5")[0]
+    assert isinstance(model, MDEQClassifier) and model.skip and model.jacobian_weight == 0.5
+    assert model.solver == MDEQ_SOLVER  # the command's defaults are the model's
+    model = until_fit("mdeq", "--solver", "anderson", "--max-steps", "40", "--tol", "1e-4")[0]
+    assert model.solver == jdeq.Anderson(m=5, tol=1e-4, max_steps=40, return_best=True)
+    with pytest.raises(SystemExit):
+        until_fit("mdeq", "--jacobian-weight", "-1")
+
+
+def test_train_lm_skipdeq_depth_reaches_the_model_and_its_run_config(until_fit):
+    from jdeq import train
+
     def model(*options):
-        with pytest.raises(Reached) as reached:
-            cli.main(["train", "lm", *options, "--out", str(tmp_path)])
-        return reached.value.args[0]
+        return until_fit("lm", *options)[0]
 
     deeper, default = model("--skipdeq", "--skipdeq-depth", "2"), model("--skipdeq")
     assert deeper.lm.skip and deeper.lm.skip_depth == 2 and default.lm.skip_depth == 1
@@ -508,21 +507,9 @@ def test_train_lm_skipdeq_depth_reaches_the_model_and_its_run_config(monkeypatch
             model(*options)
 
 
-def test_train_mdeq_split_follows_split_seed_and_initialisation_follows_seed(monkeypatch, tmp_path):
-    from jdeq import cli, train
-
-    class Reached(Exception):
-        pass
-
-    def fit(model, optimizer, data, **kwargs):
-        raise Reached(data, kwargs)
-
-    monkeypatch.setattr(train, "fit", fit)
-
-    def reached(*options):
-        with pytest.raises(Reached) as caught:
-            cli.main(["train", "mdeq", *options, "--out", str(tmp_path)])
-        return caught.value.args
+def test_train_mdeq_split_follows_split_seed_and_initialisation_follows_seed(until_fit):
+    def reached(*options):  # the data and fit's keyword arguments
+        return until_fit("mdeq", *options)[2:]
 
     def split(seed):
         digits = data.load_digits(seed=seed, flatten=False)
