@@ -22,6 +22,7 @@ RUNS = {
     "mdeq": ["mdeq"],
     "mdeq-skip": ["mdeq", "--skipdeq"],
     "mdeq-30": ["mdeq", "--epochs", "30"],
+    "mdeq-30-crop": ["mdeq", "--epochs", "30", "--augment", "crop"],
     "lm": ["lm"],
     "lm-skip": ["lm", "--skipdeq"],
     "explicit-lm": ["lm", "--depth", "{depth}"],

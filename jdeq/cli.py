@@ -308,6 +308,32 @@ def split_seed(args) -> int | None:
     return args.seed if args.split_seed is None else args.split_seed
 
 
+AUGMENT_PAD = {"digits": 1, "cifar10": 4}
+"""``--augment crop``'s zero-padding in pixels per dataset: the paper's 4 for 32×32 CIFAR-10, 1 for 8×8 digits (a
+shift by up to an eighth of the image, as 4 of 32 is)."""
+
+
+def training_data(args, data) -> Any:
+    """``fit``'s training data: the Dataset itself (``--augment none``), or with ``--augment crop`` a stream
+    ``data(epoch)`` of the batches in-memory training reads (``jdeq.train._sources.epoch_batches`` of ``--seed`` and the
+    epoch), each image cropped by :func:`jdeq.data.random_crops` (``AUGMENT_PAD``; CIFAR-10 also flipped, digits
+    never: a mirrored digit is another symbol) with ``numpy.random.default_rng((seed, epoch, 1))``: deterministic in
+    (seed, epoch), so a resumed run reads the batches an uninterrupted one reads."""
+    from .data import random_crops
+    from .train._sources import epoch_batches
+
+    if args.task != "mdeq" or args.augment == "none":
+        return data
+    pad, flip = AUGMENT_PAD[data.name], data.name == "cifar10"
+
+    def epoch_data(epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        rng = np.random.default_rng((args.seed, epoch, 1))
+        for index in epoch_batches(args.seed, epoch, len(data.x_train), args.batch_size):
+            yield random_crops(data.x_train[index], pad, rng, flip), data.y_train[index]
+
+    return epoch_data
+
+
 def zoo_model(args, data) -> Any:
     """An :class:`~jdeq.models.MDEQClassifier`, or a :class:`~jdeq.models.DEQTransformerLM` (with ``--depth L`` the
     explicit :class:`~jdeq.models.WeightTiedTransformerLM`) wrapped in :class:`~jdeq.models.TeacherForced`."""
@@ -390,26 +416,30 @@ def _train_command(args) -> None:
     loss_fn, metrics_fn = (teacher_forced_loss, bits_per_character) if lm else (None, classification_metrics)
     name = "explicit_lm" if lm and args.depth else ZOO_MODELS[args.task]
     split = split_seed(args)
+    train_data = training_data(args, data)
     print(
         f"jdeq train {args.task}: {name}{' + SkipDEQ' if args.skipdeq and name != 'explicit_lm' else ''} on {data.name} "
         f"({len(data.x_train)} train / {len(data.x_test)} test), {args.epochs} epochs of {steps // args.epochs} "
-        f"steps, {jax.default_backend()}"
+        f"steps{', crop augmentation' if callable(train_data) else ''}, {jax.default_backend()}"
     )
     result = fit(
         model,
         optimizer,
-        data,
+        train_data,
+        eval_data=data,  # the test split, never augmented
         epochs=args.epochs,
-        batch_size=args.batch_size,
+        batch_size=None if callable(train_data) else args.batch_size,
         eval_batch_size=args.batch_size,
         seed=args.seed,
         loss_fn=loss_fn,
         metrics_fn=metrics_fn,
         checkpoint_dir=out / "checkpoints",
-        # the split's seed only where it is not ``seed``'s, so that earlier runs' checkpoints still resume
+        # the split's seed only where it is not ``seed``'s and the augmentation only where there is one, so that
+        # earlier runs' checkpoints still resume
         config={
             "task": args.task,
             **({} if split in (None, args.seed) else {"split_seed": split}),
+            **({} if args.task != "mdeq" or args.augment == "none" else {"augment": args.augment}),
         },
         log_every=5,
     )
@@ -467,6 +497,14 @@ def _zoo_arguments(p: argparse.ArgumentParser, task: str) -> None:
             type=_nonnegative_int,
             default=None,
             help="seed of the digits train/test split (None: --seed's value)",
+        )
+        p.add_argument(
+            "--augment",
+            choices=["none", "crop"],
+            default="none",
+            help="training-time augmentation (the test split never): crop = MDEQ's recipe, zero-pad by P pixels and "
+            "crop a random window of the original size (P = 1 for 8×8 digits, 4 for 32×32 CIFAR-10), plus random "
+            "horizontal flips on CIFAR-10 only (a mirrored digit is another symbol)",
         )
         p.add_argument(
             "--solver",

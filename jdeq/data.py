@@ -322,6 +322,27 @@ def load_cifar10(directory: str | Path, download: bool = False, flatten: bool = 
     return _finish("cifar10", x_train, y_train, x_test / 255.0, y_test, 10, flatten)
 
 
+def random_crops(images: np.ndarray, pad: int, rng: np.random.Generator, flip: bool = False) -> np.ndarray:
+    """MDEQ's training augmentation (Bai, Koltun & Kolter 2020, after ResNet's CIFAR-10 recipe) of NHWC ``images``:
+    each image zero-padded by ``pad`` pixels on every side and cropped back to its size at an offset drawn from
+    ``rng``, uniform over the ``(2·pad + 1)²`` windows; with ``flip``, then mirrored left-right with probability
+    1/2. A new array of ``images``' shape and dtype; ``pad = 0`` without ``flip`` returns a copy."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"random_crops takes NHWC images, got shape {images.shape}")
+    if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or pad < 0:
+        raise ValueError(f"pad must be a whole number >= 0, got {pad!r}")
+    n, height, width = images.shape[:3]
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    rows = rng.integers(0, 2 * pad + 1, n)[:, None] + np.arange(height)
+    cols = rng.integers(0, 2 * pad + 1, n)[:, None] + np.arange(width)
+    crops = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    if flip:
+        mirrored = rng.random(n) < 0.5
+        crops[mirrored] = crops[mirrored, :, ::-1]
+    return crops
+
+
 TEXT_SPLIT = (0.9, 0.05, 0.05)
 """The fixed split of a text: its first 90 % of characters train, the next 5 % validate, the last 5 % test."""
 

@@ -48,6 +48,45 @@ def test_digits_are_real_split_deterministically_and_scaled():
     assert data.load_digits(flatten=False).x_train.shape == (1438, 8, 8, 1)
 
 
+def windows(padded: np.ndarray, height: int, width: int) -> list[np.ndarray]:
+    """Every ``height × width`` window of one padded HWC image."""
+    rows, cols = padded.shape[0] - height + 1, padded.shape[1] - width + 1
+    return [padded[i : i + height, j : j + width] for i in range(rows) for j in range(cols)]
+
+
+def test_random_crops_are_windows_of_the_zero_padded_images_drawn_from_the_rng():
+    images = np.arange(1, 1 + 50 * 3 * 4 * 2, dtype=np.float32).reshape(50, 3, 4, 2)  # no zero pixels
+    crops = data.random_crops(images, 1, np.random.default_rng(0))
+    assert crops.shape == images.shape and crops.dtype == images.dtype
+    seen = set()
+    for image, crop in zip(images, crops):
+        padded = np.pad(image, ((1, 1), (1, 1), (0, 0)))
+        offsets = [k for k, window in enumerate(windows(padded, 3, 4)) if np.array_equal(window, crop)]
+        assert len(offsets) == 1  # a shifted window, its out-of-image pixels zero
+        seen.add(offsets[0])
+    assert seen == set(range(9))  # 50 draws reach all (2·1 + 1)² offsets
+    assert np.array_equal(crops, data.random_crops(images, 1, np.random.default_rng(0)))  # the rng decides
+    assert not np.array_equal(crops, data.random_crops(images, 1, np.random.default_rng(1)))
+    assert np.array_equal(data.random_crops(images, 0, np.random.default_rng(0)), images)
+    one = np.array([[1.0, 2.0], [3.0, 4.0]])[None, :, :, None]
+    crops = {data.random_crops(one, 1, np.random.default_rng(seed))[0, :, :, 0].tobytes() for seed in range(40)}
+    assert np.array([[0.0, 0.0], [0.0, 1.0]]).tobytes() in crops  # the top-left shift, by hand
+    assert np.array([[4.0, 0.0], [0.0, 0.0]]).tobytes() in crops and len(crops) == 9
+
+
+def test_random_crops_flip_mirrors_about_half_the_images_and_bad_arguments_are_refused():
+    images = np.random.default_rng(0).random((200, 4, 4, 3))
+    flipped = data.random_crops(images, 0, np.random.default_rng(0), flip=True)
+    mirrored = np.array([np.array_equal(f, i[:, ::-1]) for f, i in zip(flipped, images)])
+    assert all(m or np.array_equal(f, i) for m, f, i in zip(mirrored, flipped, images))
+    assert 70 < mirrored.sum() < 130
+    for pad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="pad must be"):
+            data.random_crops(images, pad, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="NHWC"):
+        data.random_crops(images[0], 1, np.random.default_rng(0))
+
+
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_mnist_reads_idx_files(tmp_path, mnist_arrays, suffix):
     for key, stem in data.MNIST_FILES.items():

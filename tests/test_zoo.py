@@ -524,6 +524,40 @@ def test_train_mdeq_split_follows_split_seed_and_initialisation_follows_seed(unt
     assert run[1]["config"] == {"task": "mdeq", "split_seed": 5} and same[1]["config"] == {"task": "mdeq"}
 
 
+def test_train_mdeq_augment_crop_is_a_stream_of_cropped_training_batches_in_the_run_config(until_fit, tmp_path):
+    from jdeq.train._fit import fit  # the real one: until_fit replaces jdeq.train.fit
+    from jdeq.train._sources import epoch_batches
+
+    _, _, stream, options = until_fit("mdeq", "--augment", "crop", "--seed", "1")
+    digits = data.load_digits(seed=1, flatten=False)
+    assert callable(stream) and options["batch_size"] is None and options["seed"] == 1
+    assert options["eval_data"].x_test.tolist() == digits.x_test.tolist()  # the test split, never augmented
+    assert options["config"] == {"task": "mdeq", "augment": "crop"}
+    epoch = list(stream(2))
+    indices = list(epoch_batches(1, 2, len(digits.x_train), 64))
+    assert len(epoch) == len(indices) == 1438 // 64
+    for (x, y), index in zip(epoch[:3], indices):
+        assert x.shape == (64, 8, 8, 1) and np.array_equal(y, digits.y_train[index])  # in-memory training's order
+        for crop, image in zip(x, digits.x_train[index]):  # a window of the image zero-padded by 1 pixel
+            padded = np.pad(image, ((1, 1), (1, 1), (0, 0)))
+            assert any(np.array_equal(crop, padded[i : i + 8, j : j + 8]) for i in range(3) for j in range(3))
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(epoch, stream(2)))  # deterministic in (seed, epoch)
+    assert not np.array_equal(epoch[0][0], list(stream(3))[0][0])
+    _, _, plain, plain_options = until_fit("mdeq", "--seed", "1")
+    assert plain is plain_options["eval_data"] and plain_options["batch_size"] == 64  # the default is unchanged
+    assert plain_options["config"] == {"task": "mdeq"}
+    # a resume with another --augment is refused (a tiny model for one step stands in for the MDEQ)
+    model = linen.Sequential([lambda x: x.reshape(len(x), -1), linen.Dense(10)])
+    kwargs = dict(steps=1, checkpoint_dir=tmp_path / "checkpoints", seed=1, progress=False)
+    fit(model, optax.sgd(0.1), stream, eval_data=digits, config=options["config"], **kwargs)
+    with pytest.raises(ValueError, match="config.augment"):
+        fit(model, optax.sgd(0.1), plain, batch_size=64, config=plain_options["config"], **kwargs)
+    with pytest.raises(SystemExit):
+        until_fit("mdeq", "--augment", "flip")
+    with pytest.raises(SystemExit):
+        until_fit("lm", "--augment", "crop")  # digits' images only
+
+
 @pytest.mark.slow  # a CLI training run each (50-70 s of one core)
 @pytest.mark.parametrize("variant", [["--skipdeq"], ["--depth", "2"]], ids=["deq_skipdeq", "explicit"])
 def test_train_lm_command_writes_the_results_row_and_figure(tmp_path, variant, standard_promotion):
