@@ -367,7 +367,7 @@ def held_out(last: dict, metric: str, deq: bool) -> dict:
 
 def plot_zoo_history(history: list[dict], path: Path, title: str) -> Path:
     """Loss, the task's metric (accuracy or bits per character), forward steps (NFE) and converged fraction per
-    epoch, side by side."""
+    epoch, side by side; a model without DEQ layers (the explicit baseline) has no solver panels."""
     from matplotlib.figure import Figure
 
     metric = "bpc" if "bpc" in history[0] else "accuracy"
@@ -377,6 +377,7 @@ def plot_zoo_history(history: list[dict], path: Path, title: str) -> Path:
         ("forward steps (NFE) per sample", [("train", "fwd_mean_steps"), ("test", "test_fwd_mean_steps")]),
         ("converged fraction (train)", [("forward", "fwd_converged_fraction")]),
     ]
+    panels = [(label, curves) for label, curves in panels if any(key in history[0] for _, key in curves)]
     fig = Figure(figsize=(4.0 * len(panels), 3.3), layout="constrained")
     epochs = [row["epoch"] for row in history]
     for ax, (label, curves) in zip(fig.subplots(1, len(panels)), panels):

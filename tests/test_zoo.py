@@ -1,6 +1,7 @@
 """The model zoo: MDEQClassifier, DEQTransformerLM and its weight-tied baseline, and the pydoc text data."""
 
 import json
+import warnings
 
 import flax.linen as linen
 import jax
@@ -589,3 +590,22 @@ def test_train_lm_command_writes_the_results_row_and_figure(tmp_path, variant, s
     else:
         assert row["model"] == "explicit_lm" and row["fwd_converged_fraction"] is None and row["fwd_mean_steps"] == 2
     assert (out / "training.png").stat().st_size > 0
+
+
+def test_training_figure_has_solver_panels_only_for_a_deq(tmp_path):
+    from jdeq.cli import plot_zoo_history
+
+    explicit = [
+        {"epoch": e, "loss": 2.0 / e, "test_loss": 2.1 / e, "bpc": 3.0 / e, "test_bpc": 3.1 / e} for e in (1, 2)
+    ]
+    deq = [
+        {**row, "fwd_mean_steps": 9.0, "test_fwd_mean_steps": 9.5, "fwd_converged_fraction": 1.0} for row in explicit
+    ]
+
+    def width(history, name):  # pixels: 4 inches per panel at 110 dpi, from the PNG header
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # an empty panel's legend warned
+            png = plot_zoo_history(history, tmp_path / name, "title").read_bytes()
+        return int.from_bytes(png[16:20], "big")
+
+    assert width(explicit, "explicit.png") == 2 * 440 and width(deq, "deq.png") == 4 * 440
