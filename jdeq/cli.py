@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -365,9 +366,10 @@ def held_out(last: dict, metric: str, deq: bool) -> dict:
     return {metric: last[f"test_{metric}"], **{key: last[f"test_{key}"] if deq else None for key in solves}}
 
 
-def plot_zoo_history(history: list[dict], path: Path, title: str) -> Path:
+def plot_zoo_history(history: list[dict], path: Path, title: str, deq: bool = True) -> Path:
     """Loss, the task's metric (accuracy or bits per character), forward steps (NFE) and converged fraction per
-    epoch, side by side; a model without DEQ layers (the explicit baseline) has no solver panels."""
+    epoch, side by side; without the solver panels for a model without DEQ layers (``deq=False``, the explicit
+    baseline, whose evaluation ``fit`` reports as 0 steps, all converged)."""
     from matplotlib.figure import Figure
 
     metric = "bpc" if "bpc" in history[0] else "accuracy"
@@ -377,7 +379,7 @@ def plot_zoo_history(history: list[dict], path: Path, title: str) -> Path:
         ("forward steps (NFE) per sample", [("train", "fwd_mean_steps"), ("test", "test_fwd_mean_steps")]),
         ("converged fraction (train)", [("forward", "fwd_converged_fraction")]),
     ]
-    panels = [(label, curves) for label, curves in panels if any(key in history[0] for _, key in curves)]
+    panels = panels if deq else panels[:2]
     fig = Figure(figsize=(4.0 * len(panels), 3.3), layout="constrained")
     epochs = [row["epoch"] for row in history]
     for ax, (label, curves) in zip(fig.subplots(1, len(panels)), panels):
@@ -462,7 +464,11 @@ def _train_command(args) -> None:
     }
     metrics = {"row": row, "test": test, "config": {k: v for k, v in vars(args).items() if k != "run"}}
     paths = write_outputs(
-        out, {**metrics, "history": result.history}, result.history, f"{name} on {data.name}", plot_zoo_history
+        out,
+        {**metrics, "history": result.history},
+        result.history,
+        f"{name} on {data.name}",
+        functools.partial(plot_zoo_history, deq=name != "explicit_lm"),
     )
     flag = "" if converged is None or converged >= 0.99 else "  NOT CONVERGED: below 99 % of the test solves"
     print(

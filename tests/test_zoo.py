@@ -595,17 +595,19 @@ def test_train_lm_command_writes_the_results_row_and_figure(tmp_path, variant, s
 def test_training_figure_has_solver_panels_only_for_a_deq(tmp_path):
     from jdeq.cli import plot_zoo_history
 
+    # fit's evaluation of a model without DEQ layers reports 0 steps, all converged; its training rows no solves
     explicit = [
-        {"epoch": e, "loss": 2.0 / e, "test_loss": 2.1 / e, "bpc": 3.0 / e, "test_bpc": 3.1 / e} for e in (1, 2)
+        {"epoch": e, "loss": 2 / e, "test_loss": 2 / e, "bpc": 3 / e, "test_bpc": 3 / e, "test_fwd_mean_steps": 0.0}
+        for e in (1, 2)
     ]
     deq = [
         {**row, "fwd_mean_steps": 9.0, "test_fwd_mean_steps": 9.5, "fwd_converged_fraction": 1.0} for row in explicit
     ]
 
-    def width(history, name):  # pixels: 4 inches per panel at 110 dpi, from the PNG header
+    def width(history, name, **deq):  # pixels: 4 inches per panel at 110 dpi, from the PNG header
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # an empty panel's legend warned
-            png = plot_zoo_history(history, tmp_path / name, "title").read_bytes()
+            png = plot_zoo_history(history, tmp_path / name, "title", **deq).read_bytes()
         return int.from_bytes(png[16:20], "big")
 
-    assert width(explicit, "explicit.png") == 2 * 440 and width(deq, "deq.png") == 4 * 440
+    assert width(explicit, "explicit.png", deq=False) == 2 * 440 and width(deq, "deq.png") == 4 * 440
