@@ -9,6 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def padded_windows(image: np.ndarray, pad: int) -> list[np.ndarray]:
+    """Every window of ``image``'s size (an HWC array) in ``image`` zero-padded by ``pad`` pixels, row by row: the
+    ``(2·pad + 1)²`` crops :func:`jdeq.data.random_crops` may return."""
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    height, width = image.shape[:2]
+    return [padded[i : i + height, j : j + width] for i in range(2 * pad + 1) for j in range(2 * pad + 1)]
+
+
 def leaves_equal(a, b, *, rtol: float = 0.0, atol: float = 0.0) -> bool:
     """True when ``a`` and ``b`` are the same tree with close leaves: the same key paths (so the same number of
     leaves), and leaf by leaf the same shape, the same dtype and ``|x − y| ≤ atol + rtol·|y|`` elementwise (integer and

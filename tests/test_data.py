@@ -11,6 +11,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from helpers import padded_windows
 
 from jdeq import data
 
@@ -48,20 +49,13 @@ def test_digits_are_real_split_deterministically_and_scaled():
     assert data.load_digits(flatten=False).x_train.shape == (1438, 8, 8, 1)
 
 
-def windows(padded: np.ndarray, height: int, width: int) -> list[np.ndarray]:
-    """Every ``height × width`` window of one padded HWC image."""
-    rows, cols = padded.shape[0] - height + 1, padded.shape[1] - width + 1
-    return [padded[i : i + height, j : j + width] for i in range(rows) for j in range(cols)]
-
-
 def test_random_crops_are_windows_of_the_zero_padded_images_drawn_from_the_rng():
     images = np.arange(1, 1 + 50 * 3 * 4 * 2, dtype=np.float32).reshape(50, 3, 4, 2)  # no zero pixels
     crops = data.random_crops(images, 1, np.random.default_rng(0))
     assert crops.shape == images.shape and crops.dtype == images.dtype
     seen = set()
     for image, crop in zip(images, crops):
-        padded = np.pad(image, ((1, 1), (1, 1), (0, 0)))
-        offsets = [k for k, window in enumerate(windows(padded, 3, 4)) if np.array_equal(window, crop)]
+        offsets = [k for k, window in enumerate(padded_windows(image, 1)) if np.array_equal(window, crop)]
         assert len(offsets) == 1  # a shifted window, its out-of-image pixels zero
         seen.add(offsets[0])
     assert seen == set(range(9))  # 50 draws reach all (2·1 + 1)² offsets

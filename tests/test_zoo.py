@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import padded_windows
 
 import jdeq
 from jdeq import data
@@ -540,8 +541,7 @@ def test_train_mdeq_augment_crop_is_a_stream_of_cropped_training_batches_in_the_
     for (x, y), index in zip(epoch[:3], indices):
         assert x.shape == (64, 8, 8, 1) and np.array_equal(y, digits.y_train[index])  # in-memory training's order
         for crop, image in zip(x, digits.x_train[index]):  # a window of the image zero-padded by 1 pixel
-            padded = np.pad(image, ((1, 1), (1, 1), (0, 0)))
-            assert any(np.array_equal(crop, padded[i : i + 8, j : j + 8]) for i in range(3) for j in range(3))
+            assert any(np.array_equal(crop, window) for window in padded_windows(image, 1))
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(epoch, stream(2)))  # deterministic in (seed, epoch)
     assert not np.array_equal(epoch[0][0], list(stream(3))[0][0])
     _, _, plain, plain_options = until_fit("mdeq", "--seed", "1")
