@@ -417,11 +417,12 @@ def _train_command(args) -> None:
     optimizer = optax.adamw(optax.cosine_decay_schedule(args.lr, steps), weight_decay=args.weight_decay)
     lm = args.task == "lm"
     loss_fn, metrics_fn = (teacher_forced_loss, bits_per_character) if lm else (None, classification_metrics)
-    name = "explicit_lm" if lm and args.depth else ZOO_MODELS[args.task]
+    deq = not (lm and args.depth)  # the explicit weight-tied baseline has no DEQ layer
+    name = ZOO_MODELS[args.task] if deq else "explicit_lm"
     split = split_seed(args)
     train_data = training_data(args, data)
     print(
-        f"jdeq train {args.task}: {name}{' + SkipDEQ' if args.skipdeq and name != 'explicit_lm' else ''} on {data.name} "
+        f"jdeq train {args.task}: {name}{' + SkipDEQ' if args.skipdeq and deq else ''} on {data.name} "
         f"({len(data.x_train)} train / {len(data.x_test)} test), {args.epochs} epochs of {steps // args.epochs} "
         f"steps{', crop augmentation' if callable(train_data) else ''}, {jax.default_backend()}"
     )
@@ -447,7 +448,7 @@ def _train_command(args) -> None:
         log_every=5,
     )
     metric = "bpc" if lm else "accuracy"
-    test = held_out(result.history[-1], metric, deq=name != "explicit_lm")
+    test = held_out(result.history[-1], metric, deq=deq)
     converged = test["fwd_converged_fraction"]
     row = {
         "model": name,
@@ -456,9 +457,9 @@ def _train_command(args) -> None:
         "metric": metric,
         "value": test[metric],
         "fwd_converged_fraction": converged,
-        "fwd_mean_steps": args.depth if name == "explicit_lm" else test["fwd_mean_steps"],
+        "fwd_mean_steps": test["fwd_mean_steps"] if deq else args.depth,
         "converged_ok": None if converged is None else converged >= 0.99,
-        "skipdeq": bool(args.skipdeq and name != "explicit_lm"),
+        "skipdeq": bool(args.skipdeq and deq),
         "steps": steps,
         "wall_s": result.wall_time_s,
     }
@@ -468,7 +469,7 @@ def _train_command(args) -> None:
         {**metrics, "history": result.history},
         result.history,
         f"{name} on {data.name}",
-        functools.partial(plot_zoo_history, deq=name != "explicit_lm"),
+        functools.partial(plot_zoo_history, deq=deq),
     )
     flag = "" if converged is None or converged >= 0.99 else "  NOT CONVERGED: below 99 % of the test solves"
     print(
