@@ -1,7 +1,7 @@
 """jdeq: a functional JAX toolkit for deep equilibrium models (implicit layers)."""
 
-import importlib
-from importlib.metadata import version
+import importlib as _importlib
+from importlib.metadata import version as _version
 
 from ._errors import ConvergenceWarning, SolveError
 from .gradients import AdjointMode, GradientMode, Implicit, ImplicitJVP, Phantom, Shine, Unrolled
@@ -37,7 +37,7 @@ from .solvers import (
 )
 from .stats import BackwardStats, read_backward_stats, stats_probe, summarize
 
-__version__ = version("jdeq")
+__version__ = _version("jdeq")
 
 # Imported on first access (``jdeq.nn.DEQ`` works after ``import jdeq``), so that ``import jdeq`` loads neither
 # flax nor optax: the functional core needs JAX only.
@@ -46,7 +46,7 @@ _LAZY_SUBMODULES = ("nn", "optim", "train")
 
 def __getattr__(name: str):
     if name in _LAZY_SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)  # the import binds it as an attribute of jdeq
+        return _importlib.import_module(f".{name}", __name__)  # the import binds it as an attribute of jdeq
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

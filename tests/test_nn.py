@@ -225,6 +225,7 @@ def test_a_layer_call_checks_its_input_once(api, monkeypatch):
 
 
 IMPORT_CHECK = """
+import inspect
 import sys
 import jdeq
 heavy = sorted({m.split(".")[0] for m in sys.modules} & {"flax", "optax", "orbax"})
@@ -236,6 +237,9 @@ assert jdeq.train.fit and jdeq.optim
 for module in (jdeq, jdeq.nn, jdeq.train):
     missing = [name for name in module.__all__ if not hasattr(module, name)]
     assert not missing, (module.__name__, missing)
+# a public name of jdeq is in __all__ or is one of its submodules (no stray helper such as importlib's ``version``)
+stray = [n for n in dir(jdeq) if not n.startswith("_") and n not in jdeq.__all__ and not inspect.ismodule(getattr(jdeq, n))]
+assert not stray, stray
 try:
     jdeq.no_such_name
 except AttributeError as err:
