@@ -9,6 +9,7 @@ trains it (``jdeq.train.fit`` included) without adding a term to its loss; the l
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +43,9 @@ with_consistency.defvjp(_with_consistency_fwd, _with_consistency_bwd)
 
 
 def check_skip_weight(weight: float) -> None:
-    """ValueError unless ``weight`` is a number >= 0."""
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-        raise ValueError(f"skip_weight must be a number >= 0 (the consistency loss's weight), got {weight!r}")
+    """ValueError unless ``weight`` is a finite number >= 0."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+        raise ValueError(f"skip_weight must be a finite number >= 0 (the consistency loss's weight), got {weight!r}")
 
 
 def skip_start(name: str, guess: jax.Array, z_cold: jax.Array) -> jax.Array:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -327,12 +326,26 @@ def training_data(args, data) -> Any:
         return data
     pad, flip = AUGMENT_PAD[data.name], data.name == "cifar10"
 
-    def epoch_data(epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def cropped(epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         rng = np.random.default_rng((args.seed, epoch, 1))
         for index in epoch_batches(args.seed, epoch, len(data.x_train), args.batch_size):
             yield random_crops(data.x_train[index], pad, rng, flip), data.y_train[index]
 
-    return epoch_data
+    return lambda epoch: SizedBatches(cropped(epoch), len(data.x_train) // args.batch_size)
+
+
+class SizedBatches:
+    """An epoch's batches drawn one by one from ``batches``, with their number: ``fit``'s progress bar then shows
+    the run's total steps for a stream."""
+
+    def __init__(self, batches: Iterator, length: int):
+        self.batches, self.length = batches, length
+
+    def __iter__(self) -> Iterator:
+        return self.batches
+
+    def __len__(self) -> int:
+        return self.length
 
 
 def zoo_model(args, data) -> Any:
@@ -358,18 +371,18 @@ def classification_metrics(outputs: jax.Array, y: jax.Array) -> dict:
     return {"accuracy": jnp.mean((jnp.argmax(outputs, -1).astype(y.dtype) == y).astype(jnp.float32))}
 
 
-def held_out(last: dict, metric: str, deq: bool) -> dict:
+def held_out(last: dict, metric: str) -> dict:
     """The test split's ``metric``, ``fwd_mean_steps`` and ``fwd_converged_fraction`` (``None`` for a model without
-    DEQ layers) from ``fit``'s last history row: its evaluation after the last epoch, which reads every test
-    solve's statistics (the fraction counts each test sample's solve)."""
+    DEQ layers, whose evaluation ``fit`` reports without solves) from ``fit``'s last history row: its evaluation after
+    the last epoch, which reads every test solve's statistics (the fraction counts each test sample's solve)."""
     solves = ("fwd_mean_steps", "fwd_converged_fraction")
-    return {metric: last[f"test_{metric}"], **{key: last[f"test_{key}"] if deq else None for key in solves}}
+    return {metric: last[f"test_{metric}"], **{key: last.get(f"test_{key}") for key in solves}}
 
 
-def plot_zoo_history(history: list[dict], path: Path, title: str, deq: bool = True) -> Path:
+def plot_zoo_history(history: list[dict], path: Path, title: str) -> Path:
     """Loss, the task's metric (accuracy or bits per character), forward steps (NFE) and converged fraction per
-    epoch, side by side; without the solver panels for a model without DEQ layers (``deq=False``, the explicit
-    baseline, whose evaluation ``fit`` reports as 0 steps, all converged)."""
+    epoch, side by side; a panel whose curves ``history`` lacks is left out (the solver panels of the explicit
+    baseline, a model without DEQ layers, for which ``fit`` reports no solves)."""
     from matplotlib.figure import Figure
 
     metric = "bpc" if "bpc" in history[0] else "accuracy"
@@ -379,7 +392,7 @@ def plot_zoo_history(history: list[dict], path: Path, title: str, deq: bool = Tr
         ("forward steps (NFE) per sample", [("train", "fwd_mean_steps"), ("test", "test_fwd_mean_steps")]),
         ("converged fraction (train)", [("forward", "fwd_converged_fraction")]),
     ]
-    panels = panels if deq else panels[:2]
+    panels = [(label, curves) for label, curves in panels if any(key in history[0] for _, key in curves)]
     fig = Figure(figsize=(4.0 * len(panels), 3.3), layout="constrained")
     epochs = [row["epoch"] for row in history]
     for ax, (label, curves) in zip(fig.subplots(1, len(panels)), panels):
@@ -448,7 +461,7 @@ def _train_command(args) -> None:
         log_every=5,
     )
     metric = "bpc" if lm else "accuracy"
-    test = held_out(result.history[-1], metric, deq=deq)
+    test = held_out(result.history[-1], metric)
     converged = test["fwd_converged_fraction"]
     row = {
         "model": name,
@@ -469,7 +482,7 @@ def _train_command(args) -> None:
         {**metrics, "history": result.history},
         result.history,
         f"{name} on {data.name}",
-        functools.partial(plot_zoo_history, deq=deq),
+        plot_zoo_history,
     )
     flag = "" if converged is None or converged >= 0.99 else "  NOT CONVERGED: below 99 % of the test solves"
     print(
@@ -483,17 +496,17 @@ def _zoo_arguments(p: argparse.ArgumentParser, task: str) -> None:
     mdeq = task == "mdeq"
     p.add_argument("--epochs", type=_positive_int, default=12 if mdeq else 3, help="training epochs")
     p.add_argument("--batch-size", type=_positive_int, default=64 if mdeq else 32, help="samples per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, cosine decay)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--tol", type=float, default=1e-3, help="forward solver tolerance (relative residual)")
+    p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate (AdamW, cosine decay)")
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--tol", type=_positive_float, default=1e-3, help="forward solver tolerance (relative residual)")
     p.add_argument("--max-steps", type=_positive_int, default=100 if mdeq else 40, help="forward solver step budget")
     p.add_argument("--skipdeq", action="store_true", help="learn the solver's start (SkipDEQ)")
-    p.add_argument("--skip-weight", type=float, default=1.0, help="the SkipDEQ consistency loss's weight")
+    p.add_argument("--skip-weight", type=_nonnegative_float, default=1.0, help="the SkipDEQ consistency loss's weight")
     if not mdeq:
         p.add_argument("--skipdeq-depth", type=_positive_int, default=1, help="transformer blocks in the SkipDEQ guess")
     p.add_argument(
         "--seed",
-        type=int,
+        type=_nonnegative_int,
         default=0,
         help="initialisation and batch order" + (" (digits: also the split unless --split-seed)" if mdeq else ""),
     )

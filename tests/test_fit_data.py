@@ -91,6 +91,14 @@ def test_regression_with_float_targets_from_arrays(api):
         assert last["test_loss"] == pytest.approx(float(mse(outputs, Y[:8])), rel=1e-5)
 
 
+def test_the_progress_bar_has_a_total_where_the_stream_has_a_length(capsys):
+    fit(LinenLinear(), stream, epochs=2, progress=True)  # data(epoch) returns a list: 2 batches per epoch
+    assert "4/4" in capsys.readouterr().err
+    fit(LinenLinear(), lambda epoch: iter(stream(epoch)), epochs=2, progress=True)  # no length: a count
+    bar = capsys.readouterr().err
+    assert "4step" in bar and "/4" not in bar
+
+
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_a_stream_of_the_same_batches_trains_exactly_like_the_arrays(api):
     def make():
@@ -105,6 +113,8 @@ def test_a_stream_of_the_same_batches_trains_exactly_like_the_arrays(api):
             assert leaves_equal(streamed.state.params, arrays.state.params)
             assert streamed.history[-1]["loss"] == arrays.history[-1]["loss"]
             assert streamed.history[-1]["test_loss"] == pytest.approx(arrays.history[-1]["test_loss"], rel=1e-6)
+        # a model without DEQ layers: no solves reported, in training or in evaluation (no "0 steps, all converged")
+        assert not [key for row in streamed.history for key in row if "fwd_" in key or "bwd_" in key]
     one_shot = fit(make(), (batch for e in range(2) for batch in stream(e)), steps=4)  # a generator with steps=N
     assert leaves_equal(one_shot.state.params, arrays.state.params)
     assert [row["step"] for row in one_shot.history] == [4]  # a generator is one epoch

@@ -16,10 +16,15 @@ from jdeq.cli import main
         ["demo", "--tol", "0"],
         ["demo", "--weight-decay", "-1e-4"],
         ["demo", "--epochs", "0"],
+        ["train", "mdeq", "--lr", "-3e-3"],
+        ["train", "mdeq", "--tol", "nan"],
+        ["train", "mdeq", "--seed", "-1"],
+        ["train", "lm", "--weight-decay", "-1"],
+        ["train", "lm", "--skip-weight", "inf"],
     ],
 )
 def test_an_invalid_number_is_a_usage_error_naming_the_option(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    assert argv[1] in capsys.readouterr().err
+    assert next(arg for arg in argv if arg.startswith("--")) in capsys.readouterr().err

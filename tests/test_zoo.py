@@ -397,8 +397,9 @@ def test_skipdeq_guess_shortens_the_solve_once_it_matches_and_names_a_misfit():
     with pytest.raises(ValueError, match="skip module returned"):
         misfit = linen.Dense(3, param_dtype=jnp.float64)
         jdeq.nn.DEQ(TanhCell(), skip=misfit).init(jax.random.PRNGKey(0), x, jnp.zeros_like(x))
-    with pytest.raises(ValueError, match="skip_weight"):
-        jdeq.nn.DEQ(TanhCell(), skip=Guess(), skip_weight=-1.0).init(jax.random.PRNGKey(0), x, jnp.zeros_like(x))
+    for weight in (-1.0, float("inf")):
+        with pytest.raises(ValueError, match="skip_weight"):
+            jdeq.nn.DEQ(TanhCell(), skip=Guess(), skip_weight=weight).init(jax.random.PRNGKey(0), x, jnp.zeros_like(x))
 
 
 def test_skipdeq_in_nnx_and_in_the_zoo_models(standard_promotion):
@@ -537,7 +538,7 @@ def test_train_mdeq_augment_crop_is_a_stream_of_cropped_training_batches_in_the_
     assert options["config"] == {"task": "mdeq", "augment": "crop"}
     epoch = list(stream(2))
     indices = list(epoch_batches(1, 2, len(digits.x_train), 64))
-    assert len(epoch) == len(indices) == 1438 // 64
+    assert len(epoch) == len(indices) == len(stream(2)) == 1438 // 64  # a length: fit's progress bar has a total
     for (x, y), index in zip(epoch[:3], indices):
         assert x.shape == (64, 8, 8, 1) and np.array_equal(y, digits.y_train[index])  # in-memory training's order
         for crop, image in zip(x, digits.x_train[index]):  # a window of the image zero-padded by 1 pixel
@@ -595,19 +596,18 @@ def test_train_lm_command_writes_the_results_row_and_figure(tmp_path, variant, s
 def test_training_figure_has_solver_panels_only_for_a_deq(tmp_path):
     from jdeq.cli import plot_zoo_history
 
-    # fit's evaluation of a model without DEQ layers reports 0 steps, all converged; its training rows no solves
-    explicit = [
-        {"epoch": e, "loss": 2 / e, "test_loss": 2 / e, "bpc": 3 / e, "test_bpc": 3 / e, "test_fwd_mean_steps": 0.0}
-        for e in (1, 2)
-    ]
+    # fit's rows of a model without DEQ layers hold no solves, neither in training nor in evaluation
+    explicit = [{"epoch": e, "loss": 2 / e, "test_loss": 2 / e, "bpc": 3 / e, "test_bpc": 3 / e} for e in (1, 2)]
     deq = [
         {**row, "fwd_mean_steps": 9.0, "test_fwd_mean_steps": 9.5, "fwd_converged_fraction": 1.0} for row in explicit
     ]
+    evaluated_only = [{**row, "test_fwd_mean_steps": 9.5} for row in explicit]
 
-    def width(history, name, **deq):  # pixels: 4 inches per panel at 110 dpi, from the PNG header
+    def width(history, name):  # pixels: 4 inches per panel at 110 dpi, from the PNG header
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # an empty panel's legend warned
-            png = plot_zoo_history(history, tmp_path / name, "title", **deq).read_bytes()
+            png = plot_zoo_history(history, tmp_path / name, "title").read_bytes()
         return int.from_bytes(png[16:20], "big")
 
-    assert width(explicit, "explicit.png", deq=False) == 2 * 440 and width(deq, "deq.png") == 4 * 440
+    assert width(explicit, "explicit.png") == 2 * 440 and width(deq, "deq.png") == 4 * 440
+    assert width(evaluated_only, "evaluated_only.png") == 3 * 440  # a panel with one of its curves stays

@@ -286,10 +286,11 @@ def known_classes(
 
 
 def total_steps(budget: Budget, source: ArraySource | StreamSource, batch_size: Optional[int]) -> Optional[int]:
-    """The run's number of steps, for the progress bar (``None`` for epochs of a stream: unknown)."""
+    """The run's number of steps, for the progress bar (``None`` for epochs of a stream without a length: unknown)."""
     if budget.steps is not None:
         return budget.steps
-    return None if source.size is None else budget.epochs * source.steps_per_epoch(batch_size)
+    per_epoch = source.steps_per_epoch(batch_size)
+    return None if per_epoch is None else budget.epochs * per_epoch
 
 
 def advanced(

@@ -204,17 +204,20 @@ def make_eval_step(
     def evaluate(params, x, y, weight, model_state=None):
         outputs, stats, _, _ = trainable.apply(params, None, x, model_state=model_state)
         values = {"loss": per_sample(loss_fn, outputs, y), **per_sample(metrics_fn, outputs, y)}
-        # no DEQ layer (an explicit model): no solver steps, nothing left unconverged
-        zeros, ones = [jnp.zeros(len(x))], [jnp.ones(len(x))]
-        steps = jnp.stack([s.num_steps for s in stats] or zeros).astype(jnp.float32)
-        converged = jnp.stack([s.converged for s in stats] or ones).astype(jnp.float32)
-        residual = jnp.stack([s.residual for s in stats] or zeros).astype(jnp.float32)
+        sums = {
+            "count": jnp.sum(weight),
+            **{key: jnp.sum(weight.astype(value.dtype) * value) for key, value in values.items()},
+        }
+        if not stats:  # no DEQ layer (an explicit model): no solves to report
+            return sums
+        steps = jnp.stack([s.num_steps for s in stats]).astype(jnp.float32)
+        converged = jnp.stack([s.converged for s in stats]).astype(jnp.float32)
+        residual = jnp.stack([s.residual for s in stats]).astype(jnp.float32)
         residual = jnp.where(jnp.isnan(residual), jnp.inf, residual)
         return {
-            "count": jnp.sum(weight),
+            **sums,
             "fwd_converged": jnp.sum(weight * jnp.mean(converged, axis=0)),
             "fwd_max_residual": jnp.max(jnp.where(weight > 0, jnp.max(residual, axis=0), 0.0)),
-            **{key: jnp.sum(weight.astype(value.dtype) * value) for key, value in values.items()},
             "fwd_steps": jnp.sum(weight * jnp.mean(steps, axis=0)),
             "fwd_max_steps": jnp.max(jnp.where(weight > 0, jnp.max(steps, axis=0), 0.0)),
         }
@@ -225,8 +228,8 @@ def make_eval_step(
 def evaluate(
     eval_step: Callable, params: Any, x: np.ndarray, y: np.ndarray, batch_size: int, model_state: Any = None
 ) -> dict:
-    """The loss, the metrics and the forward solves (converged fraction, mean and max steps, largest residual) over
-    all of ``(x, y)`` in fixed-size (padded) batches."""
+    """The loss, the metrics and the forward solves (converged fraction, mean and max steps, largest residual; none
+    for a model without DEQ layers) over all of ``(x, y)`` in fixed-size (padded) batches."""
     return evaluate_batches(eval_step, params, [(x, y)], batch_size, model_state)
 
 
@@ -251,14 +254,14 @@ def evaluate_batches(
     if not totals:
         raise ValueError("the evaluation data gave no batch")
     n = totals.pop("count")
-    maxima = {key: float(totals.pop(key)) for key in ("fwd_max_steps", "fwd_max_residual")}
-    means = {key: float(value / n) for key, value in totals.items() if key not in ("fwd_steps", "fwd_converged")}
-    return {
-        **means,
-        "fwd_converged_fraction": float(totals["fwd_converged"] / n),
-        "fwd_mean_steps": float(totals["fwd_steps"] / n),
-        **maxima,
-    }
+    solves = {}
+    if "fwd_steps" in totals:  # a model with DEQ layers
+        solves = {
+            "fwd_converged_fraction": float(totals.pop("fwd_converged") / n),
+            "fwd_mean_steps": float(totals.pop("fwd_steps") / n),
+            **{key: float(totals.pop(key)) for key in ("fwd_max_steps", "fwd_max_residual")},
+        }
+    return {**{key: float(value / n) for key, value in totals.items()}, **solves}
 
 
 def epoch_summary(rows: list[dict]) -> dict:

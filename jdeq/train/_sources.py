@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
@@ -157,7 +157,9 @@ class StreamSource:
                 f"callable {what}(epoch) returning one, got {type(data).__name__}"
             )
         self.one_shot = not callable(data) and iter(data) is data
-        batches = self._new_pass(0)
+        first_pass = self._epoch(0)
+        self.first_epoch_length = len(first_pass) if isinstance(first_pass, Sized) else None
+        batches = iter(first_pass)
         try:
             head = next(batches)
         except StopIteration:
@@ -165,8 +167,8 @@ class StreamSource:
         self._first = as_batch(head, what, "batch 1 of epoch 1")
         self._pending: Optional[Iterator] = itertools.chain([head], batches)
 
-    def _new_pass(self, epoch: int) -> Iterator:
-        return iter(self.data(epoch) if callable(self.data) else self.data)
+    def _epoch(self, epoch: int) -> Iterable:
+        return self.data(epoch) if callable(self.data) else self.data
 
     def first(self) -> tuple[Any, Any]:
         return self._first
@@ -174,6 +176,11 @@ class StreamSource:
     def batch_size(self, batch_size: Optional[int]) -> None:
         if batch_size is not None:
             raise ValueError(f"batch_size applies to in-memory data; {self.what} is a stream of its own batches")
+
+    def steps_per_epoch(self, batch_size: None) -> Optional[int]:
+        """The number of batches of the first epoch where the stream has a length (a list, or ``data(epoch)``
+        returning one), for the progress bar; ``None`` where it has none. Every epoch still ends where it ends."""
+        return self.first_epoch_length
 
     def batches(self, epoch: int) -> Iterator[tuple]:
         """The checked ``(x, y)`` batches of epoch ``epoch`` (0-based); ValueError for a second pass over a one-shot
@@ -183,7 +190,7 @@ class StreamSource:
         elif self.one_shot:
             raise one_shot_error(self.what, f"it gave its one epoch and cannot give epoch {epoch + 1}")
         else:
-            batches = self._new_pass(epoch)
+            batches = iter(self._epoch(epoch))
         for i, batch in enumerate(batches, 1):
             x, y = as_batch(batch, self.what, f"batch {i} of epoch {epoch + 1}")
             check_alike(f"{self.what}, batch {i} of epoch {epoch + 1}", (x, y), self._first, "its first batch")
