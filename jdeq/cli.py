@@ -315,12 +315,12 @@ shift by up to an eighth of the image, as 4 of 32 is)."""
 
 def training_data(args, data) -> Any:
     """``fit``'s training data: the Dataset itself (``--augment none``), or with ``--augment crop`` a stream
-    ``data(epoch)`` of the batches in-memory training reads (``jdeq.train._sources.epoch_batches`` of ``--seed`` and the
+    ``data(epoch)`` of the batches in-memory training reads (:func:`jdeq.train.epoch_batches` of ``--seed`` and the
     epoch), each image cropped by :func:`jdeq.data.random_crops` (``AUGMENT_PAD``; CIFAR-10 also flipped, digits
     never: a mirrored digit is another symbol) with ``numpy.random.default_rng((seed, epoch, 1))``: deterministic in
     (seed, epoch), so a resumed run reads the batches an uninterrupted one reads."""
     from .data import random_crops
-    from .train._sources import epoch_batches
+    from .train import epoch_batches
 
     if args.task != "mdeq" or args.augment == "none":
         return data

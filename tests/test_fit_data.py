@@ -13,7 +13,7 @@ from helpers import leaves_equal, tiny_classification, user_nnx_map
 
 import jdeq
 import jdeq.train as train
-from jdeq.train._sources import epoch_batches
+from jdeq.train import epoch_batches
 
 SOLVER = jdeq.Anderson(max_steps=40)
 RNG = np.random.default_rng(0)

@@ -17,8 +17,8 @@ from jdeq import Anderson, Implicit, cli
 from jdeq.data import Dataset, load_digits
 from jdeq.models import MLPCell
 from jdeq.nn import DEQ, DEQClassifier
+from jdeq.train import epoch_batches
 from jdeq.train._lock import LOCK_FILE
-from jdeq.train._sources import epoch_batches
 
 SOLVER = Anderson(m=4, tol=1e-4, max_steps=30)
 

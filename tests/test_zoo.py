@@ -528,8 +528,8 @@ def test_train_mdeq_split_follows_split_seed_and_initialisation_follows_seed(unt
 
 
 def test_train_mdeq_augment_crop_is_a_stream_of_cropped_training_batches_in_the_run_config(until_fit, tmp_path):
+    from jdeq.train import epoch_batches
     from jdeq.train._fit import fit  # the real one: until_fit replaces jdeq.train.fit
-    from jdeq.train._sources import epoch_batches
 
     _, _, stream, options = until_fit("mdeq", "--augment", "crop", "--seed", "1")
     digits = data.load_digits(seed=1, flatten=False)

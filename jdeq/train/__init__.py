@@ -6,7 +6,8 @@ of a run's parameters, and the pieces of a hand-written loop (:func:`as_trainabl
 ``fit`` trains on a :class:`jdeq.data.Dataset`, ``(x, y)`` arrays with any targets, or a stream of ``(x, y)``
 batches (``data(epoch)``, a re-iterable, a one-shot iterator), for ``epochs=`` or ``steps=``. A run is a pure
 function of its seed, model and data: linen parameters come from ``PRNGKey(seed)`` (an NNX model brings its own),
-the batch order of in-memory data in epoch ``e`` from ``numpy.random.default_rng((seed, e))``. Checkpoints are
+the batch order of in-memory data in epoch ``e`` from ``numpy.random.default_rng((seed, e))`` (:func:`epoch_batches`,
+e.g. for a stream ``data(epoch)`` that augments the batches in-memory training would read). Checkpoints are
 written at the end of each epoch (or of the budget) with the run's position, so a run resumed from its last
 checkpoint replays exactly the steps an uninterrupted run takes.
 
@@ -25,6 +26,7 @@ from ._checkpoints import CheckpointError, load
 from ._fit import FitResult, fit
 from ._lock import DirectoryLockedError
 from ._loop import NonfiniteError, TrainState, evaluate, make_eval_step, make_train_step
+from ._sources import epoch_batches
 
 __all__ = [
     "CheckpointError",
@@ -33,6 +35,7 @@ __all__ = [
     "NonfiniteError",
     "TrainState",
     "as_trainable",
+    "epoch_batches",
     "evaluate",
     "fit",
     "load",

@@ -1,7 +1,7 @@
 """The jitted train and eval steps and the epoch loop of :func:`jdeq.train.fit`.
 
 A run is a pure function of its seed, model and data: the batch order of in-memory data in epoch ``e`` comes from
-``numpy.random.default_rng((seed, e))`` (:func:`jdeq.train._sources.epoch_batches`), the rng streams' keys of its
+``numpy.random.default_rng((seed, e))`` (:func:`jdeq.train.epoch_batches`), the rng streams' keys of its
 step ``s`` from ``fold_in(fold_in(PRNGKey(seed), e), s)``. Metrics stay on the device and reach the host every
 ``log_every`` steps.
 """

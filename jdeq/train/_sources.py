@@ -75,7 +75,9 @@ class Budget(NamedTuple):
 
 
 def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> Iterator[np.ndarray]:
-    """Index arrays of the full batches of epoch ``epoch``: a permutation drawn from ``(seed, epoch)``."""
+    """Index arrays of the batches ``fit`` reads from ``n`` in-memory samples in epoch ``epoch`` (0-based): a permutation
+    drawn from ``numpy.random.default_rng((seed, epoch))`` cut into ``n // batch_size`` full batches (the remainder sits
+    out that epoch). A stream ``data(epoch)`` built on it (e.g. augmenting each batch) reads what ``fit`` would."""
     order = np.random.default_rng((seed, epoch)).permutation(n)
     for start in range(0, n - batch_size + 1, batch_size):
         yield order[start : start + batch_size]
