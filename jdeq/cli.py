@@ -424,7 +424,17 @@ def _train_command(args) -> None:
         raise SystemExit(f"jdeq train: --out {err}") from None
     if args.task == "lm" and args.skipdeq_depth != 1 and (args.depth or not args.skipdeq):
         raise SystemExit("jdeq train lm: --skipdeq-depth sets the DEQ's SkipDEQ guess: it needs --skipdeq, not --depth")
-    data = zoo_data(args)
+    if args.task == "lm" and args.dim % args.heads:
+        raise SystemExit(f"jdeq train lm: --dim {args.dim} must be a multiple of --heads {args.heads}")
+    try:
+        data = zoo_data(args)
+    except (OSError, ValueError) as err:  # a missing or unreadable file, a text too short for its windows
+        raise SystemExit(f"jdeq train {args.task}: {err}") from None
+    if args.batch_size > len(data.x_train):
+        raise SystemExit(
+            f"jdeq train {args.task}: --batch-size {args.batch_size} is larger than the training set "
+            f"({len(data.x_train)} {'windows' if args.task == 'lm' else 'images'})"
+        )
     model = zoo_model(args, data)
     steps = args.epochs * (len(data.x_train) // args.batch_size)
     optimizer = optax.adamw(optax.cosine_decay_schedule(args.lr, steps), weight_decay=args.weight_decay)

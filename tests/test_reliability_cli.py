@@ -28,3 +28,22 @@ def test_an_invalid_number_is_a_usage_error_naming_the_option(argv, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert next(arg for arg in argv if arg.startswith("--")) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "lm", "--text", "MISSING"], "is not a file"),
+        (["train", "lm", "--train-chars", "10"], "fewer than one window"),
+        (["train", "lm", "--batch-size", "100000"], "--batch-size 100000 is larger than the training set"),
+        (["train", "lm", "--dim", "63", "--heads", "4"], "--dim 63 must be a multiple of --heads 4"),
+        (["train", "mdeq", "--cifar10", "MISSING"], "does not exist"),
+    ],
+)
+def test_bad_training_data_or_shape_is_a_one_line_error_before_training(argv, message, tmp_path):
+    argv = [str(tmp_path / arg) if arg == "MISSING" else arg for arg in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert isinstance(exit_info.value.code, str) and message in exit_info.value.code
+    assert exit_info.value.code.startswith(f"jdeq train {argv[1]}: ")
+    assert not (tmp_path / "out" / "checkpoints").exists()  # nothing trained

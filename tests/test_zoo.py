@@ -278,6 +278,8 @@ def test_deq_lm_gives_next_token_logits_at_a_converged_equilibrium(pydoc_windows
         model.apply(variables, tokens.at[0, 0].set(pydoc_windows.num_classes))
     with pytest.raises(ValueError, match="max_len"):
         model.apply(variables, jnp.zeros((1, 300), jnp.int32))
+    with pytest.raises(ValueError, match=r"dim \(30\) must be a multiple of heads \(4\)"):
+        DEQTransformerLM(pydoc_windows.num_classes, dim=30, heads=4).init(jax.random.PRNGKey(0), tokens)
 
 
 @pytest.mark.slow  # 200 explicit layers of the full-size block (about 70 s of one core)

@@ -48,6 +48,11 @@ class TransformerBlock(linen.Module):
 
     @linen.compact
     def __call__(self, z: jax.Array, x: jax.Array) -> jax.Array:
+        if not (isinstance(self.heads, int) and self.heads >= 1 and self.dim % self.heads == 0):
+            raise ValueError(
+                f"TransformerBlock: dim ({self.dim}) must be a multiple of heads ({self.heads!r}): each attention "
+                "head reads dim / heads features"
+            )
         dtype = self.param_dtype
         small = linen.initializers.variance_scaling(self.scale**2, "fan_in", "normal")
         h = z + x
