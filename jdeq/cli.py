@@ -163,10 +163,16 @@ def demo_model(args, data) -> Any:
     return NNXDEQClassifier(deq, args.width, data.num_classes, rngs=rngs)
 
 
-def demo_optimizer(args, data) -> Any:
-    """The demo's optimizer: AdamW with a cosine decay of ``args.lr`` over the run's steps."""
+def cosine_adamw(args, data, command: str = "jdeq demo") -> Any:
+    """The commands' optimizer: AdamW with a cosine decay of ``args.lr`` over the run's ``args.epochs`` epochs of
+    ``len(data.x_train) // args.batch_size`` steps; SystemExit naming ``--batch-size`` (``command`` says whose) when
+    the training set holds no full batch."""
     import optax
 
+    if args.batch_size > len(data.x_train):
+        raise SystemExit(
+            f"{command}: --batch-size {args.batch_size} is larger than the training set ({len(data.x_train)} samples)"
+        )
     steps = args.epochs * (len(data.x_train) // args.batch_size)
     return optax.adamw(optax.cosine_decay_schedule(args.lr, steps), weight_decay=args.weight_decay)
 
@@ -181,7 +187,7 @@ def _demo_command(args) -> None:
     except ValueError as err:
         raise SystemExit(f"jdeq demo: --out {err}") from None
     data = load_digits(seed=args.seed)
-    model, optimizer = demo_model(args, data), demo_optimizer(args, data)
+    optimizer, model = cosine_adamw(args, data), demo_model(args, data)
     warm = ", warm starts" if args.warm_start else ""
     print(
         f"jdeq demo: DEQ-MLP (width {args.width}, {args.solver}, {args.grad} gradients, {args.api}{warm}) on digits "
@@ -412,7 +418,6 @@ def parameter_count(params: Any) -> int:
 
 
 def _train_command(args) -> None:
-    import optax
 
     from .models import bits_per_character, teacher_forced_loss
     from .train import fit
@@ -430,14 +435,8 @@ def _train_command(args) -> None:
         data = zoo_data(args)
     except (OSError, ValueError) as err:  # a missing or unreadable file, a text too short for its windows
         raise SystemExit(f"jdeq train {args.task}: {err}") from None
-    if args.batch_size > len(data.x_train):
-        raise SystemExit(
-            f"jdeq train {args.task}: --batch-size {args.batch_size} is larger than the training set "
-            f"({len(data.x_train)} {'windows' if args.task == 'lm' else 'images'})"
-        )
-    model = zoo_model(args, data)
+    optimizer, model = cosine_adamw(args, data, f"jdeq train {args.task}"), zoo_model(args, data)
     steps = args.epochs * (len(data.x_train) // args.batch_size)
-    optimizer = optax.adamw(optax.cosine_decay_schedule(args.lr, steps), weight_decay=args.weight_decay)
     lm = args.task == "lm"
     loss_fn, metrics_fn = (teacher_forced_loss, bits_per_character) if lm else (None, classification_metrics)
     deq = not (lm and args.depth)  # the explicit weight-tied baseline has no DEQ layer

@@ -10,6 +10,7 @@ import optax
 import pytest
 from flax import nnx
 from helpers import leaves_equal, tiny_classification, user_nnx_map
+from tqdm import tqdm
 
 import jdeq
 import jdeq.train as train
@@ -94,9 +95,23 @@ def test_regression_with_float_targets_from_arrays(api):
 def test_the_progress_bar_has_a_total_where_the_stream_has_a_length(capsys):
     fit(LinenLinear(), stream, epochs=2, progress=True)  # data(epoch) returns a list: 2 batches per epoch
     assert "4/4" in capsys.readouterr().err
-    fit(LinenLinear(), lambda epoch: iter(stream(epoch)), epochs=2, progress=True)  # no length: a count
+    fit(LinenLinear(), lambda epoch: (batch for batch in stream(epoch)), epochs=2, progress=True)  # no length: a count
     bar = capsys.readouterr().err
     assert "4step" in bar and "/4" not in bar
+
+    class UnknownLength:  # __len__ that raises, as a loader of unknown size or tqdm without a total has
+        def __init__(self, epoch):
+            self.batches = stream(epoch)
+
+        def __iter__(self):
+            return iter(self.batches)
+
+        def __len__(self):
+            raise TypeError("no length")
+
+    for data in (UnknownLength, lambda epoch: tqdm((batch for batch in stream(epoch)), disable=True)):
+        assert [row["step"] for row in fit(LinenLinear(), data, epochs=2, progress=True).history] == [2, 4]
+        assert "/4" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])

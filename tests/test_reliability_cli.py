@@ -38,6 +38,7 @@ def test_an_invalid_number_is_a_usage_error_naming_the_option(argv, capsys):
         (["train", "lm", "--batch-size", "100000"], "--batch-size 100000 is larger than the training set"),
         (["train", "lm", "--dim", "63", "--heads", "4"], "--dim 63 must be a multiple of --heads 4"),
         (["train", "mdeq", "--cifar10", "MISSING"], "does not exist"),
+        (["demo", "--batch-size", "5000"], "--batch-size 5000 is larger than the training set"),
     ],
 )
 def test_bad_training_data_or_shape_is_a_one_line_error_before_training(argv, message, tmp_path):
@@ -45,5 +46,5 @@ def test_bad_training_data_or_shape_is_a_one_line_error_before_training(argv, me
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--out", str(tmp_path / "out")])
     assert isinstance(exit_info.value.code, str) and message in exit_info.value.code
-    assert exit_info.value.code.startswith(f"jdeq train {argv[1]}: ")
+    assert exit_info.value.code.startswith("jdeq demo: " if argv[0] == "demo" else f"jdeq train {argv[1]}: ")
     assert not (tmp_path / "out" / "checkpoints").exists()  # nothing trained

@@ -19,6 +19,7 @@ from jdeq.models import (
     DEQTransformerLM,
     MDEQClassifier,
     TeacherForced,
+    TransformerBlock,
     WeightTiedTransformerLM,
     bits_per_character,
     teacher_forced_loss,
@@ -280,6 +281,8 @@ def test_deq_lm_gives_next_token_logits_at_a_converged_equilibrium(pydoc_windows
         model.apply(variables, jnp.zeros((1, 300), jnp.int32))
     with pytest.raises(ValueError, match=r"dim \(30\) must be a multiple of heads \(4\)"):
         DEQTransformerLM(pydoc_windows.num_classes, dim=30, heads=4).init(jax.random.PRNGKey(0), tokens)
+    z = jnp.zeros((1, 3, 8), jnp.float32)  # a numpy integer is a number of heads too (a sweep over a numpy grid)
+    assert TransformerBlock(8, np.int64(2)).init(jax.random.PRNGKey(0), z, z)["params"]["attention"]
 
 
 @pytest.mark.slow  # 200 explicit layers of the full-size block (about 70 s of one core)

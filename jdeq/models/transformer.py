@@ -48,7 +48,8 @@ class TransformerBlock(linen.Module):
 
     @linen.compact
     def __call__(self, z: jax.Array, x: jax.Array) -> jax.Array:
-        if not (isinstance(self.heads, int) and self.heads >= 1 and self.dim % self.heads == 0):
+        heads_ok = isinstance(self.heads, (int, np.integer)) and not isinstance(self.heads, bool) and self.heads >= 1
+        if not (heads_ok and self.dim % self.heads == 0):
             raise ValueError(
                 f"TransformerBlock: dim ({self.dim}) must be a multiple of heads ({self.heads!r}): each attention "
                 "head reads dim / heads features"

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sized
+import operator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
@@ -160,7 +161,9 @@ class StreamSource:
             )
         self.one_shot = not callable(data) and iter(data) is data
         first_pass = self._epoch(0)
-        self.first_epoch_length = len(first_pass) if isinstance(first_pass, Sized) else None
+        # len() where it works: some streams define __len__ but raise TypeError (tqdm without total, loaders of
+        # unknown size); length_hint then falls back to its default
+        self.first_epoch_length = operator.length_hint(first_pass, 0) or None
         batches = iter(first_pass)
         try:
             head = next(batches)
@@ -179,7 +182,7 @@ class StreamSource:
         if batch_size is not None:
             raise ValueError(f"batch_size applies to in-memory data; {self.what} is a stream of its own batches")
 
-    def steps_per_epoch(self, batch_size: None) -> Optional[int]:
+    def steps_per_epoch(self, batch_size: Optional[int]) -> Optional[int]:
         """The number of batches of the first epoch where the stream has a length (a list, or ``data(epoch)``
         returning one), for the progress bar; ``None`` where it has none. Every epoch still ends where it ends."""
         return self.first_epoch_length
