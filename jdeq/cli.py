@@ -418,7 +418,6 @@ def parameter_count(params: Any) -> int:
 
 
 def _train_command(args) -> None:
-
     from .models import bits_per_character, teacher_forced_loss
     from .train import fit
     from .train._lock import writable_directory
