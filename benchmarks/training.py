@@ -157,7 +157,12 @@ def demo_setting(epochs: Optional[int] = None) -> dict:
         return cli.demo_model(argparse.Namespace(**{**vars(args), "warm_start": cache_size is not None}), data)
 
     options = dict(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-    return dict(model_for=model_for, optimizer=cli.cosine_adamw(args, data), data=data, **options)
+    return dict(
+        model_for=model_for,
+        optimizer=cli.cosine_adamw(args, args.epochs * cli.epoch_steps(args, data, "benchmarks.training")),
+        data=data,
+        **options,
+    )
 
 
 def train_setting(epochs: int = 11, width: int = 256, batch_size: int = 64) -> dict:

@@ -163,17 +163,20 @@ def demo_model(args, data) -> Any:
     return NNXDEQClassifier(deq, args.width, data.num_classes, rngs=rngs)
 
 
-def cosine_adamw(args, data, command: str = "jdeq demo") -> Any:
-    """The commands' optimizer: AdamW with a cosine decay of ``args.lr`` over the run's ``args.epochs`` epochs of
-    ``len(data.x_train) // args.batch_size`` steps; SystemExit naming ``--batch-size`` (``command`` says whose) when
-    the training set holds no full batch."""
-    import optax
-
+def epoch_steps(args, data, command: str) -> int:
+    """The training steps of an epoch, ``len(data.x_train) // args.batch_size`` (full batches); SystemExit naming
+    ``--batch-size`` (``command`` says whose) when the training set holds no full batch."""
     if args.batch_size > len(data.x_train):
         raise SystemExit(
             f"{command}: --batch-size {args.batch_size} is larger than the training set ({len(data.x_train)} samples)"
         )
-    steps = args.epochs * (len(data.x_train) // args.batch_size)
+    return len(data.x_train) // args.batch_size
+
+
+def cosine_adamw(args, steps: int) -> Any:
+    """The commands' optimizer: AdamW with a cosine decay of ``args.lr`` over the run's ``steps``."""
+    import optax
+
     return optax.adamw(optax.cosine_decay_schedule(args.lr, steps), weight_decay=args.weight_decay)
 
 
@@ -187,7 +190,8 @@ def _demo_command(args) -> None:
     except ValueError as err:
         raise SystemExit(f"jdeq demo: --out {err}") from None
     data = load_digits(seed=args.seed)
-    optimizer, model = cosine_adamw(args, data), demo_model(args, data)
+    optimizer = cosine_adamw(args, args.epochs * epoch_steps(args, data, "jdeq demo"))
+    model = demo_model(args, data)
     warm = ", warm starts" if args.warm_start else ""
     print(
         f"jdeq demo: DEQ-MLP (width {args.width}, {args.solver}, {args.grad} gradients, {args.api}{warm}) on digits "
@@ -434,8 +438,9 @@ def _train_command(args) -> None:
         data = zoo_data(args)
     except (OSError, ValueError) as err:  # a missing or unreadable file, a text too short for its windows
         raise SystemExit(f"jdeq train {args.task}: {err}") from None
-    optimizer, model = cosine_adamw(args, data, f"jdeq train {args.task}"), zoo_model(args, data)
-    steps = args.epochs * (len(data.x_train) // args.batch_size)
+    per_epoch = epoch_steps(args, data, f"jdeq train {args.task}")
+    steps = args.epochs * per_epoch
+    optimizer, model = cosine_adamw(args, steps), zoo_model(args, data)
     lm = args.task == "lm"
     loss_fn, metrics_fn = (teacher_forced_loss, bits_per_character) if lm else (None, classification_metrics)
     deq = not (lm and args.depth)  # the explicit weight-tied baseline has no DEQ layer
@@ -444,7 +449,7 @@ def _train_command(args) -> None:
     train_data = training_data(args, data)
     print(
         f"jdeq train {args.task}: {name}{' + SkipDEQ' if args.skipdeq and deq else ''} on {data.name} "
-        f"({len(data.x_train)} train / {len(data.x_test)} test), {args.epochs} epochs of {steps // args.epochs} "
+        f"({len(data.x_train)} train / {len(data.x_test)} test), {args.epochs} epochs of {per_epoch} "
         f"steps{', crop augmentation' if callable(train_data) else ''}, {jax.default_backend()}"
     )
     result = fit(
